@@ -1,0 +1,277 @@
+"""Tests for dino.data.datasets: layout detection, odd pixel modes, broken files, fail-fast checks."""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dino.data import (
+    DatasetError,
+    EvalTransform,
+    ImageFolderDataset,
+    MultiCropAugmentation,
+    SkippedImageWarning,
+    check_usable,
+    collate_skipping_bad,
+    sample_dataset,
+)
+
+
+def _save_rgb(
+    path: Path, size: tuple[int, int] = (8, 8), color: tuple[int, int, int] = (200, 30, 30)
+) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def _jpeg_bytes(size: tuple[int, int] = (48, 48)) -> bytes:
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels: enough for PIL's size check."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def _load_quietly(dataset: ImageFolderDataset, index: int):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        item = dataset[index]
+    return item, caught
+
+
+def _item(dataset: ImageFolderDataset, name: str):
+    (index,) = [i for i, (p, _) in enumerate(dataset.samples) if p.name == name]
+    return _load_quietly(dataset, index)
+
+
+# --- layout detection ---------------------------------------------------------------------------
+
+
+def test_flat_folder_is_unlabelled(tmp_path: Path) -> None:
+    for name in ("b.jpg", "a.PNG", "c.JpEg"):
+        _save_rgb(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / ".hidden.jpg").write_bytes(b"")
+    ds = ImageFolderDataset(tmp_path)
+    assert not ds.labelled and ds.classes == []
+    assert [p.name for p, _ in ds.samples] == ["a.PNG", "b.jpg", "c.JpEg"]
+    assert {label for _, label in ds.samples} == {-1}
+
+
+def test_mixed_nested_folder_is_unlabelled(tmp_path: Path) -> None:
+    _save_rgb(tmp_path / "top.jpg")
+    _save_rgb(tmp_path / "sub" / "deeper" / "x.png")
+    ds = ImageFolderDataset(tmp_path)
+    assert not ds.labelled and ds.classes == [] and len(ds) == 2
+    with pytest.raises(DatasetError, match="class sub-folder"):
+        ImageFolderDataset(tmp_path, labelled=True)
+
+
+def test_class_folders_are_labelled(tmp_path: Path) -> None:
+    _save_rgb(tmp_path / "dog" / "1.jpg")
+    _save_rgb(tmp_path / "cat" / "2.png")
+    _save_rgb(tmp_path / "cat" / "nested" / "3.bmp")
+    (tmp_path / "empty_class").mkdir()
+    ds = ImageFolderDataset(tmp_path)
+    assert ds.labelled and ds.classes == ["cat", "dog"]
+    assert [(p.relative_to(tmp_path).as_posix(), y) for p, y in ds.samples] == [
+        ("cat/2.png", 0),
+        ("cat/nested/3.bmp", 0),
+        ("dog/1.jpg", 1),
+    ]
+    item, caught = _load_quietly(ds, 2)
+    assert item is not None and item[1] == 1 and isinstance(item[0], Image.Image) and not caught
+    forced = ImageFolderDataset(tmp_path, labelled=False)
+    assert not forced.labelled and forced.classes == [] and {y for _, y in forced.samples} == {-1}
+
+
+def test_unusable_folders_raise(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="does not exist"):
+        ImageFolderDataset(tmp_path / "missing")
+    file_path = _save_rgb(tmp_path / "file.jpg")
+    with pytest.raises(DatasetError, match="not a folder"):
+        ImageFolderDataset(file_path)
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "readme.txt").write_text("no images here")
+    with pytest.raises(DatasetError, match=re.escape(str(empty))):
+        ImageFolderDataset(empty)
+
+
+# --- decoding every pixel mode ------------------------------------------------------------------
+
+
+@pytest.fixture()
+def corpus(tmp_path: Path) -> Path:
+    """A flat folder of good-but-odd and broken images, generated on the fly."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    good = _jpeg_bytes()
+    (root / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "text.jpg").write_text("this is not a JPEG\n")
+    (root / "bomb.png").write_bytes(_png_header_only(20_000, 20_000))  # over PIL's hard limit
+    (root / "big.png").write_bytes(_png_header_only(10_000, 10_000))  # over the default max_pixels only
+
+    Image.new("CMYK", (6, 6), (0, 255, 255, 0)).save(root / "cmyk.jpg", quality=95)  # red
+    gray16 = np.array([[0, 65535], [32896, 257]], dtype=np.uint16)
+    Image.fromarray(gray16).save(root / "gray16.png")
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 0, 255, 0, 255, 0] + [0] * 762)
+    palette.putpixel((0, 0), 0)
+    palette.putpixel((1, 0), 1)
+    palette.save(root / "palette_transparent.png", transparency=0)
+    rgba = Image.new("RGBA", (2, 1), (10, 20, 30, 255))
+    rgba.putpixel((1, 0), (10, 20, 30, 0))
+    rgba.save(root / "rgba.png")
+    Image.new("L", (3, 3), 77).save(root / "gray8.png")
+    Image.new("1", (3, 3), 1).save(root / "onebit.png")
+    rotated = Image.new("RGB", (40, 20), (0, 128, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    rotated.save(root / "exif_rotated.jpg", exif=exif)
+    Image.new("RGB", (1, 1), (255, 255, 0)).save(root / "tiny.png")
+    return root
+
+
+BROKEN = ("truncated.jpg", "zero.jpg", "text.jpg", "bomb.png", "big.png")
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_broken_files_are_skipped_with_one_warning(corpus: Path, name: str) -> None:
+    item, caught = _item(ImageFolderDataset(corpus), name)
+    assert item is None
+    assert len(caught) == 1 and issubclass(caught[0].category, SkippedImageWarning)
+    assert name in str(caught[0].message)
+
+
+def test_zero_byte_reason_is_specific(corpus: Path) -> None:
+    _, caught = _item(ImageFolderDataset(corpus), "zero.jpg")
+    assert "empty" in str(caught[0].message)
+
+
+def test_max_pixels_skips_large_images_without_touching_pil_globals(corpus: Path) -> None:
+    limit_before = Image.MAX_IMAGE_PIXELS
+    ds = ImageFolderDataset(corpus, max_pixels=10)
+    item, caught = _item(ds, "gray8.png")  # 9 pixels: fine
+    assert item is not None and not caught
+    item, caught = _item(ds, "exif_rotated.jpg")  # 800 pixels: too many
+    assert item is None and len(caught) == 1 and "decompression bomb" in str(caught[0].message)
+    assert Image.MAX_IMAGE_PIXELS == limit_before
+
+
+def _rgb(corpus: Path, name: str) -> np.ndarray:
+    item, caught = _item(ImageFolderDataset(corpus), name)
+    assert item is not None and not caught, [str(w.message) for w in caught]
+    img = item[0]
+    assert img.mode == "RGB"
+    return np.asarray(img)
+
+
+def test_cmyk_becomes_rgb(corpus: Path) -> None:
+    pixels = _rgb(corpus, "cmyk.jpg").astype(int)
+    r, g, b = pixels[..., 0].mean(), pixels[..., 1].mean(), pixels[..., 2].mean()
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_16bit_gray_is_scaled_not_clipped(corpus: Path) -> None:
+    pixels = _rgb(corpus, "gray16.png")
+    assert pixels[..., 0].tolist() == [[0, 255], [128, 1]]
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 0] == pixels[..., 2]).all()
+
+
+def test_transparency_is_composited_on_white(corpus: Path) -> None:
+    assert _rgb(corpus, "palette_transparent.png").tolist() == [[[255, 255, 255], [0, 255, 0]]]
+    assert _rgb(corpus, "rgba.png").tolist() == [[[10, 20, 30], [255, 255, 255]]]
+
+
+def test_gray_and_one_bit(corpus: Path) -> None:
+    assert (_rgb(corpus, "gray8.png") == 77).all()
+    assert (_rgb(corpus, "onebit.png") == 255).all()
+
+
+def test_exif_orientation_is_applied(corpus: Path) -> None:
+    pixels = _rgb(corpus, "exif_rotated.jpg")
+    assert pixels.shape == (40, 20, 3)  # stored 40 wide x 20 high, displayed 20 wide x 40 high
+
+
+def test_one_pixel_image_through_multicrop(corpus: Path) -> None:
+    aug = MultiCropAugmentation(local_crops_number=2, global_crop_size=16, local_crop_size=8)
+    item, caught = _item(ImageFolderDataset(corpus, transform=aug), "tiny.png")
+    assert item is not None and not caught
+    assert [tuple(c.shape) for c in item[0]] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 2
+
+
+# --- collation and fail-fast --------------------------------------------------------------------
+
+
+def test_collate_counts_skipped_items(corpus: Path) -> None:
+    ds = ImageFolderDataset(corpus, transform=EvalTransform(resize=8, crop_size=8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batch = [ds[i] for i in range(len(ds))]
+    assert len(caught) == len(BROKEN)
+    images, labels, skipped = collate_skipping_bad(batch)
+    assert skipped == len(BROKEN)
+    assert isinstance(images, torch.Tensor) and images.shape == (len(ds) - len(BROKEN), 3, 8, 8)
+    assert labels.dtype == torch.long and labels.tolist() == [-1] * (len(ds) - len(BROKEN))
+
+
+def test_collate_multicrop_and_all_bad() -> None:
+    item = ([torch.zeros(3, 4, 4), torch.zeros(3, 4, 4), torch.ones(3, 2, 2)], 3)
+    images, labels, skipped = collate_skipping_bad([item, None, item])
+    assert isinstance(images, list) and [tuple(t.shape) for t in images] == [(2, 3, 4, 4)] * 2 + [
+        (2, 3, 2, 2)
+    ]
+    assert labels.tolist() == [3, 3] and skipped == 1
+    images, labels, skipped = collate_skipping_bad([None, None])
+    assert images == [] and labels.numel() == 0 and skipped == 2
+
+
+def test_check_usable_raises_when_most_files_fail(tmp_path: Path) -> None:
+    for i in range(3):
+        (tmp_path / f"bad{i}.jpg").write_bytes(b"garbage")
+    _save_rgb(tmp_path / "good.jpg")
+    ds = ImageFolderDataset(tmp_path)
+    with pytest.raises(DatasetError, match=r"3 of 4 sampled failed.*bad0\.jpg"):
+        check_usable(ds)
+    report = check_usable(ds, min_valid_fraction=0.25)
+    assert report.checked == 4 and len(report.failures) == 3
+    _save_rgb(tmp_path / "good2.jpg")
+    _save_rgb(tmp_path / "good3.jpg")
+    assert len(check_usable(ImageFolderDataset(tmp_path)).failures) == 3  # 3 of 6: exactly the limit
+
+
+# --- bundled sample -----------------------------------------------------------------------------
+
+
+def test_sample_dataset_splits() -> None:
+    assert sample_dataset() == sample_dataset("train")
+    train, val = ImageFolderDataset(sample_dataset("train")), ImageFolderDataset(sample_dataset("val"))
+    assert len(train) == 4000 and len(val) == 1000
+    assert train.classes == val.classes and len(train.classes) == 10
+    assert np.bincount([y for _, y in val.samples]).tolist() == [100] * 10
+    train_names = {p.relative_to(train.root) for p, _ in train.samples}
+    assert not train_names & {p.relative_to(val.root) for p, _ in val.samples}
+    with pytest.raises(ValueError, match="unknown sample split"):
+        sample_dataset("test")
