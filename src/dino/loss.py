@@ -1,0 +1,139 @@
+"""The DINO loss: cross-entropy between the centred, sharpened teacher and the student, over view pairs.
+
+For teacher outputs g_t(x) on the global views and student outputs g_s(x') on all views,
+
+    P_t = softmax((g_t - c) / tau_t),   P_s = softmax(g_s / tau_s),
+    L   = mean over pairs (x, x'), x global, x' any view, x' != x, of  - sum_k P_t[k] log P_s[k],
+
+and the center c follows an EMA (rate ``center_momentum``) of the batch mean of teacher outputs,
+averaged over all processes. The paper's ablations of the teacher normalisation (no centering,
+softmax over the batch, Sinkhorn-Knopp) are available through ``teacher_norm``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TeacherNorm = Literal["centering", "sinkhorn", "batch_softmax", "none"]
+
+
+def _all_reduce_mean(x: Tensor) -> Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: Tensor, n_iters: int = 3) -> Tensor:
+    """Equipartitioned soft assignments (rows sum to 1) from teacher logits already divided by tau."""
+    q = torch.exp(logits - logits.max()).t()  # [K, B]
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    batch = q.shape[1] * world
+    k = q.shape[0]
+    total = _all_reduce_mean(q.sum().reshape(1)) * world
+    q /= total
+    for _ in range(n_iters):
+        row = _all_reduce_mean(q.sum(dim=1, keepdim=True)) * world
+        q /= row
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= batch
+    q *= batch
+    return q.t()
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between teacher (global views) and student (all views); keeps the center as a buffer."""
+
+    def __init__(
+        self,
+        out_dim: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        teacher_norm: TeacherNorm = "centering",
+    ) -> None:
+        super().__init__()
+        if teacher_norm not in ("centering", "sinkhorn", "batch_softmax", "none"):
+            raise ValueError(
+                f"teacher_norm must be centering, sinkhorn, batch_softmax or none, got {teacher_norm!r}"
+            )
+        self.out_dim = out_dim
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.teacher_norm = teacher_norm
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def teacher_probs(self, teacher_output: Tensor, teacher_temp: float) -> Tensor:
+        """Target distribution P_t from raw teacher logits (no gradient)."""
+        logits = teacher_output.detach().float()
+        if self.teacher_norm == "centering":
+            return F.softmax((logits - self.center) / teacher_temp, dim=-1)
+        if self.teacher_norm == "sinkhorn":
+            return sinkhorn_knopp(logits / teacher_temp)
+        if self.teacher_norm == "batch_softmax":
+            # Normalise over the batch, then make each row a distribution over prototypes.
+            probs = F.softmax(logits / teacher_temp, dim=0)
+            return probs / probs.sum(dim=-1, keepdim=True)
+        return F.softmax(logits / teacher_temp, dim=-1)
+
+    def forward(
+        self,
+        student_output: Tensor,
+        teacher_output: Tensor,
+        teacher_temp: float,
+        n_global: int = 2,
+        update_center: bool = True,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss over all (teacher global view, other student view) pairs, then the center update.
+
+        ``student_output`` is [n_views * B, K] and ``teacher_output`` [n_global * B, K], ordered view by view
+        as :class:`~dino.models.multicrop.MultiCropWrapper` returns them. Returns the loss and detached
+        diagnostics: teacher entropy and KL(teacher ‖ student), averaged over the same pairs. With
+        ``update_center=False`` the caller updates the center itself (e.g. only after a finite loss).
+        """
+        n_views = student_output.shape[0] // (teacher_output.shape[0] // n_global)
+        student_log_probs = F.log_softmax(student_output.float() / self.student_temp, dim=-1).chunk(n_views)
+        teacher_probs = self.teacher_probs(teacher_output, teacher_temp).chunk(n_global)
+
+        total = student_output.new_zeros((), dtype=torch.float32)
+        kl = torch.zeros((), device=student_output.device)
+        n_pairs = 0
+        for t_idx, p_t in enumerate(teacher_probs):
+            for s_idx, log_p_s in enumerate(student_log_probs):
+                if s_idx == t_idx:
+                    continue
+                ce = -(p_t * log_p_s).sum(dim=-1).mean()
+                total = total + ce
+                with torch.no_grad():
+                    kl += ce.detach() - _entropy(p_t)
+                n_pairs += 1
+        if n_pairs == 0:
+            raise ValueError("the DINO loss needs at least two views (no pair of distinct views was given)")
+        with torch.no_grad():
+            entropy = torch.stack([_entropy(p) for p in teacher_probs]).mean()
+        if update_center:
+            self.update_center(teacher_output)
+        return total / n_pairs, {"teacher_entropy": entropy, "kl": kl / n_pairs}
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: Tensor) -> None:
+        """c ← m·c + (1 − m)·mean(teacher outputs over the global batch)."""
+        batch_center = _all_reduce_mean(teacher_output.detach().float().mean(dim=0, keepdim=True))
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+    @property
+    def uniform_entropy(self) -> float:
+        """ln K: the teacher entropy of a collapse to the uniform distribution."""
+        return math.log(self.out_dim)
+
+
+def _entropy(p: Tensor) -> Tensor:
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=-1).mean()

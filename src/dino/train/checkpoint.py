@@ -1,0 +1,111 @@
+"""Crash-safe checkpoints: atomic writes, a rolling window of the latest, periodic keepers, safe loading.
+
+A checkpoint holds only tensors and plain containers (the config as plain data), so it loads with
+``torch.load(weights_only=True)``. Files are written to a temporary name, flushed to disk and renamed, so a
+kill at any moment leaves every previous checkpoint readable; on resume, an unreadable newest file is
+reported and the previous good one is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "dino-checkpoint"
+_ROLLING = re.compile(r"^last-(\d{9})\.pth$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not contain what is needed."""
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` such that readers see either the old file or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load one of our checkpoints safely (no code is executed); raise CheckpointError if unreadable."""
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from err
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a dino training checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+    return obj
+
+
+class CheckpointManager:
+    """Owns ``<run>/checkpoints``: ``last-<iteration>.pth`` (rolling, ``keep_last`` kept) and
+    ``epoch-<epoch>.pth`` (periodic, kept)."""
+
+    def __init__(self, run_dir: Path, keep_last: int = 2) -> None:
+        self.directory = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    def rolling(self) -> list[Path]:
+        """Rolling checkpoints, newest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _ROLLING.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def save(self, state: dict[str, Any], iteration: int, epoch_keeper: int | None = None) -> Path:
+        state = {"format": CHECKPOINT_FORMAT, **state}
+        path = self.directory / f"last-{iteration:09d}.pth"
+        atomic_save(state, path)
+        if epoch_keeper is not None:
+            keeper = self.directory / f"epoch-{epoch_keeper:04d}.pth"
+            tmp = keeper.with_name(f".{keeper.name}.tmp-{os.getpid()}")
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(path, tmp)  # same bytes without a second write
+            except OSError:
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, keeper)
+        for old in self.rolling()[self.keep_last :]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
+        """Newest readable rolling checkpoint; unreadable ones are reported and passed over."""
+        for path in self.rolling():
+            try:
+                return load_checkpoint(path, map_location), path
+            except CheckpointError as err:
+                log.warning("%s; falling back to the previous checkpoint", err)
+        return None

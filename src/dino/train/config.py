@@ -1,0 +1,372 @@
+"""One typed configuration for a DINO run: defaults, YAML presets, dotted overrides, validation.
+
+``load_config(preset_or_path, overrides)`` merges the defaults below (the paper's ViT-S/16 recipe) with a
+preset or YAML file and ``key=value`` overrides, then validates every value before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dino.loss import TeacherNorm
+from dino.models.backbones import RESNETS, available_archs
+from dino.models.vision_transformer import VIT_SIZES
+from dino.teacher import TEACHER_MODES
+
+CONFIG_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the key and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_small"
+    patch_size: int = 16
+    depth: int = 0  # ViT blocks; 0 = the size's standard depth (12, or 24 for large)
+    drop_path_rate: float = 0.1  # stochastic depth on the student only
+    pretrained: str | None = None  # backbone weights to start from (a fresh head is trained on top)
+
+
+@dataclass
+class HeadConfig:
+    out_dim: int = 65536  # K
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+    use_bn: bool = False
+    norm_last_layer: bool = True
+    freeze_last_layer: int = 1  # epochs during which the last layer gets no updates
+
+
+@dataclass
+class LossConfig:
+    student_temp: float = 0.1
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+    teacher_norm: str = "centering"  # centering | sinkhorn | batch_softmax | none (paper ablations)
+
+
+@dataclass
+class TeacherConfig:
+    mode: str = "momentum"  # momentum | student | previous_iter | previous_epoch
+    momentum: float = 0.996  # start of the cosine schedule to final_momentum
+    final_momentum: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd | lars
+    lr: float = 0.0005  # for a total batch of 256; scaled linearly with the total batch size
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum: float = 0.9  # sgd / lars
+    clip_grad: float = 3.0  # 0 disables
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # folder of images (class sub-folders optional); None = bundled sample
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    local_crops_number: int = 8
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    num_workers: int = -1  # -1: one per CPU core, at most 8
+    min_valid_fraction: float = 0.5  # stop before training when more files than this fail to decode
+
+
+@dataclass
+class RunConfig:
+    epochs: int = 100
+    batch_size: int = 64  # per process
+    precision: str = "auto"  # auto (bf16 on capable GPUs, fp32 on CPU) | fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    output_dir: str = "runs/dino"
+    log_every: int = 10  # iterations between log lines
+    save_every_epochs: int = 20  # periodic checkpoints kept for good; 0 disables
+    keep_last: int = 2  # rolling checkpoints kept
+    checkpoint_every_iters: int = 0  # mid-epoch checkpoints; 0 = only at epoch ends
+    checkpoint_every_minutes: float = 0.0  # mid-epoch checkpoints by wall time; 0 disables
+    max_bad_steps: int = 5  # consecutive non-finite losses tolerated (skipped) before stopping
+    progress_bar: str = "auto"  # auto (on a terminal) | on | off
+    compile: bool = False  # torch.compile the student and teacher
+    deterministic: bool = False  # deterministic algorithms (bit-exact resume on CPU)
+
+
+@dataclass
+class MonitorConfig:
+    collapse: bool = True  # warn when the teacher entropy reaches 0 or ln K, or the KL reaches 0
+    knn_every: int = 0  # epochs between online k-NN evaluations; 0 disables
+    knn_train: str | None = None  # labelled folder for the k-NN bank (default: training data if labelled)
+    knn_val: str | None = None  # labelled folder of held-out images
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_resize: int = 0  # eval resize (shorter side); 0 = global_crop_size * 8 / 7
+
+
+@dataclass
+class DINOConfig:
+    version: int = CONFIG_VERSION
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+
+def preset_names() -> list[str]:
+    return sorted(
+        p.name.removesuffix(".yaml") for p in files("dino.configs").iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A preset name (``vit_small_100ep``) or a YAML path."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = files("dino.configs") / f"{name_or_path}.yaml"
+    if packaged.is_file():
+        return Path(str(packaged))
+    raise ConfigError(
+        f"config {name_or_path!r} is neither a YAML file nor a preset; presets: {', '.join(preset_names())}"
+    )
+
+
+def load_config(config: str | Path | None = None, overrides: list[str] | None = None) -> DINOConfig:
+    """Defaults ← preset/YAML ← ``key=value`` overrides, validated."""
+    merged = OmegaConf.structured(DINOConfig)
+    sources: list[tuple[str, Any]] = []
+    if config is not None:
+        path = resolve_preset(str(config))
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:
+            raise ConfigError(f"cannot read config {path}: {err}") from err
+        if not isinstance(loaded, dict) and not OmegaConf.is_dict(loaded):
+            raise ConfigError(f"config {path} must be a mapping of sections (model:, head:, …)")
+        _check_version(loaded.get("version", CONFIG_VERSION), str(path))
+        sources.append((str(path), loaded))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like section.key=value, got {bad}")
+        sources.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    for origin, source in sources:
+        try:
+            merged = OmegaConf.merge(merged, source)
+        except OmegaConfBaseException as err:
+            key = getattr(err, "full_key", None) or ""
+            raise ConfigError(
+                f"invalid config key or value {key!r} from {origin}: {_first_line(err)}; "
+                f"valid sections: {', '.join(f.name for f in fields(DINOConfig))}"
+            ) from err
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, DINOConfig)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> DINOConfig:
+    """Rebuild a config saved in a checkpoint or run directory (plain data)."""
+    _check_version(data.get("version", CONFIG_VERSION), "the checkpoint")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(DINOConfig), OmegaConf.create(data))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"saved config does not match this version of dino: {_first_line(err)}") from err
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, DINOConfig)
+    return cfg
+
+
+def config_to_dict(cfg: DINOConfig) -> dict[str, Any]:
+    container = OmegaConf.to_container(OmegaConf.structured(cfg))
+    assert isinstance(container, dict)
+    return container
+
+
+def save_config(cfg: DINOConfig, path: Path) -> None:
+    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def _check_version(version: Any, origin: str) -> None:
+    if version != CONFIG_VERSION:
+        raise ConfigError(
+            f"config version {version!r} in {origin} is not supported (this dino reads version {CONFIG_VERSION}); "
+            f"start from a current preset (`dino presets`) and copy your changes over"
+        )
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: DINOConfig) -> None:
+    """Refuse every out-of-range value up front, naming the key and the allowed values."""
+    m, h, lo, t, o, d, r, mon = (
+        cfg.model,
+        cfg.head,
+        cfg.loss,
+        cfg.teacher,
+        cfg.optim,
+        cfg.data,
+        cfg.run,
+        cfg.monitor,
+    )
+    known = (
+        m.arch in RESNETS
+        or m.arch.startswith("timm:")
+        or m.arch.removeprefix("vit_") in VIT_SIZES
+        and m.arch.startswith("vit_")
+    )
+    _require(known, "model.arch", f"unknown architecture {m.arch!r}; choose one of {available_archs()}")
+    _require(m.depth >= 0, "model.depth", f"must be >= 0 (0 = the architecture's own depth), got {m.depth}")
+    _require(m.patch_size >= 1, "model.patch_size", f"must be a positive integer, got {m.patch_size}")
+    _require(
+        0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", f"must be in [0, 1), got {m.drop_path_rate}"
+    )
+    _require(h.out_dim >= 2, "head.out_dim", f"K must be at least 2, got {h.out_dim}")
+    for key in ("hidden_dim", "bottleneck_dim", "nlayers"):
+        _require(getattr(h, key) >= 1, f"head.{key}", f"must be a positive integer, got {getattr(h, key)}")
+    _require(
+        h.freeze_last_layer >= 0, "head.freeze_last_layer", f"must be >= 0 epochs, got {h.freeze_last_layer}"
+    )
+    for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+        _require(getattr(lo, key) > 0, f"loss.{key}", f"must be > 0, got {getattr(lo, key)}")
+    _require(lo.warmup_teacher_temp_epochs >= 0, "loss.warmup_teacher_temp_epochs", "must be >= 0")
+    _require(
+        lo.warmup_teacher_temp_epochs <= r.epochs,
+        "loss.warmup_teacher_temp_epochs",
+        f"must not exceed run.epochs ({r.epochs}), got {lo.warmup_teacher_temp_epochs}",
+    )
+    _require(
+        0.0 <= lo.center_momentum < 1.0,
+        "loss.center_momentum",
+        f"must be in [0, 1), got {lo.center_momentum}",
+    )
+    norms = TeacherNorm.__args__  # type: ignore[attr-defined]
+    _require(
+        lo.teacher_norm in norms, "loss.teacher_norm", f"must be one of {norms}, got {lo.teacher_norm!r}"
+    )
+    _require(t.mode in TEACHER_MODES, "teacher.mode", f"must be one of {TEACHER_MODES}, got {t.mode!r}")
+    for key in ("momentum", "final_momentum"):
+        _require(0.0 <= getattr(t, key) <= 1.0, f"teacher.{key}", f"must be in [0, 1], got {getattr(t, key)}")
+    _require(o.name in ("adamw", "sgd", "lars"), "optim.name", f"must be adamw, sgd or lars, got {o.name!r}")
+    _require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive number, got {o.lr}")
+    _require(0 <= o.min_lr <= o.lr * 1e6, "optim.min_lr", f"must be >= 0, got {o.min_lr}")
+    _require(
+        0 <= o.warmup_epochs <= r.epochs,
+        "optim.warmup_epochs",
+        f"must be in [0, run.epochs={r.epochs}], got {o.warmup_epochs}",
+    )
+    for key in ("weight_decay", "weight_decay_end", "clip_grad"):
+        _require(getattr(o, key) >= 0, f"optim.{key}", f"must be >= 0, got {getattr(o, key)}")
+    for key in ("global_crops_scale", "local_crops_scale"):
+        scale = getattr(d, key)
+        _require(
+            len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+            f"data.{key}",
+            f"must be [low, high] with 0 < low <= high <= 1, got {list(scale)}",
+        )
+    _require(
+        d.local_crops_number >= 0, "data.local_crops_number", f"must be >= 0, got {d.local_crops_number}"
+    )
+    for key in ("global_crop_size", "local_crop_size"):
+        size = getattr(d, key)
+        _require(size >= 1, f"data.{key}", f"must be a positive number of pixels, got {size}")
+        if m.arch.startswith("vit_") and (key == "global_crop_size" or d.local_crops_number > 0):
+            _require(
+                size >= m.patch_size,
+                f"data.{key}",
+                f"{size}px is smaller than the patch size model.patch_size={m.patch_size}; use a larger crop or a smaller patch",
+            )
+    _require(
+        len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
+        "data.mean/std",
+        "need 3 values each, std > 0",
+    )
+    _require(
+        d.num_workers >= -1, "data.num_workers", f"must be >= 0 (or -1 for automatic), got {d.num_workers}"
+    )
+    _require(0.0 <= d.min_valid_fraction <= 1.0, "data.min_valid_fraction", "must be in [0, 1]")
+    if d.path is not None:
+        _require(
+            Path(d.path).expanduser().is_dir(),
+            "data.path",
+            f"{d.path!r} is not an existing folder; pass --data DIR with your images",
+        )
+    _require(r.epochs >= 1, "run.epochs", f"must be >= 1, got {r.epochs}")
+    _require(r.batch_size >= 1, "run.batch_size", f"must be >= 1, got {r.batch_size}")
+    _require(
+        r.precision in ("auto", "fp32", "bf16", "fp16"),
+        "run.precision",
+        f"must be auto, fp32, bf16 or fp16, got {r.precision!r}",
+    )
+    _require(
+        r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda") or r.device == "mps",
+        "run.device",
+        f"must be auto, cpu, cuda or cuda:N, got {r.device!r}",
+    )
+    for key in ("log_every", "keep_last"):
+        _require(getattr(r, key) >= 1, f"run.{key}", f"must be >= 1, got {getattr(r, key)}")
+    for key in ("save_every_epochs", "checkpoint_every_iters", "checkpoint_every_minutes", "max_bad_steps"):
+        _require(getattr(r, key) >= 0, f"run.{key}", f"must be >= 0, got {getattr(r, key)}")
+    _require(
+        r.progress_bar in ("auto", "on", "off"),
+        "run.progress_bar",
+        f"must be auto, on or off, got {r.progress_bar!r}",
+    )
+    _require(mon.knn_every >= 0, "monitor.knn_every", "must be >= 0")
+    _require(mon.knn_k >= 1, "monitor.knn_k", f"must be >= 1, got {mon.knn_k}")
+    _require(mon.knn_temperature > 0, "monitor.knn_temperature", "must be > 0")
+    if mon.knn_every:
+        _require(
+            mon.knn_val is not None,
+            "monitor.knn_val",
+            "set a labelled folder of held-out images to run the k-NN monitor",
+        )
+        for key in ("knn_train", "knn_val"):
+            value = getattr(mon, key)
+            if value is not None:
+                _require(
+                    Path(value).expanduser().is_dir(),
+                    f"monitor.{key}",
+                    f"{value!r} is not an existing folder",
+                )
+
+
+def as_flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"model.arch": ..., ...}`` for logging."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if is_dataclass(value):
+            out.update(as_flat_dict(value, key + "."))
+        else:
+            out[key] = value
+    return out

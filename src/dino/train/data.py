@@ -1,0 +1,133 @@
+"""Training data: the multi-crop dataset, a resumable sampler and per-sample seeded augmentation.
+
+Each sample's augmentation is drawn from a seed derived from (run seed, epoch, position), not from the
+worker's random stream, so the crops a run sees do not depend on the number of workers and a run resumed
+in the middle of an epoch sees exactly the crops the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dino.data.datasets import ImageFolderDataset, check_usable, collate_skipping_bad
+from dino.data.sample import sample_dataset
+from dino.data.transforms import MultiCropAugmentation
+from dino.train.config import ConfigError, DINOConfig
+from dino.train.signals import PREEMPTION_SIGNALS
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so that item ``(index, seed)`` is transformed under its own random seed."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            state = random.getstate()
+            random.seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(state)
+
+
+class ResumableSampler(Sampler[tuple[int, int]]):
+    """Per-epoch permutation (seeded by run seed + epoch), split across processes, startable mid-epoch.
+
+    Yields ``(index, sample_seed)``. Each process gets ``len(dataset) // world_size`` samples (the tail that
+    does not divide evenly is dropped for the epoch, a different tail each epoch).
+    """
+
+    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Next iteration covers ``epoch`` from this process's ``start``-th sample on."""
+        self.epoch, self.start = epoch, start
+
+    def per_rank(self) -> int:
+        return self.num_samples // self.world_size
+
+    def __len__(self) -> int:
+        return self.per_rank() - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator)[: self.per_rank() * self.world_size]
+        mine = order[self.rank :: self.world_size].tolist()
+        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+        for position in range(self.start, len(mine)):
+            yield mine[position], (base + position * self.world_size + self.rank) % (2**63)
+
+
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the main process, which saves a checkpoint before stopping."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@dataclass
+class TrainData:
+    dataset: ImageFolderDataset
+    sampler: ResumableSampler
+    loader: DataLoader
+    iters_per_epoch: int
+
+
+def resolve_num_workers(requested: int) -> int:
+    if requested >= 0:
+        return requested
+    return min(8, os.cpu_count() or 1)
+
+
+def build_train_data(cfg: DINOConfig, rank: int, world_size: int, pin_memory: bool) -> TrainData:
+    """Dataset + multi-crop augmentation + resumable sampler + loader, checked before any training."""
+    d = cfg.data
+    root = d.path if d.path is not None else sample_dataset("train")
+    transform = MultiCropAugmentation(
+        global_crops_scale=tuple(d.global_crops_scale),
+        local_crops_scale=tuple(d.local_crops_scale),
+        local_crops_number=d.local_crops_number,
+        global_crop_size=d.global_crop_size,
+        local_crop_size=d.local_crop_size,
+        mean=tuple(d.mean),
+        std=tuple(d.std),
+    )
+    dataset = ImageFolderDataset(root, transform=transform, min_valid_fraction=d.min_valid_fraction)
+    check_usable(dataset)
+    batch, total = cfg.run.batch_size, cfg.run.batch_size * world_size
+    if len(dataset) < total:
+        raise ConfigError(
+            f"run.batch_size: {batch} per process × {world_size} process(es) = {total} is larger than the dataset "
+            f"({len(dataset)} images in {root}); lower run.batch_size"
+        )
+    sampler = ResumableSampler(len(dataset), cfg.run.seed, rank, world_size)
+    workers = resolve_num_workers(d.num_workers)
+    loader = DataLoader(
+        SeededDataset(dataset),
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        collate_fn=collate_skipping_bad,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_ignore_preemption_signals,
+    )
+    return TrainData(dataset, sampler, loader, sampler.per_rank() // batch)

@@ -1,0 +1,270 @@
+"""The DINO training loop (Algorithm 1 of the paper), on one CPU, one GPU or many processes.
+
+    for x in loader:                        # a batch of multi-crop views
+        t = teacher(global views)           # no gradient
+        s = student(all views)
+        loss = H(t, s) over pairs of distinct views; update the center
+        loss.backward(); optimiser step      # student only
+        teacher ← EMA(teacher, student)
+
+Helpers own the details: :mod:`dino.train.setup` builds the models and chooses the precision,
+:mod:`dino.train.checkpoint` saves and restores, :mod:`dino.train.logger` logs, :mod:`dino.train.monitors`
+watches for collapse and runs the online k-NN.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from dino.loss import DINOLoss
+from dino.teacher import TeacherUpdater
+from dino.train.checkpoint import CheckpointManager, load_checkpoint
+from dino.train.config import DINOConfig, save_config
+from dino.train.data import build_train_data
+from dino.train.distributed import DistEnv, cleanup, init_distributed
+from dino.train.logger import RunLogger, peak_memory_gib
+from dino.train.monitors import CollapseMonitor
+from dino.train.optim import build_optimizer, cancel_last_layer_gradients, clip_gradients, set_schedules
+from dino.train.setup import (
+    Schedules,
+    build_knn_monitor,
+    build_student_teacher,
+    load_model_state_dict,
+    resolve_precision,
+    restore_rng,
+    run_state_dict,
+    save_backbone,
+)
+from dino.train.signals import PreemptionGuard
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped on request; launch again to resume
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+
+class Preempted(SystemExit):
+    def __init__(self) -> None:
+        super().__init__(EXIT_PREEMPTED)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    iteration: int = 0  # global index of the next optimiser step
+    step_in_epoch: int = 0  # batches of the current epoch already done
+    bad_steps: int = 0  # consecutive non-finite losses
+    history: list[dict] = field(default_factory=list)
+
+
+def train(cfg: DINOConfig, resume: str | Path | bool = True) -> Path:
+    """Train DINO as ``cfg`` says; returns the run directory. ``resume`` is True (continue the run in
+    ``run.output_dir`` if it has a checkpoint), False, or the path of a checkpoint to continue from."""
+    env = init_distributed(cfg.run.device)
+    try:
+        return _train(cfg, env, resume)
+    finally:
+        cleanup()
+
+
+def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
+    torch.manual_seed(cfg.run.seed + env.rank)
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=env.device.type != "cpu")
+    run_dir = Path(cfg.run.output_dir).expanduser()
+    data = build_train_data(cfg, env.rank, env.world_size, pin_memory=env.device.type == "cuda")
+    precision = resolve_precision(cfg.run.precision, env.device)
+    student, teacher = build_student_teacher(cfg, env.device)
+    dino_loss = DINOLoss(
+        cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum, cfg.loss.teacher_norm
+    )
+    dino_loss = dino_loss.to(env.device)
+    optimizer = build_optimizer(student, cfg.optim.name, cfg.optim.momentum, fused=env.device.type == "cuda")
+    scaler = torch.amp.GradScaler(env.device.type, enabled=precision.use_scaler)
+    schedules = Schedules.build(cfg, data.iters_per_epoch, env.world_size)
+    teacher_rule = TeacherUpdater(cfg.teacher.mode)  # type: ignore[arg-type]
+    checkpoints = CheckpointManager(run_dir, cfg.run.keep_last)
+    state = TrainState()
+
+    restored = _restore(resume, checkpoints, env.device)
+    if restored is not None:
+        checkpoint, path = restored
+        load_model_state_dict(student, checkpoint["student"])
+        load_model_state_dict(teacher, checkpoint["teacher"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        dino_loss.load_state_dict(checkpoint["dino_loss"])
+        if checkpoint.get("fp16_scaler") is not None and precision.use_scaler:
+            scaler.load_state_dict(checkpoint["fp16_scaler"])
+        state.epoch, state.iteration = checkpoint["epoch"], checkpoint["iteration"]
+        state.step_in_epoch = checkpoint["step_in_epoch"]
+        restore_rng(checkpoint["rng"])
+        log.info("resumed from %s at epoch %d, iteration %d", path, state.epoch, state.iteration)
+
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    logger = RunLogger(run_dir / "log.jsonl", enabled=env.is_main, progress=cfg.run.progress_bar)
+    collapse = CollapseMonitor(cfg.head.out_dim) if cfg.monitor.collapse else None
+    knn = build_knn_monitor(cfg, data.dataset) if env.is_main else None
+    ddp_student = (
+        DistributedDataParallel(student, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        if env.distributed
+        else student
+    )
+
+    def save(epoch_keeper: int | None = None) -> None:
+        if env.is_main:
+            checkpoints.save(
+                run_state_dict(cfg, student, teacher, optimizer, dino_loss, scaler, state),
+                state.iteration,
+                epoch_keeper,
+            )
+
+    logger.start(cfg, env, len(data.dataset), data.iters_per_epoch)
+    if knn is not None and restored is None:  # the random-initialisation baseline, logged as epoch -1
+        logger.event("knn", epoch=-1, **knn.evaluate(teacher.backbone, env.device, precision.autocast_dtype))
+    last_save_time = time.monotonic()
+    with PreemptionGuard() as preemption:
+        while state.epoch < cfg.run.epochs:
+            epoch = state.epoch
+            data.sampler.set_epoch(epoch, start=state.step_in_epoch * cfg.run.batch_size)
+            teacher_temp = float(schedules.teacher_temp[epoch])
+            logger.start_epoch(epoch, data.iters_per_epoch, state.step_in_epoch)
+            for crops, labels, n_bad in data.loader:
+                logger.count_bad_files(n_bad)
+                if labels.numel() == 0:  # every image of this batch failed to decode
+                    continue
+                it = state.iteration
+                set_schedules(optimizer, float(schedules.lr[it]), float(schedules.weight_decay[it]))
+                crops = [c.to(env.device, non_blocking=True) for c in crops]
+
+                # Teacher on the global views, student on all views; cross-entropy over distinct-view pairs.
+                with torch.autocast(
+                    env.device.type, dtype=precision.autocast_dtype, enabled=precision.autocast
+                ):
+                    with torch.no_grad():
+                        teacher_out = teacher(crops[:2])
+                    student_out = ddp_student(crops)
+                    loss, stats = dino_loss(student_out, teacher_out, teacher_temp, update_center=False)
+
+                if not torch.isfinite(loss):
+                    state.bad_steps += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    logger.bad_step(it, float(loss), state.bad_steps)
+                    if state.bad_steps > cfg.run.max_bad_steps:
+                        raise TrainingDiverged(_divergence_message(cfg, precision.name, state.bad_steps))
+                else:
+                    state.bad_steps = 0
+                    dino_loss.update_center(teacher_out)
+                    # Student update.
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if cfg.optim.clip_grad > 0:
+                        scaler.unscale_(optimizer)
+                        clip_gradients(student, cfg.optim.clip_grad)
+                    if epoch < cfg.head.freeze_last_layer:
+                        cancel_last_layer_gradients(student.head)
+                    teacher_rule.before_step(student)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    # Teacher update.
+                    teacher_rule.after_step(teacher, student, float(schedules.momentum[it]))
+
+                state.iteration += 1
+                state.step_in_epoch += 1
+                record = logger.step(
+                    it,
+                    epoch,
+                    cfg.run.batch_size * env.world_size,
+                    loss=loss,
+                    stats=stats,
+                    lr=float(schedules.lr[it]),
+                    weight_decay=float(schedules.weight_decay[it]),
+                    momentum=float(schedules.momentum[it]),
+                    teacher_temp=teacher_temp,
+                    log_now=(it + 1) % cfg.run.log_every == 0,
+                )
+                if record is not None and collapse is not None:
+                    for kind in collapse.check(record["teacher_entropy"], record["kl"]):
+                        logger.event("collapse_warning", kind=kind, iteration=it)
+
+                if preemption.requested:
+                    save()
+                    logger.event("preempted", iteration=state.iteration, signal=preemption.signal_name)
+                    logger.close()
+                    raise Preempted()
+                if _mid_epoch_checkpoint_due(cfg, state, last_save_time):
+                    save()
+                    last_save_time = time.monotonic()
+
+            # End of epoch.
+            teacher_rule.end_of_epoch(teacher, student)
+            summary = logger.end_epoch(epoch)
+            if knn is not None and cfg.monitor.knn_every and (epoch + 1) % cfg.monitor.knn_every == 0:
+                backbone = teacher.backbone
+                summary.update(knn.evaluate(backbone, env.device, precision.autocast_dtype))
+                logger.event("knn", epoch=epoch, **{k: v for k, v in summary.items() if k.startswith("knn")})
+            state.history.append(summary)
+            state.epoch += 1
+            state.step_in_epoch = 0
+            keeper = (
+                state.epoch
+                if cfg.run.save_every_epochs and state.epoch % cfg.run.save_every_epochs == 0
+                else None
+            )
+            save(keeper)
+            last_save_time = time.monotonic()
+
+    if env.is_main:
+        save_backbone(teacher.backbone, run_dir / "teacher_backbone.pth")
+        logger.event(
+            "done",
+            epochs=state.epoch,
+            iterations=state.iteration,
+            peak_memory_gib=peak_memory_gib(env.device),
+        )
+    logger.close()
+    return run_dir
+
+
+def _restore(resume: str | Path | bool, checkpoints: CheckpointManager, device: torch.device):
+    if resume is False:
+        return None
+    if resume is True:
+        return checkpoints.load_latest(map_location=device)
+    path = Path(resume)
+    if path.is_dir():
+        found = CheckpointManager(path).load_latest(map_location=device)
+        if found is None:
+            raise FileNotFoundError(f"--resume {path}: no readable checkpoint in {path / 'checkpoints'}")
+        return found
+    return load_checkpoint(path, map_location=device), path
+
+
+def _mid_epoch_checkpoint_due(cfg: DINOConfig, state: TrainState, last_save_time: float) -> bool:
+    every_iters, every_minutes = cfg.run.checkpoint_every_iters, cfg.run.checkpoint_every_minutes
+    if every_iters and state.iteration % every_iters == 0:
+        return True
+    return bool(every_minutes) and time.monotonic() - last_save_time >= every_minutes * 60
+
+
+def _divergence_message(cfg: DINOConfig, precision: str, bad_steps: int) -> str:
+    causes = []
+    if precision == "fp16":
+        causes.append("fp16 overflow: use run.precision=bf16 (on GPUs that support it) or fp32")
+    causes.append(f"learning rate too high: lower optim.lr (now {cfg.optim.lr})")
+    causes.append(f"teacher temperature: keep loss.teacher_temp ≤ 0.07 (now {cfg.loss.teacher_temp})")
+    causes.append(f"gradient clipping: set optim.clip_grad (now {cfg.optim.clip_grad})")
+    return (
+        f"stopping after {bad_steps} consecutive non-finite losses; the last good checkpoint is kept. Likely causes: "
+        + "; ".join(causes)
+    )

@@ -1,0 +1,96 @@
+"""Optimisers for DINO: AdamW (ViT recipe), SGD and LARS (ResNet-50 recipe); no decay on biases and norms."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Two groups: weights that get weight decay, and biases / norm parameters (ndim ≤ 1) that do not."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or param.ndim <= 1 else decay).append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratio (You et al. 2017), skipping biases and norms (ndim ≤ 1)."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        eta: float = 0.001,
+    ) -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if p.ndim > 1:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(grad)
+                    trust = torch.where(
+                        (param_norm > 0) & (update_norm > 0),
+                        group["eta"] * param_norm / update_norm,
+                        torch.ones_like(param_norm),
+                    )
+                    grad = grad.mul(trust)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(grad)
+                p.add_(mu, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(
+    model: nn.Module, name: str, momentum: float = 0.9, fused: bool = False
+) -> torch.optim.Optimizer:
+    """lr and weight decay are set by the schedules at every iteration, so both start at 0 here."""
+    groups = param_groups(model)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, fused=fused or None)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=momentum)
+    if name == "lars":
+        return LARS(groups, lr=0.0, momentum=momentum)
+    raise ValueError(f"optimizer must be adamw, sgd or lars, got {name!r}")
+
+
+def set_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group.get("apply_wd", True):
+            group["weight_decay"] = weight_decay
+
+
+@torch.no_grad()
+def clip_gradients(model: nn.Module, max_norm: float) -> None:
+    """Scale each parameter's gradient to norm ≤ ``max_norm`` separately, as the released DINO does
+    (per-tensor clipping, unlike ``clip_grad_norm_`` which clips the global norm)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    coefs = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, coefs)
+
+
+def cancel_last_layer_gradients(head: nn.Module) -> None:
+    """During the first ``freeze_last_layer`` epochs the head's last layer is not updated."""
+    for param in head.last_layer.parameters():
+        param.grad = None

@@ -1,0 +1,212 @@
+"""Building blocks of a run: models, precision, schedules, random state and the checkpoint payload."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dino.models.backbones import build_backbone
+from dino.models.head import DINOHead
+from dino.models.multicrop import MultiCropWrapper
+from dino.teacher import init_teacher
+from dino.train.checkpoint import atomic_save
+from dino.train.config import DINOConfig, config_to_dict
+from dino.train.schedules import cosine_schedule, teacher_temperature_schedule
+
+if TYPE_CHECKING:
+    from dino.data.datasets import ImageFolderDataset
+    from dino.loss import DINOLoss
+    from dino.train.loop import TrainState
+    from dino.train.monitors import OnlineKNN
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # fp32 | bf16 | fp16
+    autocast_dtype: torch.dtype | None
+
+    @property
+    def autocast(self) -> bool:
+        return self.autocast_dtype is not None
+
+    @property
+    def use_scaler(self) -> bool:
+        return self.name == "fp16"
+
+
+def resolve_precision(requested: str, device: torch.device) -> Precision:
+    """``auto`` → bf16 on GPUs that support it, fp32 elsewhere. fp16 uses a gradient scaler."""
+    if requested == "auto":
+        requested = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if requested == "fp32":
+        return Precision("fp32", None)
+    if requested == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(
+                "run.precision=bf16 but this GPU has no bf16 support; use run.precision=fp16 or fp32"
+            )
+        return Precision("bf16", torch.bfloat16)
+    if requested == "fp16":
+        if device.type == "cpu":
+            raise ValueError("run.precision=fp16 needs a GPU; on the CPU use fp32 (or bf16)")
+        return Precision("fp16", torch.float16)
+    raise ValueError(f"run.precision must be auto, fp32, bf16 or fp16, got {requested!r}")
+
+
+def _backbone(cfg: DINOConfig, drop_path_rate: float) -> tuple[nn.Module, int]:
+    m = cfg.model
+    return build_backbone(m.arch, m.patch_size, cfg.data.global_crop_size, drop_path_rate, m.depth)
+
+
+def _head(cfg: DINOConfig, embed_dim: int) -> DINOHead:
+    h = cfg.head
+    return DINOHead(
+        embed_dim, h.out_dim, h.hidden_dim, h.bottleneck_dim, h.nlayers, h.use_bn, h.norm_last_layer
+    )
+
+
+def build_student_teacher(cfg: DINOConfig, device: torch.device) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+    """Student (with stochastic depth) and teacher (without), same weights at the start."""
+    student_backbone, dim = _backbone(cfg, cfg.model.drop_path_rate)
+    if cfg.model.pretrained:
+        from dino.hub import load_backbone_weights
+
+        load_backbone_weights(student_backbone, cfg.model.pretrained)
+        log.info("student backbone initialised from %s", cfg.model.pretrained)
+    teacher_backbone, _ = _backbone(cfg, 0.0)
+    student = MultiCropWrapper(student_backbone, _head(cfg, dim))
+    # The teacher's head never trains, so its last-layer norm is fixed like the student's.
+    teacher = MultiCropWrapper(teacher_backbone, _head(cfg, dim))
+    if _has_batch_norm(student) and torch.distributed.is_initialized():
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # type: ignore[assignment]
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)  # type: ignore[assignment]
+    student, teacher = student.to(device), teacher.to(device)
+    init_teacher(teacher, student)
+    if cfg.run.compile:
+        student.backbone = torch.compile(student.backbone)  # type: ignore[assignment]
+        teacher.backbone = torch.compile(teacher.backbone)  # type: ignore[assignment]
+    return student, teacher
+
+
+def _has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@dataclass(frozen=True)
+class Schedules:
+    """Per-iteration lr, weight decay and teacher momentum; per-epoch teacher temperature."""
+
+    lr: np.ndarray
+    weight_decay: np.ndarray
+    momentum: np.ndarray
+    teacher_temp: np.ndarray
+
+    @classmethod
+    def build(cls, cfg: DINOConfig, iters_per_epoch: int, world_size: int) -> Schedules:
+        o, r = cfg.optim, cfg.run
+        peak_lr = o.lr * r.batch_size * world_size / 256.0  # linear scaling rule
+        return cls(
+            lr=cosine_schedule(peak_lr, o.min_lr, r.epochs, iters_per_epoch, o.warmup_epochs),
+            weight_decay=cosine_schedule(o.weight_decay, o.weight_decay_end, r.epochs, iters_per_epoch),
+            momentum=cosine_schedule(
+                cfg.teacher.momentum, cfg.teacher.final_momentum, r.epochs, iters_per_epoch
+            ),
+            teacher_temp=teacher_temperature_schedule(
+                cfg.loss.warmup_teacher_temp,
+                cfg.loss.teacher_temp,
+                cfg.loss.warmup_teacher_temp_epochs,
+                r.epochs,
+            ),
+        )
+
+
+def capture_rng() -> dict[str, Any]:
+    """Random streams of this process (plain data, so the checkpoint loads with weights_only)."""
+    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"].cpu())
+    version, state, gauss = rng["python"]
+    random.setstate((version, tuple(state), gauss))
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "_orig_mod", module)
+
+
+def model_state_dict(model: MultiCropWrapper) -> dict[str, torch.Tensor]:
+    """``backbone.*`` / ``head.*`` keys, whether or not the backbone was compiled."""
+    state = {f"backbone.{k}": v for k, v in _unwrap(model.backbone).state_dict().items()}
+    state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
+    return state
+
+
+def load_model_state_dict(model: MultiCropWrapper, state: dict[str, torch.Tensor]) -> None:
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+    _unwrap(model.backbone).load_state_dict(backbone)
+    model.head.load_state_dict(head)
+
+
+def run_state_dict(
+    cfg: DINOConfig,
+    student: MultiCropWrapper,
+    teacher: MultiCropWrapper,
+    optimizer: torch.optim.Optimizer,
+    dino_loss: DINOLoss,
+    scaler: torch.amp.GradScaler,
+    state: TrainState,
+) -> dict[str, Any]:
+    """Everything needed to continue exactly; key names follow the released DINO checkpoints."""
+    return {
+        "student": model_state_dict(student),
+        "teacher": model_state_dict(teacher),
+        "optimizer": optimizer.state_dict(),
+        "dino_loss": dino_loss.state_dict(),
+        "fp16_scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "epoch": state.epoch,
+        "iteration": state.iteration,
+        "step_in_epoch": state.step_in_epoch,
+        "rng": capture_rng(),
+        "config": config_to_dict(cfg),
+    }
+
+
+def save_backbone(backbone: nn.Module, path: Path) -> None:
+    """Backbone weights alone, in the released key layout (``torch.load`` + ``load_state_dict`` strict)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(backbone).state_dict().items()}
+    atomic_save(state, path)
+
+
+def build_knn_monitor(cfg: DINOConfig, train_dataset: ImageFolderDataset) -> OnlineKNN | None:
+    mon = cfg.monitor
+    if not mon.knn_every:
+        return None
+    from dino.train.monitors import OnlineKNN
+
+    bank = mon.knn_train or (str(train_dataset.root) if train_dataset.labelled else None)
+    if bank is None:
+        raise ValueError(
+            "monitor.knn_train: the training folder has no class sub-folders; give a labelled folder for the k-NN bank"
+        )
+    assert mon.knn_val is not None
+    crop = cfg.data.global_crop_size
+    resize = mon.knn_resize or int(round(crop * 8 / 7))
+    return OnlineKNN(
+        bank, mon.knn_val, crop, resize, cfg.data.mean, cfg.data.std, mon.knn_k, mon.knn_temperature
+    )
