@@ -53,11 +53,18 @@ def _add_presets(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda args: print("\n".join(preset_names())) or 0)
 
 
+# Each command module exposes ``register(subparsers)``; add new commands to this tuple.
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_train,
+    _add_presets,
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dino", description="DINO: self-distillation with no labels")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_presets):
+    for add in _COMMANDS:
         add(sub)
     return parser
 
