@@ -1,0 +1,287 @@
+"""What every evaluation command shares: naming the model, the device, the image transform, the results.
+
+Every ``dino <evaluation>`` command takes the same model options (:func:`add_model_arguments`), loads the
+backbone the same way (:func:`model_from_args`, through :func:`dino.hub.load_backbone`) and reports the same
+way (:func:`write_results`: a table on stdout and a JSON file). Evaluation images go through one
+deterministic transform whose defaults follow the model (:func:`add_image_arguments`,
+:func:`eval_transform_from_args`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+from dino.hub import LoadedBackbone, load_backbone
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options that name the model, the device, batching and the results file."""
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--weights",
+        metavar="PATH_OR_NAME",
+        help="run directory, training checkpoint, backbone .pth (ours or the released DINO files), or "
+        "torchvision:NAME (with --random-init); optional with --random-init --arch",
+    )
+    g.add_argument(
+        "--which",
+        choices=("teacher", "student"),
+        default="teacher",
+        help="network of a training checkpoint to evaluate (default: teacher, as in the paper)",
+    )
+    g.add_argument(
+        "--random-init",
+        action="store_true",
+        help="evaluate the same architecture untrained: the baseline every number should be reported against",
+    )
+    g.add_argument(
+        "--arch", help="architecture (vit_tiny/small/base/large, resnet50, ...); default: from the weights"
+    )
+    g.add_argument("--patch-size", type=int, help="ViT patch size; default: from the weights")
+    g.add_argument(
+        "--depth",
+        type=int,
+        default=0,
+        help="ViT blocks for --random-init --arch without weights (0: standard)",
+    )
+    g = parser.add_argument_group("execution")
+    g.add_argument(
+        "--device", choices=DEVICE_CHOICES, default="auto", help="auto = cuda when available, else cpu"
+    )
+    g.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: 128)")
+    g.add_argument("--num-workers", type=int, default=4, help="data-loading processes (default: 4)")
+    g.add_argument("--output", metavar="JSON", help="write the results to this JSON file")
+
+
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--resize``/``--crop-size``/``--mean``/``--std`` for the deterministic evaluation view."""
+    g = parser.add_argument_group("images")
+    g.add_argument(
+        "--crop-size",
+        type=int,
+        help="centre-crop size; default: the model's training crop size when known (224 otherwise)",
+    )
+    g.add_argument(
+        "--resize", type=int, help="shorter side before cropping; default: crop size × 8/7 (256 for 224)"
+    )
+    g.add_argument(
+        "--mean", type=float, nargs=3, help="normalisation mean; default: the run's config, else ImageNet's"
+    )
+    g.add_argument(
+        "--std", type=float, nargs=3, help="normalisation std; default: the run's config, else ImageNet's"
+    )
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` → cuda when available, else cpu; refuses cuda on a machine without a GPU."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    return device
+
+
+def autocast_dtype_for(device: torch.device) -> torch.dtype | None:
+    """bfloat16 autocast on CUDA (fast, no overflow), full precision elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+@dataclass(frozen=True)
+class TrainingImageSettings:
+    """What the model saw during training, when its files say so (None where unknown)."""
+
+    crop_size: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+def model_from_args(args: argparse.Namespace) -> LoadedBackbone:
+    """The backbone named by the model options, in eval mode, on ``args.device``.
+
+    With ``--random-init --arch A`` and no ``--weights`` the architecture is built untrained directly.
+    """
+    device = resolve_device(getattr(args, "device", "auto"))
+    weights = getattr(args, "weights", None)
+    if weights is None:
+        if not (args.random_init and args.arch):
+            raise ValueError(
+                "no model given: pass --weights PATH_OR_NAME, or --random-init --arch ARCH for a baseline"
+            )
+        loaded = _untrained(args.arch, args.patch_size or 16, getattr(args, "depth", 0))
+    else:
+        if not str(weights).startswith("torchvision:") and not Path(weights).expanduser().exists():
+            raise FileNotFoundError(
+                f"--weights {weights} does not exist; give a run directory or a .pth file"
+            )
+        loaded = load_backbone(
+            weights,
+            which=args.which,
+            random_init=args.random_init,
+            arch=args.arch,
+            patch_size=args.patch_size,
+        )
+    loaded.model.to(device).eval()
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    return loaded
+
+
+def _untrained(arch: str, patch_size: int, depth: int) -> LoadedBackbone:
+    from dino.models.backbones import build_backbone
+
+    model, dim = build_backbone(arch, patch_size, 224, 0.0, depth)
+    is_vit = arch.startswith("vit_")
+    n_blocks = len(model.blocks) if is_vit else 0
+    return LoadedBackbone(model.eval(), arch, patch_size if is_vit else 0, dim, "random init", n_blocks)
+
+
+def model_info(loaded: LoadedBackbone) -> dict[str, Any]:
+    """Plain-data description of a loaded backbone, for results and feature files."""
+    return {
+        "arch": loaded.arch,
+        "patch_size": loaded.patch_size,
+        "embed_dim": loaded.embed_dim,
+        "depth": num_blocks(loaded.model),
+        "source": loaded.source,
+    }
+
+
+def num_blocks(model: torch.nn.Module) -> int:
+    """Transformer blocks of a ViT (0 for other backbones)."""
+    blocks = getattr(model, "blocks", None)
+    return len(blocks) if blocks is not None else 0
+
+
+def training_image_settings(weights: str | None) -> TrainingImageSettings:
+    """Crop size and normalisation from the training config stored with ``weights``, when there is one.
+
+    A run directory holds ``config.yaml``; our training checkpoints hold the config as a dict. Backbone-only
+    files carry none (their crop size is still known from the model, see :func:`default_crop_size`).
+    """
+    if not weights or str(weights).startswith("torchvision:"):
+        return TrainingImageSettings()
+    path = Path(weights).expanduser()
+    data: Mapping[str, Any] | None = None
+    if path.is_dir() and (path / "config.yaml").is_file():
+        import yaml
+
+        raw = yaml.safe_load((path / "config.yaml").read_text())
+        data = raw.get("data") if isinstance(raw, dict) else None
+    elif path.is_file():
+        data = _checkpoint_data_config(path)
+    if not isinstance(data, Mapping):
+        return TrainingImageSettings()
+    crop = data.get("global_crop_size")
+    mean, std = data.get("mean"), data.get("std")
+    return TrainingImageSettings(
+        int(crop) if crop else None,
+        tuple(float(v) for v in mean) if mean and len(mean) == 3 else None,  # type: ignore[arg-type]
+        tuple(float(v) for v in std) if std and len(std) == 3 else None,  # type: ignore[arg-type]
+    )
+
+
+def _checkpoint_data_config(path: Path) -> Mapping[str, Any] | None:
+    """The ``data`` section of one of our checkpoints, read lazily (memory-mapped), or None."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not ours, legacy format or refused: no stored settings, the loader reports problems
+        return None
+    config = obj.get("config") if isinstance(obj, dict) else None
+    return config.get("data") if isinstance(config, dict) else None
+
+
+def default_crop_size(loaded: LoadedBackbone) -> int:
+    """The image size a ViT's position embeddings were trained at; 224 for other backbones."""
+    patch_embed = getattr(loaded.model, "patch_embed", None)
+    return int(getattr(patch_embed, "img_size", 224))
+
+
+def eval_transform_from_args(args: argparse.Namespace, loaded: LoadedBackbone) -> EvalTransform:
+    """The evaluation view: ``--crop-size`` (default the training crop), ``--resize`` (default crop × 8/7)."""
+    stored = training_image_settings(getattr(args, "weights", None))
+    crop = args.crop_size or stored.crop_size or default_crop_size(loaded)
+    resize = args.resize or int(round(crop * 8 / 7))
+    if resize < crop:
+        raise ValueError(
+            f"--resize {resize} is smaller than --crop-size {crop}; use a resize of at least the crop"
+        )
+    mean = args.mean or stored.mean or IMAGENET_MEAN
+    std = args.std or stored.std or IMAGENET_STD
+    return EvalTransform(resize=resize, crop_size=crop, mean=mean, std=std)
+
+
+def transform_info(transform: EvalTransform) -> dict[str, Any]:
+    """Plain-data description of an evaluation transform."""
+    return {
+        "resize": transform.resize,
+        "crop_size": transform.crop_size,
+        "mean": list(transform.mean),
+        "std": list(transform.std),
+    }
+
+
+def write_results(results: Mapping[str, Any], path: str | Path | None, title: str) -> None:
+    """Print ``results`` as a two-column markdown table under ``title`` and write them as JSON to ``path``.
+
+    Nested dicts become dotted keys in the table; the JSON keeps the nesting. Non-finite floats are written
+    as null so that the file stays valid JSON.
+    """
+    rows = list(_flatten(results))
+    width = max([len("metric")] + [len(k) for k, _ in rows])
+    lines = [f"## {title}", "", f"| {'metric':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
+    lines += [f"| {k:<{width}} | {_format_value(v)} |" for k, v in rows]
+    print("\n".join(lines), file=sys.stdout, flush=True)
+    if path:
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n")
+        tmp.replace(path)
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = ""):
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from _flatten(value, f"{name}.")
+        else:
+            yield name, value
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.2f}" if 0.01 <= abs(value) < 1e5 else f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        return ", ".join(_format_value(v) for v in value)
+    return str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
