@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from dino.export import register as _add_export
 from dino.train.config import ConfigError, load_config, preset_names
 
 Command = Callable[[argparse.Namespace], int]
@@ -57,6 +58,7 @@ def _add_presets(sub: argparse._SubParsersAction) -> None:
 _COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_train,
     _add_presets,
+    _add_export,
 )
 
 

@@ -104,7 +104,7 @@ class RunConfig:
     checkpoint_every_iters: int = 0  # mid-epoch checkpoints; 0 = only at epoch ends
     checkpoint_every_minutes: float = 0.0  # mid-epoch checkpoints by wall time; 0 disables
     max_bad_steps: int = 5  # consecutive non-finite losses tolerated (skipped) before stopping
-    progress_bar: str = "auto"  # auto (on a terminal) | on | off
+    progress_bar: str = "auto"  # auto (on a terminal) | always | never
     compile: bool = False  # torch.compile the student and teacher
     deterministic: bool = False  # deterministic algorithms (bit-exact resume on CPU)
 
@@ -336,9 +336,9 @@ def validate(cfg: DINOConfig) -> None:
     for key in ("save_every_epochs", "checkpoint_every_iters", "checkpoint_every_minutes", "max_bad_steps"):
         _require(getattr(r, key) >= 0, f"run.{key}", f"must be >= 0, got {getattr(r, key)}")
     _require(
-        r.progress_bar in ("auto", "on", "off"),
+        r.progress_bar in ("auto", "always", "never"),
         "run.progress_bar",
-        f"must be auto, on or off, got {r.progress_bar!r}",
+        f"must be auto, always or never, got {r.progress_bar!r}",
     )
     _require(mon.knn_every >= 0, "monitor.knn_every", "must be >= 0")
     _require(mon.knn_k >= 1, "monitor.knn_k", f"must be >= 1, got {mon.knn_k}")

@@ -47,7 +47,7 @@ class RunLogger:
         self.enabled = enabled
         self.path = path
         self._file = open(path, "a", buffering=1) if enabled else None  # noqa: SIM115
-        self.use_bar = enabled and (progress == "on" or (progress == "auto" and sys.stderr.isatty()))
+        self.use_bar = enabled and (progress == "always" or (progress == "auto" and sys.stderr.isatty()))
         self._bar = None
         self._device = torch.device("cpu")
         self._window: dict[str, list[torch.Tensor]] = {}

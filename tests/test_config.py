@@ -1,0 +1,92 @@
+import pytest
+
+from dino.train.config import (
+    ConfigError,
+    DINOConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    preset_names,
+)
+
+
+def test_defaults_are_the_papers_vit_s16_recipe():
+    cfg = load_config()
+    assert (cfg.model.arch, cfg.model.patch_size, cfg.model.drop_path_rate) == ("vit_small", 16, 0.1)
+    assert (cfg.head.out_dim, cfg.head.hidden_dim, cfg.head.bottleneck_dim, cfg.head.nlayers) == (
+        65536,
+        2048,
+        256,
+        3,
+    )
+    assert cfg.head.norm_last_layer and cfg.head.freeze_last_layer == 1 and not cfg.head.use_bn
+    assert (cfg.loss.student_temp, cfg.loss.teacher_temp, cfg.loss.center_momentum) == (0.1, 0.04, 0.9)
+    assert (cfg.teacher.momentum, cfg.teacher.final_momentum) == (0.996, 1.0)
+    o = cfg.optim
+    assert (o.name, o.lr, o.min_lr, o.warmup_epochs, o.weight_decay, o.weight_decay_end, o.clip_grad) == (
+        "adamw", 0.0005, 1e-6, 10, 0.04, 0.4, 3.0)  # fmt: skip
+    d = cfg.data
+    assert d.global_crops_scale == [0.4, 1.0] and d.local_crops_scale == [0.05, 0.4]
+    assert (d.global_crop_size, d.local_crop_size, d.local_crops_number) == (224, 96, 8)
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_loads(name):
+    assert isinstance(load_config(name), DINOConfig)
+
+
+def test_boosted_preset():
+    cfg = load_config("vit_small_300ep_boosted")
+    assert cfg.loss.teacher_temp == 0.07 and cfg.loss.warmup_teacher_temp_epochs == 30
+    assert not cfg.head.norm_last_layer
+
+
+def test_overrides_and_round_trip(tmp_path):
+    cfg = load_config("cifar_small", ["run.epochs=3", "optim.lr=0.01", "data.local_crops_number=0"])
+    assert (cfg.run.epochs, cfg.optim.lr, cfg.data.local_crops_number) == (3, 0.01, 0)
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.arch=vit_huge", "model.arch"),
+        ("model.patch_size=0", "model.patch_size"),
+        ("head.out_dim=1", "head.out_dim"),
+        ("loss.teacher_temp=0", "loss.teacher_temp"),
+        ("loss.center_momentum=1.0", "loss.center_momentum"),
+        ("teacher.momentum=1.5", "teacher.momentum"),
+        ("teacher.mode=frozen", "teacher.mode"),
+        ("optim.name=adam", "optim.name"),
+        ("optim.lr=-1", "optim.lr"),
+        ("data.global_crops_scale=[0.5,0.4]", "data.global_crops_scale"),
+        ("data.local_crop_size=8", "data.local_crop_size"),  # smaller than patch 16
+        ("data.path=/definitely/not/here", "data.path"),
+        ("run.batch_size=0", "run.batch_size"),
+        ("run.precision=fp8", "run.precision"),
+        ("run.device=tpu", "run.device"),
+        ("monitor.knn_every=1", "monitor.knn_val"),
+        ("optim.warmup_epochs=200", "optim.warmup_epochs"),
+    ],
+)
+def test_invalid_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_key_and_wrong_type():
+    with pytest.raises(ConfigError, match="model.archh"):
+        load_config(None, ["model.archh=vit_small"])
+    with pytest.raises(ConfigError, match="run.epochs"):
+        load_config(None, ["run.epochs=many"])
+    with pytest.raises(ConfigError, match="key=value|section.key=value"):
+        load_config(None, ["run.epochs"])
+
+
+def test_old_version_and_missing_file(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("version: 0\nmodel: {arch: vit_small}\n")
+    with pytest.raises(ConfigError, match="version"):
+        load_config(old)
+    with pytest.raises(ConfigError, match="neither a YAML file nor a preset"):
+        load_config("no_such_preset")

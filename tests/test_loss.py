@@ -1,0 +1,91 @@
+import math
+
+import pytest
+import torch
+
+from dino.loss import DINOLoss, sinkhorn_knopp
+
+
+def hand_loss(student, teacher, center, n_views, n_global, tau_s, tau_t, include_same=False):
+    """Plain-Python reference: the paper's formula, pair by pair, sample by sample."""
+    batch = len(teacher) // n_global
+    total, pairs = 0.0, 0
+    for t_view in range(n_global):
+        for s_view in range(n_views):
+            if s_view == t_view and not include_same:
+                continue
+            for b in range(batch):
+                t = [(v - c) / tau_t for v, c in zip(teacher[t_view * batch + b], center, strict=True)]
+                s = [v / tau_s for v in student[s_view * batch + b]]
+                zt = sum(math.exp(v) for v in t)
+                zs = sum(math.exp(v) for v in s)
+                total += (
+                    -sum(math.exp(a) / zt * (b_ - math.log(zs)) for a, b_ in zip(t, s, strict=True)) / batch
+                )
+            pairs += 1
+    return total / pairs
+
+
+def test_loss_matches_hand_computation_and_skips_same_view_pairs():
+    torch.manual_seed(0)
+    n_views, n_global, batch, k = 4, 2, 3, 5
+    student = torch.randn(n_views * batch, k)
+    teacher = torch.randn(n_global * batch, k)
+    loss_fn = DINOLoss(k, student_temp=0.1, center_momentum=0.9)
+    loss_fn.center.copy_(torch.randn(1, k) * 0.1)
+    center = loss_fn.center[0].tolist()
+    loss, stats = loss_fn(student, teacher, teacher_temp=0.04)
+    expected = hand_loss(student.tolist(), teacher.tolist(), center, n_views, n_global, 0.1, 0.04)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # Including the same-view pairs would give a different number: the skip matters.
+    with_same = hand_loss(
+        student.tolist(), teacher.tolist(), center, n_views, n_global, 0.1, 0.04, include_same=True
+    )
+    assert abs(with_same - loss.item()) > 1e-3
+
+
+def test_center_update_is_ema_of_batch_mean():
+    teacher = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    loss_fn = DINOLoss(3, center_momentum=0.9)
+    loss_fn.center.copy_(torch.tensor([[1.0, 0.0, -1.0]]))
+    loss_fn(torch.zeros(4, 3), teacher, teacher_temp=0.04, n_global=2)
+    # mean of teacher rows = [2, 2, 2]; 0.9 * [1, 0, -1] + 0.1 * [2, 2, 2]
+    torch.testing.assert_close(loss_fn.center, torch.tensor([[1.1, 0.2, -0.7]]))
+
+
+def test_center_not_updated_when_asked():
+    loss_fn = DINOLoss(3)
+    loss_fn(torch.randn(4, 3), torch.randn(2, 3), 0.04, n_global=2, update_center=False)
+    assert torch.count_nonzero(loss_fn.center) == 0
+
+
+def test_diagnostics_entropy_and_kl():
+    k = 4
+    loss_fn = DINOLoss(k, teacher_norm="none")
+    teacher = torch.zeros(2, k)  # uniform teacher: entropy = ln K
+    student = torch.zeros(4, k)  # uniform student: KL = 0
+    loss, stats = loss_fn(student, teacher, 0.04, n_global=2)
+    assert stats["teacher_entropy"].item() == pytest.approx(math.log(k))
+    assert stats["kl"].item() == pytest.approx(0.0, abs=1e-6)
+    assert loss.item() == pytest.approx(math.log(k))  # the collapse value
+    assert loss_fn.uniform_entropy == pytest.approx(math.log(k))
+
+
+def test_gradient_flows_to_student_only():
+    student = torch.randn(6, 5, requires_grad=True)
+    teacher = torch.randn(4, 5, requires_grad=True)
+    loss, _ = DINOLoss(5)(student, teacher, 0.04, n_global=2)
+    loss.backward()
+    assert student.grad is not None and teacher.grad is None
+
+
+def test_sinkhorn_gives_equipartition():
+    torch.manual_seed(0)
+    q = sinkhorn_knopp(torch.randn(64, 8) * 3, n_iters=50)
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(q.sum(dim=0), torch.full((8,), 64 / 8), atol=1e-3, rtol=0)
+
+
+def test_unknown_variant_refused():
+    with pytest.raises(ValueError, match="teacher_norm"):
+        DINOLoss(4, teacher_norm="whiten")  # type: ignore[arg-type]

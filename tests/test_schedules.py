@@ -1,0 +1,27 @@
+import numpy as np
+import pytest
+
+from dino.train.schedules import cosine_schedule, teacher_temperature_schedule
+
+
+def test_cosine_end_points_and_warmup():
+    s = cosine_schedule(1.0, 0.1, epochs=10, iters_per_epoch=5, warmup_epochs=2, warmup_start_value=0.0)
+    assert len(s) == 50
+    assert s[0] == 0.0 and s[9] == pytest.approx(0.9)  # linear warmup over 10 iterations
+    assert s[10] == pytest.approx(1.0) and s[-1] == pytest.approx(0.1)
+    assert np.all(np.diff(s[10:]) <= 1e-12)  # monotone decay after warmup
+    mid = 10 + (40 - 1) / 2
+    assert np.interp(mid, np.arange(50), s) == pytest.approx(0.55)  # half-way = mean of ends
+
+
+def test_momentum_schedule_rises_to_one():
+    s = cosine_schedule(0.996, 1.0, epochs=3, iters_per_epoch=7)
+    assert s[0] == pytest.approx(0.996) and s[-1] == pytest.approx(1.0)
+    assert np.all(np.diff(s) >= -1e-12)
+
+
+def test_teacher_temperature():
+    t = teacher_temperature_schedule(0.04, 0.07, warmup_epochs=30, epochs=100)
+    assert len(t) == 100 and t[0] == pytest.approx(0.04) and t[29] == pytest.approx(0.07)
+    assert np.all(t[30:] == 0.07)
+    assert teacher_temperature_schedule(0.04, 0.04, 0, 5).tolist() == [0.04] * 5

@@ -1,0 +1,115 @@
+"""End-to-end runs of the training loop on a tiny ViT and 48 real CIFAR-10 images (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from dino.cli import main
+from dino.hub import load_backbone
+from dino.train.config import load_config
+from dino.train.loop import train
+
+from .conftest import TINY_OVERRIDES
+
+
+def records(run_dir, kind):
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+@pytest.mark.slow
+def test_training_learns_and_writes_a_run(small_folder, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(
+        None,
+        TINY_OVERRIDES
+        + [
+            f"data.path={small_folder}",
+            f"run.output_dir={out}",
+            "run.epochs=5",
+            "optim.warmup_epochs=2",
+            "teacher.momentum=0.9",
+            "head.freeze_last_layer=0",
+        ],
+    )
+    train(cfg)
+    iters = records(out, "iter")
+    assert len(iters) == 5 * 3  # 48 images / batch 16
+    losses = [r["loss"] for r in iters]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3  # the loss decreases
+    ln_k = math.log(128)
+    for r in iters:
+        assert 0.05 * ln_k < r["teacher_entropy"] < 0.99 * ln_k  # away from both collapses
+        assert r["kl"] > 0
+        for key in ("lr", "weight_decay", "momentum", "teacher_temp", "images_per_s", "peak_memory_gib"):
+            assert key in r
+    epochs = records(out, "epoch")
+    assert [e["epoch"] for e in epochs] == list(range(5)) and all(e["bad_files"] == 0 for e in epochs)
+    assert (out / "config.yaml").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1].startswith("last-")
+    backbone = load_backbone(out)  # teacher backbone, architecture read from the run
+    state = torch.load(out / "teacher_backbone.pth", weights_only=True)
+    assert set(state) == set(backbone.model.state_dict())
+
+
+@pytest.mark.slow
+def test_mid_epoch_resume_is_bit_exact(small_folder, tmp_path):
+    common = TINY_OVERRIDES + [f"data.path={small_folder}", "run.deterministic=true", "run.epochs=3"]
+    full = tmp_path / "full"
+    train(
+        load_config(
+            None, common + [f"run.output_dir={full}", "run.checkpoint_every_iters=4", "run.keep_last=10"]
+        )
+    )
+    mid = full / "checkpoints" / "last-000000004.pth"  # iteration 4 = second step of epoch 1
+    state = torch.load(mid, weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["iteration"]) == (1, 1, 4)
+    resumed = tmp_path / "resumed"
+    train(load_config(None, common + [f"run.output_dir={resumed}"]), resume=mid)
+    a = torch.load(full / "teacher_backbone.pth", weights_only=True)
+    b = torch.load(resumed / "teacher_backbone.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    last_full = torch.load(full / "checkpoints" / "last-000000009.pth", weights_only=True)
+    last_resumed = torch.load(resumed / "checkpoints" / "last-000000009.pth", weights_only=True)
+    assert all(torch.equal(v, last_resumed["student"][k]) for k, v in last_full["student"].items())
+    assert torch.equal(last_full["dino_loss"]["center"], last_resumed["dino_loss"]["center"])
+
+
+@pytest.mark.slow
+def test_cli_train_and_automatic_resume(small_folder, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["train", "--data", str(small_folder), "--output", str(out), *TINY_OVERRIDES]
+    assert main(args + ["run.epochs=1"]) == 0
+    first = records(out, "epoch")
+    assert main(args + ["run.epochs=2"]) == 0  # same directory: continues at epoch 1
+    epochs = [e["epoch"] for e in records(out, "epoch")]
+    assert epochs == [0, 1] and len(first) == 1
+
+
+def test_cli_refuses_bad_input_before_work(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "missing")]) == 2
+    assert "data.path" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--data", str(empty), "--output", str(tmp_path / "o"), *TINY_OVERRIDES]) == 2
+    assert "no image files" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_batch_larger_than_dataset(small_folder, tmp_path, capsys):
+    code = main(
+        [
+            "train",
+            "--data",
+            str(small_folder),
+            "--output",
+            str(tmp_path / "o"),
+            *TINY_OVERRIDES,
+            "run.batch_size=64",
+        ]
+    )
+    assert code == 2 and "run.batch_size" in capsys.readouterr().err

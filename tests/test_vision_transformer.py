@@ -1,0 +1,109 @@
+import math
+
+import pytest
+import torch
+
+from dino.models.vision_transformer import VIT_SIZES, VisionTransformer, resample_pos_embed, vit
+
+RELEASED_BLOCK_KEYS = [
+    "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+    "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+]  # fmt: skip
+
+
+def tiny(**kw) -> VisionTransformer:
+    args = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+    args.update(kw)
+    return VisionTransformer(**args).eval()
+
+
+def test_parameter_names_match_released_layout():
+    model = vit("small", 16, depth=2)
+    expected = {
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        "norm.weight",
+        "norm.bias",
+    }
+    expected |= {f"blocks.{i}.{k}" for i in range(2) for k in RELEASED_BLOCK_KEYS}
+    assert set(model.state_dict()) == expected
+    assert model.pos_embed.shape == (1, 14 * 14 + 1, 384)
+    assert model.blocks[0].attn.qkv.bias is not None
+    assert model.norm.eps == 1e-6 and model.blocks[0].norm1.eps == 1e-6
+
+
+@pytest.mark.parametrize("size", sorted(VIT_SIZES))
+def test_sizes(size):
+    dim, depth, heads = VIT_SIZES[size]
+    model = vit(size, patch_size=16, depth=1)
+    assert model.embed_dim == dim and model.blocks[0].attn.num_heads == heads
+    assert len(vit(size, patch_size=16).blocks) == depth if size == "tiny" else True
+
+
+def test_fused_attention_equals_explicit_softmax():
+    torch.manual_seed(0)
+    model = tiny()
+    x = torch.randn(3, 3, 32, 32)
+    fused = model(x)
+    model.set_fused_attention(False)
+    explicit = model(x)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_weights_by_hand():
+    torch.manual_seed(0)
+    model = tiny(depth=1)
+    x = torch.randn(2, 3, 32, 32)
+    attn = model.get_last_selfattention(x)
+    tokens = model.blocks[0].norm1(model.prepare_tokens(x))
+    qkv = model.blocks[0].attn.qkv(tokens).reshape(2, 17, 3, 3, 16)
+    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+    logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(16)
+    expected = logits.exp() / logits.exp().sum(-1, keepdim=True)
+    assert attn.shape == (2, 3, 17, 17)
+    torch.testing.assert_close(attn, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 3, 17))
+
+
+def test_pos_embed_identity_at_native_size_and_shapes_elsewhere():
+    model = tiny()
+    assert model.interpolate_pos_encoding(32, 32) is model.pos_embed
+    assert model.interpolate_pos_encoding(48, 64).shape == (1, 1 + 6 * 8, 48)
+    out = model.forward_features(torch.randn(1, 3, 48, 64))
+    assert out.shape == (1, 1 + 6 * 8, 48)
+
+
+def test_resampling_a_constant_field_keeps_it_constant():
+    pos = torch.cat([torch.zeros(1, 1, 4), torch.full((1, 16, 4), 0.5)], dim=1)
+    out = resample_pos_embed(pos, (7, 3))
+    assert out.shape == (1, 22, 4)
+    torch.testing.assert_close(out[:, 1:], torch.full((1, 21, 4), 0.5))
+    assert torch.equal(out[:, 0], pos[:, 0])
+
+
+def test_intermediate_layers_last_equals_forward():
+    model = tiny(depth=3)
+    x = torch.randn(2, 3, 32, 32)
+    layers = model.get_intermediate_layers(x, 2)
+    assert len(layers) == 2
+    torch.testing.assert_close(layers[-1][:, 0], model(x))
+    with pytest.raises(ValueError):
+        model.get_intermediate_layers(x, 4)
+
+
+def test_stochastic_depth_only_in_training():
+    torch.manual_seed(0)
+    model = tiny(drop_path_rate=0.5, depth=4)
+    rates = [b.drop_path.drop_prob for b in model.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.5) and rates == sorted(rates)
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(model(x), model(x))  # eval: deterministic
+    model.train()
+    assert not torch.allclose(model(x), model(x))
+
+
+def test_input_smaller_than_patch_is_refused():
+    with pytest.raises(ValueError, match="smaller than the patch"):
+        tiny()(torch.randn(1, 3, 4, 4))
