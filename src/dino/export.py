@@ -1,0 +1,280 @@
+"""``dino export``: a backbone (teacher by default) out to the formats people already use.
+
+- ``dino``: a plain state dict in the released DINO key layout, so the original ``vision_transformer.py``
+  (or torchvision's ResNet without ``fc``) and everything built for it load it with ``strict=True``;
+- ``safetensors``: the same tensors in a file that cannot carry code, with the architecture in its metadata;
+- ``timm``: a state dict that loads strictly into the matching ``timm`` model created with
+  ``num_classes=0`` (class-token pooling, LayerNorm eps 1e-6: the DINO ViT is timm's plain ViT).
+
+Every export is read back and compared tensor by tensor before it is reported as written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from dino.hub import (
+    SAFETENSORS_FORMAT,
+    SAFETENSORS_FORMAT_VERSION,
+    BackboneWeights,
+    WeightsError,
+    Which,
+    add_weights_arguments,
+    describe_architecture,
+    read_backbone_weights,
+    resize_pos_embed,
+    resolve_weights,
+)
+
+ExportFormat = Literal["dino", "safetensors", "timm"]
+EXPORT_FORMATS: tuple[str, ...] = ("dino", "safetensors", "timm")
+_SUFFIXES = {"dino": ".pth", "safetensors": ".safetensors", "timm": "_timm.pth"}
+# timm model names for the DINO ViTs; other patch sizes use the /16 name with a patch_size override.
+_TIMM_VITS = frozenset(
+    {
+        ("vit_tiny", 16),
+        ("vit_small", 16),
+        ("vit_small", 8),
+        ("vit_base", 16),
+        ("vit_base", 8),
+        ("vit_large", 16),
+    }
+)
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What was written, and how to load it."""
+
+    path: Path
+    format: str
+    weights: BackboneWeights
+    load_hint: str
+
+
+def safetensors_metadata(weights: BackboneWeights) -> dict[str, str]:
+    """The architecture of ``weights`` as safetensors metadata (string values), read back by ``dino.hub``."""
+    return {
+        "format": SAFETENSORS_FORMAT,
+        "format_version": str(SAFETENSORS_FORMAT_VERSION),
+        "arch": weights.arch,
+        "patch_size": str(weights.patch_size),
+        "img_size": str(weights.img_size),
+        "depth": str(weights.depth),
+        "embed_dim": str(_embed_dim(weights)),
+        "layout": "dino",  # key names as in the released DINO files
+        "which": weights.which or "",
+    }
+
+
+def _embed_dim(weights: BackboneWeights) -> int:
+    if "cls_token" in weights.state:
+        return int(weights.state["cls_token"].shape[-1])
+    if "layer4.0.conv1.weight" in weights.state:  # torchvision ResNet: width of layer4's output
+        last = max(k for k in weights.state if k.startswith("layer4.") and k.endswith(".weight"))
+        return int(weights.state[last].shape[0])
+    return 0
+
+
+def timm_model_args(weights: BackboneWeights) -> tuple[str, dict[str, Any]]:
+    """The ``timm.create_model`` name and keyword arguments whose state dict matches ``weights``."""
+    from dino.models.vision_transformer import VIT_SIZES
+
+    arch = weights.arch
+    if arch.startswith("timm:"):
+        return arch.removeprefix("timm:"), {"num_classes": 0}
+    if not arch.startswith("vit_"):
+        return arch, {"num_classes": 0}
+    name_patch = weights.patch_size if (arch, weights.patch_size) in _TIMM_VITS else 16
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    if name_patch != weights.patch_size:
+        kwargs["patch_size"] = weights.patch_size
+    if weights.img_size != 224:
+        kwargs["img_size"] = weights.img_size
+    if weights.depth and weights.depth != VIT_SIZES[arch.removeprefix("vit_")][1]:
+        kwargs["depth"] = weights.depth
+    return f"{arch}_patch{name_patch}_224", kwargs
+
+
+def to_timm_state_dict(weights: BackboneWeights) -> dict[str, torch.Tensor]:
+    """``weights`` renamed for timm. The DINO ViT and ResNet key layouts are timm's own (``norm`` is the
+    final norm of token pooling, there is no ``fc_norm``; the classifier ``head``/``fc`` is absent because
+    the model is created with ``num_classes=0``), so this checks the layout rather than renaming."""
+    state = weights.state
+    if weights.arch.startswith("vit_"):
+        stray = sorted(
+            k
+            for k in state
+            if k not in ("cls_token", "pos_embed")
+            and not k.startswith(("patch_embed.proj.", "blocks.", "norm."))
+        )
+        if stray:
+            raise WeightsError(f"keys {stray[:6]} have no counterpart in timm's VisionTransformer")
+    return dict(state)
+
+
+def default_output(source: Path, fmt: ExportFormat, which: Which) -> Path:
+    """``<run>/export/<which>_backbone<suffix>`` for a run, ``<file stem>_<which><suffix>`` beside a file."""
+    suffix = _SUFFIXES[fmt]
+    if source.is_dir():
+        return source / "export" / f"{which}_backbone{suffix}"
+    return source.with_name(f"{source.stem}_{which}{suffix}")
+
+
+def export_backbone(
+    source: str | Path,
+    fmt: ExportFormat = "dino",
+    output: str | Path | None = None,
+    *,
+    which: Which = "teacher",
+    img_size: int | None = None,
+    weights_dir: str | Path | None = None,
+    download: bool = False,
+    overwrite: bool = False,
+) -> Exported:
+    """Write the ``which`` backbone of ``source`` (anything :func:`dino.hub.load` accepts) as ``fmt``.
+
+    ``img_size`` resamples ViT position embeddings first (e.g. 224 for tools that build the model at
+    224 px). The file is written atomically and verified by reading it back.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise WeightsError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    resolved = resolve_weights(source, weights_dir, download)
+    target = Path(output).expanduser() if output is not None else default_output(resolved, fmt, which)
+    if target.exists() and target.resolve() == resolved.resolve():
+        raise WeightsError(f"the output {target} is the source itself; choose another --output")
+    if target.exists() and not overwrite:
+        raise WeightsError(f"{target} exists; pass --force to replace it or choose another --output")
+    weights = read_backbone_weights(source, which, weights_dir=weights_dir)
+    if img_size is not None and weights.arch.startswith("vit_"):
+        weights = replace(weights, state=resize_pos_embed(weights.state, img_size), img_size=img_size)
+    weights = replace(weights, state={k: v.detach().cpu().contiguous() for k, v in weights.state.items()})
+    state = to_timm_state_dict(weights) if fmt == "timm" else weights.state
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        write_safetensors(state, target, safetensors_metadata(weights))
+    else:
+        from dino.train.checkpoint import atomic_save
+
+        atomic_save(state, target)
+    _verify(target, state, weights)
+    if fmt == "timm":
+        _verify_timm(state, weights)
+    return Exported(target, fmt, weights, _load_hint(target, fmt, weights))
+
+
+def write_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Save ``state`` with ``metadata`` as safetensors, atomically (a temporary file renamed into place)."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise WeightsError(
+            "the safetensors format needs safetensors: pip install 'dino[safetensors]'"
+        ) from err
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _verify(path: Path, state: dict[str, torch.Tensor], weights: BackboneWeights) -> None:
+    back = read_backbone_weights(path, arch=weights.arch, patch_size=weights.patch_size or None)
+    same = set(back.state) == set(state) and all(torch.equal(back.state[k], v) for k, v in state.items())
+    if not same:
+        raise WeightsError(f"{path} does not read back identically; the disk may be full or failing")
+
+
+def _verify_timm(state: dict[str, torch.Tensor], weights: BackboneWeights) -> None:
+    """Load into the matching timm model (built untrained, never downloaded) when timm is installed."""
+    try:
+        import timm
+    except ImportError:
+        return
+    name, kwargs = timm_model_args(weights)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise WeightsError(f"the export does not load into timm's {name}({kwargs}): {err}") from err
+
+
+def _load_hint(path: Path, fmt: str, weights: BackboneWeights) -> str:
+    if fmt == "timm":
+        name, kwargs = timm_model_args(weights)
+        args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+        return f"timm.create_model({name!r}, pretrained=False{args}).load_state_dict(torch.load({str(path)!r}), strict=True)"
+    if fmt == "safetensors":
+        return f"dino.hub.load({str(path)!r})  # or safetensors.torch.load_file(...); metadata: arch, patch_size, img_size, depth"
+    if not weights.arch.startswith("vit_"):
+        return (
+            f"m = torchvision.models.{weights.arch}(); m.fc = torch.nn.Identity(); "
+            f"m.load_state_dict(torch.load({str(path)!r}), strict=True)"
+        )
+    from dino.models.vision_transformer import VIT_SIZES
+
+    dim, depth, heads = VIT_SIZES[weights.arch.removeprefix("vit_")]
+    img = f", img_size=[{weights.img_size}]" if weights.img_size != 224 else ""
+    if weights.depth and weights.depth != depth:
+        build = (
+            f"vision_transformer.VisionTransformer(patch_size={weights.patch_size}, embed_dim={dim}, "
+            f"depth={weights.depth}, num_heads={heads}, mlp_ratio=4, qkv_bias=True, "
+            f"norm_layer=partial(nn.LayerNorm, eps=1e-6){img})"
+        )
+    else:
+        build = f"vision_transformer.{weights.arch}(patch_size={weights.patch_size}{img})"
+    hint = f"original DINO code: {build}.load_state_dict(torch.load({str(path)!r}), strict=True)"
+    if weights.img_size != 224:
+        hint += (
+            f"\nnote: position embeddings are stored for {weights.img_size} px inputs; tools that build the "
+            "model at 224 px need a re-export with --img-size 224"
+        )
+    return hint
+
+
+# --- Command line -------------------------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``dino export`` to the command-line interface."""
+    p = subparsers.add_parser(
+        "export",
+        help="write a backbone in the released DINO layout, as safetensors, or for timm",
+        description="Export the teacher (or student) backbone of a run, one of our checkpoints, a released "
+        "DINO file or name (dino_vits16, …), or a timm ViT state dict.",
+    )
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="run directory, weights file or released name")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="dino", help="output format (default: dino)")
+    p.add_argument("--which", choices=("teacher", "student"), default="teacher", help="default: teacher")
+    p.add_argument("--output", "-o", help="output file (default: beside the source, or <run>/export/)")
+    p.add_argument("--img-size", type=int, help="resample ViT position embeddings to this input size")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    add_weights_arguments(p)
+    p.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    exported = export_backbone(
+        args.source,
+        args.format,
+        args.output,
+        which=args.which,
+        img_size=args.img_size,
+        weights_dir=args.weights_dir,
+        download=args.download,
+        overwrite=args.force,
+    )
+    w = exported.weights
+    print(
+        f"wrote {exported.path} ({args.format}: {describe_architecture(w.arch, w.patch_size, w.img_size, w.depth)}, from {w.source})"
+    )
+    print(f"load with: {exported.load_hint}")
+    return 0
