@@ -1,0 +1,399 @@
+"""Self-attention maps of the last block: heat maps, mass-thresholded masks, animations, and their Jaccard.
+
+For each head, the attention of the [CLS] query to every patch of the last block is a distribution over
+patches. :func:`mass_masks` keeps, per head, the smallest set of highest-attention patches holding at least
+``threshold`` of that mass (the paper uses 60%). The paper's quantitative check compares such masks with
+ground-truth foreground (label not 0 and not 255) by the Jaccard index, ignoring void (255) pixels, and
+reports the best head per image, averaged over images (:func:`attention_jaccard`).
+
+Images are resized so their shorter side is ``image_size`` (480 by default, as in the paper's figures) and
+both sides are rounded to multiples of the patch size, so any aspect ratio works (position embeddings are
+interpolated). Patch-level maps are upsampled with nearest-neighbour interpolation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from dino.data.datasets import IMAGE_EXTENSIONS, load_rgb
+from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dino.models.vision_transformer import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+VOID_LABEL = 255
+VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"})
+
+
+def attention_size(height: int, width: int, image_size: int | None, patch_size: int) -> tuple[int, int]:
+    """(height, width) for the model: shorter side ``image_size`` (None: unchanged), multiples of the patch."""
+    scale = 1.0 if image_size is None else image_size / min(height, width)
+    return tuple(
+        max(patch_size, int(round(side * scale / patch_size)) * patch_size) for side in (height, width)
+    )  # type: ignore[return-value]
+
+
+def to_model_input(
+    image: Image.Image, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Tensor:
+    """A normalised [3, H, W] float tensor of an RGB picture already at model resolution."""
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255.0
+    return (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def resize_for_model(image: Image.Image, image_size: int | None, patch_size: int) -> Image.Image:
+    """Bicubic resize to :func:`attention_size`."""
+    height, width = attention_size(image.height, image.width, image_size, patch_size)
+    return image.convert("RGB").resize((width, height), Image.BICUBIC)
+
+
+@torch.no_grad()
+def cls_attention(model: VisionTransformer, images: Tensor) -> Tensor:
+    """Last-block attention of [CLS] to the patches, per head: [B, heads, h, w] (each head sums to 1 over
+    all tokens, so slightly less over the patches alone)."""
+    _, _, height, width = images.shape
+    grid = (height // model.patch_size, width // model.patch_size)
+    attn = model.get_last_selfattention(images)  # [B, heads, 1 + N, 1 + N]
+    return attn[:, :, 0, 1:].float().reshape(images.shape[0], attn.shape[1], *grid)
+
+
+def mass_masks(attention: Tensor, threshold: float = 0.6) -> Tensor:
+    """Per head, the smallest set of top patches holding ≥ ``threshold`` of the head's patch attention.
+
+    ``attention`` is [heads, h, w]; the result is a boolean tensor of the same shape. A patch is kept when
+    the (normalised) mass of the patches ranked strictly above it is below ``threshold``.
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    heads = attention.shape[0]
+    flat = attention.reshape(heads, -1)
+    flat = flat / flat.sum(dim=1, keepdim=True)
+    values, order = flat.sort(dim=1, descending=True)
+    mass_before = values.cumsum(dim=1) - values
+    keep_sorted = mass_before < threshold
+    keep = torch.zeros_like(keep_sorted)
+    keep.scatter_(1, order, keep_sorted)
+    return keep.reshape(attention.shape)
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest-neighbour resize of [heads, h, w] maps (float or bool) to ``size`` (height, width)."""
+    out = F.interpolate(maps[None].float(), size=size, mode="nearest")[0]
+    return out.bool() if maps.dtype == torch.bool else out
+
+
+def jaccard(prediction: np.ndarray, labels: np.ndarray, void_label: int = VOID_LABEL) -> float:
+    """Jaccard index of a predicted foreground mask with the foreground of a class-label mask.
+
+    Foreground is any label other than 0 and ``void_label``; void pixels count in neither the intersection
+    nor the union. Two empty foregrounds give 1.
+    """
+    if prediction.shape != labels.shape:
+        raise ValueError(f"mask is {prediction.shape} but the ground truth is {labels.shape}")
+    valid = labels != void_label
+    gt = (labels != 0) & valid
+    pred = prediction.astype(bool) & valid
+    union = int(np.count_nonzero(gt | pred))
+    return 1.0 if union == 0 else int(np.count_nonzero(gt & pred)) / union
+
+
+# --- Pictures --------------------------------------------------------------------------------------------
+
+# Anchor colours of a dark-to-bright heat colour map (black, purple, red, orange, pale yellow).
+_HEAT_ANCHORS = np.array(
+    [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64
+)
+
+
+def heat_colors(values: np.ndarray) -> np.ndarray:
+    """RGB uint8 image of a 2-D map, min-max scaled to [0, 1] and coloured dark (low) to bright (high)."""
+    v = values.astype(np.float64)
+    span = v.max() - v.min()
+    v = (v - v.min()) / span if span > 0 else np.zeros_like(v)
+    pos = v * (len(_HEAT_ANCHORS) - 1)
+    lo = np.clip(np.floor(pos).astype(int), 0, len(_HEAT_ANCHORS) - 2)
+    frac = (pos - lo)[..., None]
+    rgb = _HEAT_ANCHORS[lo] * (1 - frac) + _HEAT_ANCHORS[lo + 1] * frac
+    return np.round(rgb).astype(np.uint8)
+
+
+def blend(image: np.ndarray, colors: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """``(1 - alpha) · image + alpha · colors`` for uint8 RGB arrays."""
+    return np.round(image * (1 - alpha) + colors * alpha).astype(np.uint8)
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = (255, 64, 64)) -> np.ndarray:
+    """The image with the mask tinted and everything else darkened."""
+    out = image.astype(np.float64) * 0.35
+    tinted = image * 0.55 + np.asarray(color, dtype=np.float64) * 0.45
+    out[mask] = tinted[mask]
+    return np.round(out).astype(np.uint8)
+
+
+def save_attention_pictures(
+    image: Image.Image, attention: Tensor, masks: Tensor, out_dir: Path
+) -> list[Path]:
+    """Write the resized image and, per head and for the head mean, a heat map, an overlay and the mask.
+
+    ``image`` is the picture at model resolution; ``attention`` and ``masks`` are [heads, h, w].
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size = (image.height, image.width)
+    pixels = np.array(image.convert("RGB"))
+    heat = upsample(attention, size).cpu().numpy()
+    big_masks = upsample(masks, size).cpu().numpy()
+    written = [out_dir / "image.png"]
+    Image.fromarray(pixels).save(written[0])
+    maps = [(f"head{h}", heat[h], big_masks[h]) for h in range(heat.shape[0])]
+    maps.append(("mean", heat.mean(axis=0), None))
+    for name, values, mask in maps:
+        colors = heat_colors(values)
+        pictures = {f"attn-{name}.png": colors, f"overlay-{name}.png": blend(pixels, colors)}
+        if mask is not None:
+            pictures[f"mask-{name}.png"] = (mask * 255).astype(np.uint8)
+            pictures[f"mask-overlay-{name}.png"] = mask_overlay(pixels, mask)
+        for filename, array in pictures.items():
+            Image.fromarray(array).save(out_dir / filename)
+            written.append(out_dir / filename)
+    return written
+
+
+# --- Folders, batches and videos -------------------------------------------------------------------------
+
+
+def list_images(path: Path) -> list[Path]:
+    """``path`` itself if it is an image, else the images directly inside the folder, sorted by name."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is neither an image nor a folder")
+    images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise FileNotFoundError(f"no image ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {path}")
+    return images
+
+
+@dataclass
+class AttentionResult:
+    """One image's attention: the image at model resolution, [heads, h, w] maps and masks, original size."""
+
+    index: int
+    image: Image.Image
+    attention: Tensor
+    masks: Tensor
+    original_size: tuple[int, int]  # height, width
+
+
+def attention_over_images(
+    model: VisionTransformer,
+    images: Iterable[Image.Image],
+    device: torch.device,
+    image_size: int | None = 480,
+    threshold: float = 0.6,
+    batch_size: int = 8,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Iterator[AttentionResult]:
+    """Attention maps and masks of every image, computed in batches of equally sized images (input order)."""
+    pending: dict[tuple[int, int], list[tuple[int, Image.Image, Tensor, tuple[int, int]]]] = {}
+    ready: dict[int, AttentionResult] = {}
+    next_index = 0
+
+    def flush(size: tuple[int, int]) -> None:
+        group = pending.pop(size)
+        attn = cls_attention(model, torch.stack([t for _, _, t, _ in group]).to(device)).cpu()
+        for (index, resized, _, original), maps in zip(group, attn, strict=True):
+            ready[index] = AttentionResult(index, resized, maps, mass_masks(maps, threshold), original)
+
+    for index, image in enumerate(images):
+        resized = resize_for_model(image, image_size, model.patch_size)
+        size = (resized.height, resized.width)
+        tensor = to_model_input(resized, mean, std)
+        pending.setdefault(size, []).append((index, resized, tensor, (image.height, image.width)))
+        if len(pending[size]) >= batch_size:
+            flush(size)
+        while next_index in ready:  # yield in input order as soon as possible
+            yield ready.pop(next_index)
+            next_index += 1
+    for size in list(pending):
+        flush(size)
+    while next_index in ready:
+        yield ready.pop(next_index)
+        next_index += 1
+
+
+def read_video_frames(path: Path, max_frames: int | None = None) -> tuple[list[Image.Image], float | None]:
+    """Frames of a frame folder, an animated GIF, or (with PyAV installed) a video file; and its fps if known."""
+    if path.is_dir():
+        return [load_rgb(p) for p in list_images(path)[:max_frames]], None
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_EXTENSIONS:
+        try:
+            import av
+        except ImportError as err:
+            raise ValueError(
+                f"reading {path.name} needs PyAV (pip install av); or extract its frames to a folder and pass that"
+            ) from err
+        frames: list[Image.Image] = []
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate) if stream.average_rate else None
+            for frame in container.decode(stream):
+                frames.append(frame.to_image().convert("RGB"))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+        return frames, fps
+    with Image.open(path) as img:
+        n = getattr(img, "n_frames", 1)
+        duration = img.info.get("duration")
+        frames = []
+        for i in range(min(n, max_frames or n)):
+            img.seek(i)
+            frames.append(img.convert("RGB"))
+    return frames, (1000.0 / duration if duration else None)
+
+
+def write_animation(frames: Sequence[np.ndarray], path: Path, fps: float) -> None:
+    """Animated GIF (PIL) or, for ``.mp4`` and other video suffixes, a video through PyAV."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in VIDEO_EXTENSIONS:
+        import av
+
+        with av.open(str(path), mode="w") as container:
+            stream = container.add_stream("libx264", rate=max(1, round(fps)))
+            stream.height, stream.width = (frames[0].shape[0] // 2) * 2, (frames[0].shape[1] // 2) * 2
+            stream.pix_fmt = "yuv420p"
+            for array in frames:
+                frame = av.VideoFrame.from_ndarray(array[: stream.height, : stream.width], format="rgb24")
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+        return
+    pictures = [Image.fromarray(a) for a in frames]
+    pictures[0].save(
+        path,
+        save_all=True,
+        append_images=pictures[1:],
+        duration=max(1, round(1000 / fps)),
+        loop=0,
+        optimize=False,
+    )
+
+
+def check_animation_output(path: Path) -> None:
+    """Fail early when ``path`` asks for a video format that cannot be written here."""
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_EXTENSIONS:
+        try:
+            import av  # noqa: F401
+        except ImportError as err:
+            raise ValueError(
+                f"writing {suffix} needs PyAV (pip install av); use a .gif output instead"
+            ) from err
+    elif suffix != ".gif":
+        raise ValueError(f"animation output {path.name} must end in .gif (or .mp4 with PyAV installed)")
+
+
+def attention_video(
+    model: VisionTransformer,
+    frames: Sequence[Image.Image],
+    output: Path,
+    device: torch.device,
+    fps: float = 10.0,
+    image_size: int | None = 480,
+    head: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> int:
+    """Animate the attention overlay (mean over heads, or one ``head``) of every frame; returns frames written."""
+    from tqdm import tqdm
+
+    rendered = []
+    results = attention_over_images(model, frames, device, image_size, batch_size=batch_size)
+    for result in tqdm(results, total=len(frames), desc="frames", disable=not progress):
+        maps = result.attention
+        if head is not None and not 0 <= head < maps.shape[0]:
+            raise ValueError(f"--head {head} is out of range: the model has {maps.shape[0]} heads")
+        values = maps.mean(dim=0) if head is None else maps[head]
+        size = (result.image.height, result.image.width)
+        heat = upsample(values[None], size)[0].numpy()
+        rendered.append(blend(np.array(result.image), heat_colors(heat), 0.6))
+    if not rendered:
+        raise ValueError("the video has no frame")
+    write_animation(rendered, output, fps)
+    return len(rendered)
+
+
+def attention_jaccard(
+    model: VisionTransformer,
+    image_paths: Sequence[Path],
+    mask_dir: Path,
+    device: torch.device,
+    image_size: int | None = 480,
+    threshold: float = 0.6,
+    batch_size: int = 8,
+    pictures_dir: Path | None = None,
+    progress: bool = False,
+) -> dict[str, object]:
+    """Jaccard of each head's mass mask with the ground-truth foreground of ``mask_dir/<stem>.png``.
+
+    Masks are upsampled (nearest) from the patch grid to the ground truth's resolution. Reports the mean
+    over images of the best head's Jaccard (the paper's number), of the head average, of each head, and the
+    best single head over the folder, in percent.
+    """
+    from tqdm import tqdm
+
+    pairs = [(p, mask_dir / f"{p.stem}.png") for p in image_paths]
+    missing = [m.name for _, m in pairs if not m.is_file()]
+    if len(missing) == len(pairs):
+        raise FileNotFoundError(f"no ground-truth mask in {mask_dir} matches the images' names (<stem>.png)")
+    if missing:
+        log.warning(
+            "%d images have no ground-truth mask and are skipped (first: %s)", len(missing), missing[0]
+        )
+    pairs = [(p, m) for p, m in pairs if m.is_file()]
+
+    def labels_of(path: Path) -> np.ndarray:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L"):
+                raise ValueError(
+                    f"{path} is a {img.mode} image; masks must be palette or grey PNGs of class ids"
+                )
+            return np.array(img)
+
+    per_image: dict[str, dict[str, object]] = {}
+    per_head: list[list[float]] = []
+    images = (load_rgb(p) for p, _ in pairs)
+    results = attention_over_images(model, images, device, image_size, threshold, batch_size)
+    for (path, mask_path), result in tqdm(
+        zip(pairs, results, strict=True), total=len(pairs), disable=not progress
+    ):
+        labels = labels_of(mask_path)
+        masks = upsample(result.masks, labels.shape[:2]).numpy()
+        scores = [jaccard(m, labels) for m in masks]
+        per_head.append(scores)
+        best = int(np.argmax(scores))
+        per_image[path.name] = {"best_head": best, "jaccard_best_head": 100 * scores[best],
+                                "jaccard_head_mean": 100 * float(np.mean(scores))}  # fmt: skip
+        if pictures_dir is not None:
+            save_attention_pictures(result.image, result.attention, result.masks, pictures_dir / path.stem)
+    table = np.array(per_head)  # [images, heads]
+    head_means = table.mean(axis=0)
+    return {
+        "images": len(per_image),
+        "threshold": threshold,
+        "jaccard_best_head": float(100 * table.max(axis=1).mean()),
+        "jaccard_head_mean": float(100 * table.mean()),
+        "jaccard_best_single_head": float(100 * head_means.max()),
+        "best_single_head": int(head_means.argmax()),
+        "jaccard_per_head": [float(100 * v) for v in head_means],
+        "per_image": per_image,
+    }

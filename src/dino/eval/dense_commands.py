@@ -1,0 +1,245 @@
+"""``dino retrieval``, ``dino copydetect``, ``dino videoseg`` and ``dino attention``: argument parsing only.
+
+Each ``register_*`` adds one sub-command; the work is done by the library functions of
+:mod:`dino.eval.retrieval`, :mod:`dino.eval.copy_detection`, :mod:`dino.eval.video_segmentation` and
+:mod:`dino.eval.attention`. Inputs are checked before the model is loaded, so a wrong path fails at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from contextlib import redirect_stdout
+from dataclasses import asdict
+from pathlib import Path
+
+from dino.eval.common import add_model_arguments, model_from_args, model_info, resolve_device, write_results
+
+_QUIET_HELP = "no progress bars"
+
+
+def _report(results: dict[str, object], path: str | None, title: str, detail: str | None = None) -> None:
+    """Print ``results`` as a table (without the bulky ``detail`` entry) and write all of it as JSON."""
+    shown = {k: v for k, v in results.items() if k != detail}
+    write_results(shown, None, title)
+    if path:
+        with redirect_stdout(io.StringIO()):  # the table is already printed
+            write_results(results, path, title)
+
+
+# --- dino videoseg ---------------------------------------------------------------------------------------
+
+
+def register_videoseg(sub: argparse._SubParsersAction) -> None:
+    """Add ``dino videoseg``: DAVIS label propagation with frozen patch features, scored with J and F."""
+    p = sub.add_parser(
+        "videoseg",
+        help="DAVIS video object segmentation by label propagation, scored with J&F",
+        description="Propagate the first frame's annotation through each DAVIS sequence with frozen ViT patch "
+        "features (context: first frame + 7 previous, exp(cos/0.1) affinities within 12 patches, top-5), "
+        "write indexed PNGs with the dataset's palette, and score them with region similarity J and contour "
+        "accuracy F (frames 1..N-2 of each sequence, void pixels ignored).",
+    )
+    p.add_argument(
+        "--data", required=True, help="DAVIS root (JPEGImages/<res>/<seq>, Annotations/<res>/<seq>)"
+    )
+    p.add_argument("--resolution", default="480p", help="resolution folder (default: 480p)")
+    p.add_argument("--split", default="val", help="ImageSets/<year>/<split>.txt to read (default: val)")
+    p.add_argument("--year", default="2017", help="ImageSets year folder (default: 2017)")
+    p.add_argument("--sequences", nargs="+", help="sequences to run (default: the split's list, else all)")
+    p.add_argument("--max-frames", type=int, help="use only the first N frames of each sequence (quick runs)")
+    p.add_argument(
+        "--output-dir",
+        default="davis-predictions",
+        help="folder for the predicted PNGs, <dir>/<sequence>/<frame>.png (default: ./davis-predictions)",
+    )
+    p.add_argument(
+        "--score-only", action="store_true", help="score the PNGs already in --output-dir; no model needed"
+    )
+    g = p.add_argument_group("propagation (defaults: the paper's protocol)")
+    g.add_argument("--n-last-frames", type=int, default=7, help="previous frames in the context (default: 7)")
+    g.add_argument("--topk", type=int, default=5, help="affinities kept per target patch (default: 5)")
+    g.add_argument(
+        "--neighborhood", type=int, default=12, help="spatial radius in patches, 0: none (default: 12)"
+    )
+    g.add_argument("--temperature", type=float, default=0.1, help="affinity temperature (default: 0.1)")
+    g.add_argument("--short-side", type=int, default=480, help="frames' short side in pixels (default: 480)")
+    g.add_argument(
+        "--size-multiple", type=int, help="round the long side down to this (default: 64, or the patch size)"
+    )
+    p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
+    add_model_arguments(p)
+    p.set_defaults(func=_videoseg, batch_size=8)
+
+
+def _videoseg(args: argparse.Namespace) -> int:
+    from dino.eval.davis_metrics import evaluate_results
+    from dino.eval.video_segmentation import (
+        PropagationSettings,
+        evaluate_davis,
+        list_sequences,
+        require_vit,
+        sequence_frames,
+    )
+
+    root = Path(args.data).expanduser()
+    if not (root / "JPEGImages").is_dir() or not (root / "Annotations").is_dir():
+        raise FileNotFoundError(f"{root} is not a DAVIS root: it needs JPEGImages/ and Annotations/ folders")
+    if args.max_frames is not None and args.max_frames < 2:
+        raise ValueError(f"--max-frames {args.max_frames}: a sequence needs at least 2 frames")
+    sequences = args.sequences or list_sequences(root, args.resolution, args.split, args.year)
+    if not sequences:
+        raise ValueError(f"no sequence to evaluate in {root}; pass --sequences")
+    title = "DAVIS video object segmentation (J&F, fractions)"
+    if args.score_only:
+        scores = evaluate_results(root, args.output_dir, sequences, args.resolution, args.max_frames)
+        write_results({"predictions": str(args.output_dir), **scores}, args.output, title)
+        return 0
+    for seq in sequences:
+        sequence_frames(root, seq, args.resolution, args.max_frames)
+    settings = PropagationSettings(
+        n_last_frames=args.n_last_frames,
+        topk=args.topk,
+        neighborhood=args.neighborhood,
+        temperature=args.temperature,
+        short_side=args.short_side,
+        size_multiple=args.size_multiple,
+    )
+    loaded = model_from_args(args)
+    model = require_vit(loaded.model, "video segmentation")
+    device = resolve_device(args.device)
+    scores = evaluate_davis(
+        model,
+        root,
+        args.output_dir,
+        sequences,
+        settings,
+        device,
+        resolution=args.resolution,
+        max_frames=args.max_frames,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        progress=not args.quiet,
+    )
+    results = {
+        "model": model_info(loaded),
+        "settings": asdict(settings),
+        "predictions": str(args.output_dir),
+        **scores,
+    }
+    write_results(results, args.output, title)
+    return 0
+
+
+# --- dino attention --------------------------------------------------------------------------------------
+
+
+def register_attention(sub: argparse._SubParsersAction) -> None:
+    """Add ``dino attention``: last-block [CLS] attention maps, masks, animations and the Jaccard check."""
+    p = sub.add_parser(
+        "attention",
+        help="last-layer [CLS] attention maps per head: heat maps, overlays, masks, videos, Jaccard",
+        description="Save, for every image and every head, the last block's [CLS]-to-patch attention as a heat "
+        "map, an overlay on the image, and a mask keeping --threshold of the head's attention mass. With "
+        "--masks, score those masks against ground-truth foreground (label not 0/255, 255 ignored) with the "
+        "Jaccard index (best head per image, averaged). With --video, animate a frame folder, GIF or video.",
+    )
+    p.add_argument("input", metavar="IMAGE_OR_DIR", help="an image, a folder of images, or (--video) a video")
+    p.add_argument(
+        "--output-dir",
+        default="attention",
+        help="where the pictures go, one folder per image (default: ./attention)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=480,
+        help="shorter side in pixels, 0: keep the original (default: 480)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.6,
+        help="fraction of each head's attention mass kept (default: 0.6)",
+    )
+    p.add_argument("--masks", help="folder of ground-truth class masks <stem>.png (VOC style, 255 = void)")
+    p.add_argument("--no-pictures", action="store_true", help="with --masks: only compute the Jaccard")
+    p.add_argument("--max-images", type=int, help="use only the first N images or frames")
+    g = p.add_argument_group("video")
+    g.add_argument("--video", action="store_true", help="IMAGE_OR_DIR is a frame folder, GIF or video file")
+    g.add_argument(
+        "--animation", help="output animation (.gif, or .mp4 with PyAV); default: OUTPUT_DIR/attention.gif"
+    )
+    g.add_argument("--fps", type=float, help="frames per second (default: the input's, else 10)")
+    g.add_argument("--head", type=int, help="animate this head instead of the mean over heads")
+    p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
+    add_model_arguments(p)
+    p.set_defaults(func=_attention, batch_size=8)
+
+
+def _attention(args: argparse.Namespace) -> int:
+    from dino.data.datasets import load_rgb
+    from dino.eval.attention import (
+        attention_jaccard,
+        attention_over_images,
+        attention_video,
+        check_animation_output,
+        list_images,
+        read_video_frames,
+        save_attention_pictures,
+    )
+    from dino.eval.video_segmentation import require_vit
+
+    source = Path(args.input).expanduser()
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist; give an image, a folder of images or a video")
+    if not 0 < args.threshold <= 1:
+        raise ValueError(f"--threshold {args.threshold} must be in (0, 1]")
+    image_size = args.image_size or None
+    output_dir = Path(args.output_dir).expanduser()
+    if args.video:
+        animation = Path(args.animation).expanduser() if args.animation else output_dir / "attention.gif"
+        check_animation_output(animation)
+        frames, native_fps = read_video_frames(source, args.max_images)
+        loaded = model_from_args(args)
+        model = require_vit(loaded.model, "attention maps")
+        n = attention_video(
+            model, frames, animation, resolve_device(args.device), args.fps or native_fps or 10.0, image_size,
+            args.head, args.batch_size, progress=not args.quiet,
+        )  # fmt: skip
+        write_results(
+            {"model": model_info(loaded), "frames": n, "animation": str(animation)},
+            args.output,
+            "Attention video",
+        )
+        return 0
+    images = list_images(source)[: args.max_images]
+    mask_dir = Path(args.masks).expanduser() if args.masks else None
+    if mask_dir is not None and not mask_dir.is_dir():
+        raise FileNotFoundError(f"--masks {mask_dir} is not a folder of <stem>.png masks")
+    loaded = model_from_args(args)
+    model = require_vit(loaded.model, "attention maps")
+    device = resolve_device(args.device)
+    results: dict[str, object] = {"model": model_info(loaded), "image_size": args.image_size}
+    if mask_dir is not None:
+        pictures = None if args.no_pictures else output_dir
+        scores = attention_jaccard(
+            model, images, mask_dir, device, image_size, args.threshold, args.batch_size, pictures,
+            progress=not args.quiet,
+        )  # fmt: skip
+        results.update(scores)
+        title = "Attention masks: Jaccard with ground-truth foreground (%)"
+    else:
+        from tqdm import tqdm
+
+        stream = attention_over_images(
+            model, (load_rgb(p) for p in images), device, image_size, args.threshold, args.batch_size
+        )
+        for path, result in tqdm(zip(images, stream, strict=True), total=len(images), disable=args.quiet):
+            save_attention_pictures(result.image, result.attention, result.masks, output_dir / path.stem)
+        results.update({"images": len(images), "threshold": args.threshold, "pictures": str(output_dir)})
+        title = "Attention maps"
+    if mask_dir is None or not args.no_pictures:
+        results["pictures"] = str(output_dir)
+    _report(results, args.output, title, detail="per_image")
+    return 0

@@ -1,0 +1,171 @@
+"""Attention masks and Jaccard against hand computations, and ``dino attention`` on stored images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dino.cli import main
+from dino.eval.attention import (
+    attention_over_images,
+    attention_size,
+    cls_attention,
+    heat_colors,
+    jaccard,
+    mass_masks,
+)
+from dino.models.vision_transformer import vit
+
+FIXTURES = Path(__file__).parent / "fixtures"
+VOC = FIXTURES / "voc"
+FRAMES = FIXTURES / "davis" / "JPEGImages" / "480p" / "blackswan"
+
+
+@pytest.fixture(scope="module")
+def tiny_vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return vit("tiny", patch_size=8, img_size=32, depth=1).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_file(tmp_path_factory, tiny_vit) -> Path:
+    path = tmp_path_factory.mktemp("model") / "backbone.pth"
+    torch.save(tiny_vit.state_dict(), path)
+    return path
+
+
+def test_mass_masks_keep_the_smallest_top_set_by_hand() -> None:
+    attn = torch.tensor([[[0.15, 0.5], [0.05, 0.3]]])  # one head, 2x2 patches
+    assert mass_masks(attn, 0.6).tolist() == [[[False, True], [False, True]]]  # 0.5 + 0.3 >= 0.6
+    assert mass_masks(attn, 0.5).tolist() == [[[False, True], [False, False]]]  # 0.5 alone is enough
+    assert mass_masks(attn, 0.81).tolist() == [[[True, True], [False, True]]]
+    assert mass_masks(attn, 1.0).all()
+    # Unnormalised maps give the same masks: the mass is relative to the head's total.
+    assert torch.equal(mass_masks(attn * 7, 0.6), mass_masks(attn, 0.6))
+    with pytest.raises(ValueError, match="threshold"):
+        mass_masks(attn, 0.0)
+
+
+def test_mass_masks_match_the_ascending_cumulative_rule() -> None:
+    """The reference rule: sort ascending, keep patches whose cumulative mass exceeds 1 - threshold."""
+    torch.manual_seed(0)
+    attn = torch.rand(4, 6, 7) ** 3
+    for threshold in (0.3, 0.6, 0.9):
+        flat = attn.reshape(4, -1)
+        values, order = torch.sort(flat / flat.sum(1, keepdim=True), dim=1)
+        keep_sorted = values.cumsum(1) > 1 - threshold
+        expected = torch.zeros_like(keep_sorted)
+        for h in range(4):
+            expected[h, order[h]] = keep_sorted[h]
+        assert torch.equal(mass_masks(attn, threshold), expected.reshape(attn.shape))
+
+
+def test_jaccard_ignores_void_by_hand() -> None:
+    labels = np.array([[0, 1, 1], [0, 255, 15], [0, 0, 255]], dtype=np.uint8)  # foreground: 3 pixels
+    pred = np.array([[1, 1, 0], [0, 1, 1], [0, 0, 1]], dtype=bool)  # hits 2, misses 1, 1 false, 2 on void
+    assert jaccard(pred, labels) == pytest.approx(2 / 4)
+    assert jaccard(np.zeros((3, 3), bool), np.zeros((3, 3), np.uint8)) == 1.0
+    assert jaccard(labels.astype(bool) & (labels != 255), labels) == 1.0
+    with pytest.raises(ValueError, match="ground truth"):
+        jaccard(pred[:2], labels)
+
+
+def test_attention_size_keeps_aspect_on_the_patch_grid() -> None:
+    assert attention_size(513, 513, 480, 16) == (480, 480)
+    assert attention_size(120, 214, 64, 8) == (64, 112)
+    assert attention_size(120, 214, None, 8) == (120, 216)
+
+
+def test_cls_attention_on_a_non_square_image(tiny_vit) -> None:
+    images = torch.randn(2, 3, 48, 80)
+    attn = cls_attention(tiny_vit, images)
+    assert attn.shape == (2, 3, 6, 10)
+    full = tiny_vit.get_last_selfattention(images)
+    # [CLS]'s attention to the patches plus to itself sums to one per head.
+    torch.testing.assert_close(attn.sum(dim=(2, 3)) + full[:, :, 0, 0], torch.ones(2, 3))
+
+
+def test_batches_of_mixed_sizes_keep_order_and_values(tiny_vit) -> None:
+    rng = np.random.default_rng(0)
+    sizes = [(40, 56), (64, 64), (40, 56), (48, 32), (40, 56)]
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    device = torch.device("cpu")
+    batched = list(attention_over_images(tiny_vit, images, device, image_size=None, batch_size=2))
+    single = list(attention_over_images(tiny_vit, images, device, image_size=None, batch_size=1))
+    assert [r.index for r in batched] == list(range(5))
+    for a, b in zip(batched, single, strict=True):
+        assert a.original_size == b.original_size
+        torch.testing.assert_close(a.attention, b.attention, rtol=1e-4, atol=1e-6)
+
+
+def test_heat_colors_run_dark_to_bright() -> None:
+    colors = heat_colors(np.array([[0.0, 1.0, 2.0]]))
+    assert colors[0, 0].tolist() == [0, 0, 4] and colors[0, 2].tolist() == [252, 255, 164]
+    assert colors[0, 1].sum() > colors[0, 0].sum()
+
+
+def test_attention_command_jaccard_on_voc_fixtures(tmp_path: Path, tiny_vit_file: Path) -> None:
+    out = tmp_path / "results.json"
+    rc = main(
+        [
+            "attention", str(VOC / "images"), "--masks", str(VOC / "SegmentationClass"), "--weights",
+            str(tiny_vit_file), "--device", "cpu", "--image-size", "64", "--num-workers", "0",
+            "--output-dir", str(tmp_path / "pics"), "--output", str(out), "--quiet",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    results = json.loads(out.read_text())
+    assert results["images"] == 3 and len(results["jaccard_per_head"]) == 3
+    per_image = results["per_image"]
+    assert results["jaccard_best_head"] == pytest.approx(
+        np.mean([v["jaccard_best_head"] for v in per_image.values()])
+    )
+    assert all(v["jaccard_best_head"] >= v["jaccard_head_mean"] for v in per_image.values())
+    assert results["jaccard_best_head"] >= results["jaccard_best_single_head"] >= results["jaccard_head_mean"]
+    # Recompute one image's best-head Jaccard from the saved binary mask, independently.
+    best = per_image["0020.jpg"]["best_head"]
+    mask = np.array(Image.open(tmp_path / "pics" / "0020" / f"mask-head{best}.png")) > 0  # 64x64 model grid
+    big = np.array(Image.fromarray(mask).resize((128, 128), Image.NEAREST))
+    labels = np.array(Image.open(VOC / "SegmentationClass" / "0020.png"))
+    valid = labels != 255
+    fg = (labels != 0) & valid
+    expected = 100 * (fg & big).sum() / ((fg | big) & valid).sum()
+    assert per_image["0020.jpg"]["jaccard_best_head"] == pytest.approx(expected)
+    pictures = {p.name for p in (tmp_path / "pics" / "0020").iterdir()}
+    assert {
+        "image.png",
+        "attn-head0.png",
+        "overlay-head2.png",
+        "mask-overlay-head1.png",
+        "attn-mean.png",
+    } <= pictures
+
+
+def test_attention_command_single_image_and_video(tmp_path: Path, tiny_vit_file: Path) -> None:
+    common = ["--weights", str(tiny_vit_file), "--device", "cpu", "--image-size", "48", "--quiet"]
+    assert main(["attention", str(FRAMES / "00000.jpg"), "--output-dir", str(tmp_path / "one"), *common]) == 0
+    with Image.open(tmp_path / "one" / "00000" / "overlay-head0.png") as img:
+        assert img.size == (88, 48)  # 214x120 → short side 48, both sides multiples of 8
+    gif = tmp_path / "attn.gif"
+    assert (
+        main(["attention", str(FRAMES), "--video", "--animation", str(gif), "--max-images", "3", *common])
+        == 0
+    )
+    with Image.open(gif) as img:
+        assert img.n_frames == 3 and img.size == (88, 48)
+
+
+def test_attention_command_errors_before_work(tmp_path: Path, tiny_vit_file: Path, capsys) -> None:
+    rc = main(["attention", str(tmp_path / "missing.jpg"), "--weights", str(tiny_vit_file)])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    rc = main(
+        ["attention", str(FRAMES), "--weights", "torchvision:resnet18", "--random-init", "--device", "cpu"]
+    )
+    assert rc == 2 and "Vision Transformer" in capsys.readouterr().err
+    rc = main(["attention", str(FRAMES), "--video", "--animation", str(tmp_path / "a.png"), "--weights", "x"])
+    assert rc == 2 and ".gif" in capsys.readouterr().err
