@@ -77,6 +77,12 @@ class CheckpointManager:
         self.directory = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
 
+    def remove_stale_temporaries(self) -> None:
+        """Partial files left by a process killed while writing (never read, safe to delete)."""
+        if self.directory.is_dir():
+            for leftover in self.directory.glob(".*.tmp-*"):
+                leftover.unlink(missing_ok=True)
+
     def rolling(self) -> list[Path]:
         """Rolling checkpoints, newest first."""
         if not self.directory.is_dir():

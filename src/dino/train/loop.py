@@ -14,8 +14,10 @@ watches for collapse and runs the online k-NN.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +114,7 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        checkpoints.remove_stale_temporaries()
     logger = RunLogger(run_dir / "log.jsonl", enabled=env.is_main, progress=cfg.run.progress_bar)
     collapse = CollapseMonitor(cfg.head.out_dim) if cfg.monitor.collapse else None
     knn = build_knn_monitor(cfg, data.dataset) if env.is_main else None
@@ -122,7 +125,8 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
     )
 
     def save(epoch_keeper: int | None = None) -> None:
-        if env.is_main:
+        # Never while non-finite losses are being skipped: the last good checkpoint must stay the newest.
+        if env.is_main and state.bad_steps == 0:
             checkpoints.save(
                 run_state_dict(cfg, student, teacher, optimizer, dino_loss, scaler, state),
                 state.iteration,
@@ -142,15 +146,17 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
             for crops, labels, n_bad in data.loader:
                 logger.count_bad_files(n_bad)
                 if labels.numel() == 0:  # every image of this batch failed to decode
+                    state.step_in_epoch += 1
                     continue
                 it = state.iteration
                 set_schedules(optimizer, float(schedules.lr[it]), float(schedules.weight_decay[it]))
                 crops = [c.to(env.device, non_blocking=True) for c in crops]
 
                 # Teacher on the global views, student on all views; cross-entropy over distinct-view pairs.
-                with torch.autocast(
+                autocast = torch.autocast(
                     env.device.type, dtype=precision.autocast_dtype, enabled=precision.autocast
-                ):
+                )
+                with out_of_memory_advice(cfg), autocast:
                     with torch.no_grad():
                         teacher_out = teacher(crops[:2])
                     student_out = ddp_student(crops)
@@ -159,7 +165,7 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
                 if not torch.isfinite(loss):
                     state.bad_steps += 1
                     optimizer.zero_grad(set_to_none=True)
-                    logger.bad_step(it, float(loss), state.bad_steps)
+                    logger.bad_step(it, float(loss.detach()), state.bad_steps)
                     if state.bad_steps > cfg.run.max_bad_steps:
                         raise TrainingDiverged(_divergence_message(cfg, precision.name, state.bad_steps))
                 else:
@@ -167,7 +173,8 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
                     dino_loss.update_center(teacher_out)
                     # Student update.
                     optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
+                    with out_of_memory_advice(cfg):
+                        scaler.scale(loss).backward()
                     if cfg.optim.clip_grad > 0:
                         scaler.unscale_(optimizer)
                         clip_gradients(student, cfg.optim.clip_grad)
@@ -255,6 +262,19 @@ def _mid_epoch_checkpoint_due(cfg: DINOConfig, state: TrainState, last_save_time
     if every_iters and state.iteration % every_iters == 0:
         return True
     return bool(every_minutes) and time.monotonic() - last_save_time >= every_minutes * 60
+
+
+@contextlib.contextmanager
+def out_of_memory_advice(cfg: DINOConfig) -> Iterator[None]:
+    """Turn an out-of-memory error into one that names the knobs to turn."""
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        raise RuntimeError(
+            f"out of memory at run.batch_size={cfg.run.batch_size} with {cfg.data.local_crops_number} local crops: "
+            f"lower run.batch_size, data.local_crops_number or data.global_crop_size, use run.precision=bf16, "
+            f"or a larger model.patch_size"
+        ) from err
 
 
 def _divergence_message(cfg: DINOConfig, precision: str, bad_steps: int) -> str:
