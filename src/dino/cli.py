@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from dino.eval.commands import register_extract, register_knn, register_linear, register_lowshot
 from dino.eval.dense_commands import register_attention, register_videoseg
 from dino.export import register as _add_export
 from dino.train.config import ConfigError, load_config, preset_names
@@ -59,6 +60,10 @@ def _add_presets(sub: argparse._SubParsersAction) -> None:
 _COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_train,
     _add_presets,
+    register_extract,
+    register_knn,
+    register_linear,
+    register_lowshot,
     _add_export,
     register_videoseg,
     register_attention,

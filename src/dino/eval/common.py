@@ -113,28 +113,31 @@ class TrainingImageSettings:
 def model_from_args(args: argparse.Namespace) -> LoadedBackbone:
     """The backbone named by the model options, in eval mode, on ``args.device``.
 
-    With ``--random-init --arch A`` and no ``--weights`` the architecture is built untrained directly.
+    With ``--random-init --arch A`` and no ``--weights`` the architecture is built untrained directly; random
+    weights are drawn from ``--init-seed``, so two runs evaluate the same baseline.
     """
     device = resolve_device(getattr(args, "device", "auto"))
     weights = getattr(args, "weights", None)
-    if weights is None:
-        if not (args.random_init and args.arch):
-            raise ValueError(
-                "no model given: pass --weights PATH_OR_NAME, or --random-init --arch ARCH for a baseline"
+    with torch.random.fork_rng(devices=[]):  # seed the untrained weights without touching the caller's RNG
+        torch.manual_seed(getattr(args, "init_seed", 0))
+        if weights is None:
+            if not (args.random_init and args.arch):
+                raise ValueError(
+                    "no model given: pass --weights PATH_OR_NAME, or --random-init --arch ARCH for a baseline"
+                )
+            loaded = _untrained(args.arch, args.patch_size or 16, getattr(args, "depth", 0))
+        else:
+            if not str(weights).startswith("torchvision:") and not Path(weights).expanduser().exists():
+                raise FileNotFoundError(
+                    f"--weights {weights} does not exist; give a run directory or a .pth file"
+                )
+            loaded = load_backbone(
+                weights,
+                which=args.which,
+                random_init=args.random_init,
+                arch=args.arch,
+                patch_size=args.patch_size,
             )
-        loaded = _untrained(args.arch, args.patch_size or 16, getattr(args, "depth", 0))
-    else:
-        if not str(weights).startswith("torchvision:") and not Path(weights).expanduser().exists():
-            raise FileNotFoundError(
-                f"--weights {weights} does not exist; give a run directory or a .pth file"
-            )
-        loaded = load_backbone(
-            weights,
-            which=args.which,
-            random_init=args.random_init,
-            arch=args.arch,
-            patch_size=args.patch_size,
-        )
     loaded.model.to(device).eval()
     for p in loaded.model.parameters():
         p.requires_grad_(False)
@@ -267,7 +270,7 @@ def _format_value(value: Any) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
-        return f"{value:.2f}" if 0.01 <= abs(value) < 1e5 else f"{value:.4g}"
+        return f"{value:.2f}" if 1 <= abs(value) < 1e5 else f"{value:.4g}"
     if isinstance(value, list | tuple):
         return ", ".join(_format_value(v) for v in value)
     return str(value)

@@ -1,8 +1,9 @@
-"""Weighted k-NN classification on frozen features (the paper's protocol, Wu et al. 2018).
+"""Weighted k-NN classification on frozen features (the paper's protocol, after Wu et al. 2018).
 
 Features are L2-normalised; each test sample takes its k most cosine-similar training samples, which vote
-for their class with weight exp(sim / T). Any number of classes; the bank is scanned in chunks of test
-samples so that memory stays bounded on CPU and GPU.
+for their class with weight exp(sim / T) (T = 0.07). Any number of classes and any test-set size. The
+similarity matrix is never materialised whole: test samples are processed in chunks, and a large bank is
+scanned in chunks too, keeping a running top-k, so memory stays bounded on CPU and GPU.
 """
 
 from __future__ import annotations
@@ -13,6 +14,75 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
+DEFAULT_TEMPERATURE = 0.07
+DEFAULT_BANK_CHUNK = 65536
+
+
+@torch.no_grad()
+def nearest_neighbors(
+    bank: Tensor,
+    queries: Tensor,
+    k: int,
+    chunk_size: int = 1024,
+    bank_chunk_size: int | None = DEFAULT_BANK_CHUNK,
+    device: torch.device | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Cosine similarities and bank indices [N_query, k] of each query's k nearest bank rows, best first.
+
+    At most ``chunk_size`` × ``bank_chunk_size`` similarities exist at once; results are on the CPU.
+    """
+    if bank.shape[0] == 0:
+        raise ValueError("the k-NN bank is empty: give at least one labelled training image")
+    if queries.shape[-1] != bank.shape[-1]:
+        raise ValueError(
+            f"test features have {queries.shape[-1]} dimensions but the bank has {bank.shape[-1]}; "
+            "extract both with the same model and representation"
+        )
+    device = device or bank.device
+    k = min(k, bank.shape[0])
+    bank_chunk = bank.shape[0] if not bank_chunk_size else max(bank_chunk_size, k)
+    bank = F.normalize(bank.to(device).float(), dim=1)
+    all_sims, all_idx = [], []
+    for start in range(0, queries.shape[0], chunk_size):
+        q = F.normalize(queries[start : start + chunk_size].to(device).float(), dim=1)
+        best_sims = best_idx = None
+        for b_start in range(0, bank.shape[0], bank_chunk):
+            block = bank[b_start : b_start + bank_chunk]
+            sims, idx = (q @ block.T).topk(min(k, block.shape[0]), dim=1)
+            idx = idx + b_start
+            if best_sims is not None:
+                sims, pick = torch.cat((best_sims, sims), dim=1).topk(k, dim=1)
+                idx = torch.cat((best_idx, idx), dim=1).gather(1, pick)
+            best_sims, best_idx = sims, idx
+        all_sims.append(best_sims.cpu())
+        all_idx.append(best_idx.cpu())
+    if not all_sims:
+        return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
+    return torch.cat(all_sims), torch.cat(all_idx)
+
+
+def weighted_vote(sims: Tensor, neighbor_labels: Tensor, temperature: float, num_classes: int) -> Tensor:
+    """Class scores [N, C]: each neighbour adds exp(sim / T) to its class."""
+    weights = (sims.float() / temperature).exp()
+    votes = torch.zeros(sims.shape[0], num_classes, dtype=weights.dtype, device=sims.device)
+    return votes.scatter_add_(1, neighbor_labels.long(), weights)
+
+
+def _check_bank(train_features: Tensor, train_labels: Tensor, num_classes: int | None) -> int:
+    if train_features.shape[0] != train_labels.shape[0]:
+        raise ValueError("train_features and train_labels have different lengths")
+    if train_features.shape[0] == 0:
+        raise ValueError("the k-NN bank is empty: give at least one labelled training image")
+    if (train_labels < 0).any():
+        raise ValueError(
+            "the k-NN bank has unlabelled samples (label -1); use a folder with class sub-folders"
+        )
+    inferred = int(train_labels.max()) + 1
+    if num_classes is not None and num_classes < inferred:
+        raise ValueError(f"num_classes={num_classes} but the bank has label {inferred - 1}")
+    return num_classes or inferred
+
 
 @torch.no_grad()
 def knn_predict(
@@ -20,28 +90,22 @@ def knn_predict(
     train_labels: Tensor,
     test_features: Tensor,
     k: int = 20,
-    temperature: float = 0.07,
+    temperature: float = DEFAULT_TEMPERATURE,
     num_classes: int | None = None,
     chunk_size: int = 1024,
+    bank_chunk_size: int | None = DEFAULT_BANK_CHUNK,
 ) -> Tensor:
-    """Class scores [N_test, C] from the weighted vote of the k nearest training samples."""
-    if train_features.shape[0] != train_labels.shape[0]:
-        raise ValueError("train_features and train_labels have different lengths")
-    if train_features.shape[0] == 0:
-        raise ValueError("the k-NN bank is empty: give at least one labelled training image")
-    num_classes = int(train_labels.max()) + 1 if num_classes is None else num_classes
-    k = min(k, train_features.shape[0])
-    bank = F.normalize(train_features.float(), dim=1)
-    labels = train_labels.to(bank.device).long()
-    scores = []
-    for start in range(0, test_features.shape[0], chunk_size):
-        queries = F.normalize(test_features[start : start + chunk_size].float().to(bank.device), dim=1)
-        sims, idx = (queries @ bank.T).topk(k, dim=1)
-        weights = (sims / temperature).exp()
-        votes = torch.zeros(queries.shape[0], num_classes, device=bank.device)
-        votes.scatter_add_(1, labels[idx], weights)
-        scores.append(votes)
-    return torch.cat(scores) if scores else torch.zeros(0, num_classes)
+    """Class scores [N_test, C] from the weighted vote of the k nearest training samples (on the CPU)."""
+    num_classes = _check_bank(train_features, train_labels, num_classes)
+    sims, idx = nearest_neighbors(train_features, test_features, k, chunk_size, bank_chunk_size)
+    return weighted_vote(sims, train_labels.cpu()[idx], temperature, num_classes)
+
+
+def topk_accuracy(scores: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) -> list[float]:
+    """Percent of rows whose target is among the ``k`` highest scores, for each k (capped at C)."""
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+    hits = top == targets.to(top.device).long()[:, None]
+    return [hits[:, :k].any(dim=1).float().mean().item() * 100 for k in ks]
 
 
 @torch.no_grad()
@@ -50,21 +114,35 @@ def knn_accuracy(
     train_labels: Tensor,
     test_features: Tensor,
     test_labels: Tensor,
-    ks: Sequence[int] = (10, 20, 100, 200),
-    temperature: float = 0.07,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = DEFAULT_TEMPERATURE,
     num_classes: int | None = None,
+    *,
+    chunk_size: int = 1024,
+    bank_chunk_size: int | None = DEFAULT_BANK_CHUNK,
+    device: torch.device | None = None,
 ) -> dict[int, tuple[float, float]]:
-    """Top-1 and top-5 accuracy (percent) of the weighted k-NN classifier for each k."""
+    """Top-1 and top-5 accuracy (percent) of the weighted k-NN classifier for each k.
+
+    The neighbours are searched once, for the largest k, and every smaller k reuses the best of them.
+    ``device`` is where the similarities are computed (default: where the features are).
+    """
     if test_features.shape[0] == 0:
         raise ValueError("the k-NN test set is empty")
+    if not ks or min(ks) < 1:
+        raise ValueError(f"k values must be positive, got {list(ks)}")
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    num_classes = _check_bank(train_features, train_labels, num_classes)
+    if int(test_labels.max()) >= num_classes or (test_labels < 0).any():
+        raise ValueError(
+            f"test labels must lie in [0, {num_classes}); relabel the test set onto the train classes"
+        )
+    sims, idx = nearest_neighbors(train_features, test_features, max(ks), chunk_size, bank_chunk_size, device)
+    neighbor_labels = train_labels.cpu().long()[idx]
     results: dict[int, tuple[float, float]] = {}
-    targets = test_labels.long().to(train_features.device)
     for k in ks:
-        scores = knn_predict(train_features, train_labels, test_features, k, temperature, num_classes)
-        top = scores.topk(min(5, num_classes), dim=1).indices
-        top1 = (top[:, 0] == targets).float().mean().item() * 100
-        top5 = (top == targets[:, None]).any(dim=1).float().mean().item() * 100
+        scores = weighted_vote(sims[:, :k], neighbor_labels[:, :k], temperature, num_classes)
+        top1, top5 = topk_accuracy(scores, test_labels.cpu())
         results[k] = (top1, top5)
     return results

@@ -1,0 +1,443 @@
+"""``dino extract``, ``dino knn``, ``dino linear`` and ``dino lowshot``: the classification evaluations.
+
+Each ``register_*`` function adds one sub-command to the CLI; each ``run_*`` function executes it and
+returns the exit status. Model, device and image options are shared (:mod:`dino.eval.common`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dino.data.datasets import ImageFolderDataset
+from dino.eval.common import (
+    add_image_arguments,
+    add_model_arguments,
+    autocast_dtype_for,
+    model_info,
+    num_blocks,
+    resolve_device,
+    transform_info,
+    write_results,
+)
+from dino.eval.extract import FeatureProvider, check_same_model, extract_folder, is_feature_file
+from dino.eval.features import (
+    DEFAULT_GEM_P,
+    FeatureSet,
+    Representation,
+    check_representations,
+    default_representations,
+    extract_representations,
+    linear_representation,
+    paper_linear_representation,
+)
+from dino.eval.knn import DEFAULT_BANK_CHUNK, DEFAULT_KS, DEFAULT_TEMPERATURE, knn_accuracy
+from dino.eval.linear import DEFAULT_LRS, stratified_split, sweep_augmented, sweep_on_cached, train_transform
+from dino.eval.lowshot import DEFAULT_FRACTIONS, DEFAULT_L2, lowshot_evaluate
+
+log = logging.getLogger(__name__)
+
+_CROP_NOTE = (
+    "Images are resized (shorter side, bicubic) to --resize and centre-cropped to --crop-size; by default the "
+    "crop is the model's training crop size (224 for released models, e.g. 32 for a CIFAR run) and the resize "
+    "crop × 8/7, normalised as in training when the run's config is at hand."
+)
+
+
+def _add_split_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--train", metavar="DIR_OR_FILE", help=f"labelled image folder or feature file for the {what}"
+    )
+    g.add_argument(
+        "--test", metavar="DIR_OR_FILE", help="labelled image folder or feature file to evaluate on"
+    )
+    g.add_argument("--train-features", metavar="FILE", help="cached training features (from `dino extract`)")
+    g.add_argument("--test-features", metavar="FILE", help="cached test features (from `dino extract`)")
+
+
+def _sources(args: argparse.Namespace) -> tuple[str, str]:
+    """The train and test sources, each given once as a folder or feature file, checked to exist."""
+    picked = []
+    for split in ("train", "test"):
+        folder, cached = getattr(args, split), getattr(args, f"{split}_features")
+        if bool(folder) == bool(cached):
+            raise ValueError(f"give exactly one of --{split} DIR_OR_FILE and --{split}-features FILE")
+        source = cached or folder
+        if cached and not is_feature_file(cached):
+            raise ValueError(
+                f"--{split}-features {cached} must be a .pt or .npz file written by `dino extract`"
+            )
+        if not Path(source).expanduser().exists():
+            raise FileNotFoundError(f"--{split} {source} does not exist")
+        picked.append(str(source))
+    return picked[0], picked[1]
+
+
+def _needs_model(args: argparse.Namespace, sources: tuple[str, ...]) -> None:
+    if (
+        any(not is_feature_file(s) for s in sources)
+        and not args.weights
+        and not (args.random_init and args.arch)
+    ):
+        raise ValueError(
+            "image folders need a model: pass --weights PATH_OR_NAME (or --random-init --arch ARCH)"
+        )
+
+
+def _common_results(provider: FeatureProvider, train: FeatureSet) -> dict[str, Any]:
+    if provider.model_loaded:
+        return {"model": model_info(provider.loaded), "transform": transform_info(provider.transform)}
+    return {key: train.meta[key] for key in ("model", "transform") if key in train.meta}
+
+
+# --- dino extract ---------------------------------------------------------------------------------------
+
+
+def register_extract(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "extract",
+        help="save a folder's frozen features (several representations) for reuse by the evaluations",
+        description="Run a frozen backbone over an image folder and save its features with the file list, labels "
+        "and classes, as .pt (torch.load(weights_only=True)) or .npz. Representations: cls, cls_last<n> (the [CLS] "
+        "of the last n blocks), mean (mean patch token), gem (GeM-pooled patch tokens), joined with '+', e.g. "
+        "cls+mean. " + _CROP_NOTE,
+    )
+    p.add_argument("folder", help="image folder (class sub-folders give labels; a flat folder is unlabelled)")
+    p.add_argument("--out", required=True, metavar="FILE", help="feature file to write (.pt or .npz)")
+    p.add_argument(
+        "--representations",
+        nargs="+",
+        metavar="NAME",
+        help="what to save (default for a ViT: cls cls_last4 cls+mean gem; for a ResNet: cls gem)",
+    )
+    p.add_argument(
+        "--gem-p", type=float, default=DEFAULT_GEM_P, help=f"GeM exponent (default {DEFAULT_GEM_P})"
+    )
+    add_model_arguments(p)
+    add_image_arguments(p)
+    p.set_defaults(func=run_extract)
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    out = Path(args.out).expanduser()
+    if out.suffix not in (".pt", ".npz"):
+        raise ValueError(f"--out {out} must end in .pt or .npz")
+    if not Path(args.folder).expanduser().is_dir():
+        raise FileNotFoundError(f"image folder {args.folder} does not exist")
+    provider = FeatureProvider(args)
+    loaded = provider.loaded
+    names = args.representations or default_representations(loaded.model)
+    check_representations(loaded.model, names)
+    features = extract_folder(
+        loaded,
+        args.folder,
+        provider.transform,
+        args.device,
+        names,
+        args.batch_size,
+        args.num_workers,
+        args.gem_p,
+        desc="extract",
+    )
+    features.save(out)
+    results = {
+        "file": str(out),
+        "images": len(features),
+        "classes": len(features.classes),
+        "labelled": features.labelled,
+        "dims": {name: int(f.shape[1]) for name, f in features.features.items()},
+        "seconds": features.meta["seconds"],
+        "images_per_second": len(features) / max(features.meta["seconds"], 1e-9),
+        "model": features.meta["model"],
+        "transform": features.meta["transform"],
+    }
+    write_results(results, args.output, f"features of {args.folder}")
+    return 0
+
+
+# --- dino knn -------------------------------------------------------------------------------------------
+
+
+def register_knn(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "knn",
+        help="weighted k-NN classification on frozen features (top-1/top-5 for several k)",
+        description="The paper's k-NN protocol: L2-normalised features, cosine similarity, the k nearest training "
+        "images vote for their class with weight exp(sim/T). Classes come from the train folder's sub-folders "
+        "(the test folder's are matched by name). " + _CROP_NOTE,
+    )
+    _add_split_arguments(p, "k-NN bank")
+    p.add_argument(
+        "--ks", type=int, nargs="+", default=list(DEFAULT_KS), help="values of k (default 10 20 100 200)"
+    )
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="vote temperature T (0.07)")
+    p.add_argument("--representation", default="cls", help="feature representation (default: cls)")
+    p.add_argument(
+        "--bank-chunk-size",
+        type=int,
+        default=DEFAULT_BANK_CHUNK,
+        help="bank rows compared at once; lower it if a huge bank runs out of memory",
+    )
+    p.add_argument("--query-chunk-size", type=int, default=1024, help="test rows compared at once")
+    add_model_arguments(p)
+    add_image_arguments(p)
+    p.set_defaults(func=run_knn)
+
+
+def run_knn(args: argparse.Namespace) -> int:
+    train_src, test_src = _sources(args)
+    _needs_model(args, (train_src, test_src))
+    Representation.parse(args.representation)
+    if args.temperature <= 0 or min(args.ks) < 1:
+        raise ValueError("--temperature must be positive and every --ks value at least 1")
+    provider = FeatureProvider(args)
+    train = provider.get(train_src, [args.representation], "knn train")
+    test = provider.get(test_src, [args.representation], "knn test").relabelled(train.classes)
+    check_same_model(train, test)
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    acc = knn_accuracy(
+        train.get(args.representation),
+        train.labels,
+        test.get(args.representation),
+        test.labels,
+        ks=args.ks,
+        temperature=args.temperature,
+        num_classes=len(train.classes),
+        chunk_size=args.query_chunk_size,
+        bank_chunk_size=args.bank_chunk_size,
+        device=device,
+    )
+    results: dict[str, Any] = {f"k={k}": {"top1": top1, "top5": top5} for k, (top1, top5) in acc.items()}
+    results.update(
+        {
+            "temperature": args.temperature,
+            "representation": args.representation,
+            "train_images": len(train),
+            "test_images": len(test),
+            "classes": len(train.classes),
+            "knn_seconds": time.perf_counter() - start,
+            **_common_results(provider, train),
+        }
+    )
+    write_results(results, args.output, f"k-NN on {test_src}")
+    return 0
+
+
+# --- dino lowshot ---------------------------------------------------------------------------------------
+
+
+def register_lowshot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lowshot",
+        help="logistic regression on frozen features with 1%% / 10%% of the labels",
+        description="Low-shot evaluation: for each label fraction, a deterministic subset (seeded; at least one "
+        "image per class) of the training set trains a multinomial logistic regression (L-BFGS, L2-regularised, "
+        "features centred and L2-normalised); top-1/top-5 on the test set. " + _CROP_NOTE,
+    )
+    _add_split_arguments(p, "labelled pool")
+    p.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_FRACTIONS),
+        help="label fractions (0.01 0.1)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the labelled subsets (default 0)")
+    p.add_argument(
+        "--l2", type=float, default=DEFAULT_L2, help=f"L2 weight on the mean loss (default {DEFAULT_L2})"
+    )
+    p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations at most (default 1000)")
+    p.add_argument("--representation", default="cls", help="feature representation (default: cls)")
+    add_model_arguments(p)
+    add_image_arguments(p)
+    p.set_defaults(func=run_lowshot)
+
+
+def run_lowshot(args: argparse.Namespace) -> int:
+    train_src, test_src = _sources(args)
+    _needs_model(args, (train_src, test_src))
+    Representation.parse(args.representation)
+    if any(not 0 < f <= 1 for f in args.fractions):
+        raise ValueError(f"--fractions must lie in (0, 1], got {args.fractions}")
+    provider = FeatureProvider(args)
+    train = provider.get(train_src, [args.representation], "lowshot train")
+    test = provider.get(test_src, [args.representation], "lowshot test").relabelled(train.classes)
+    check_same_model(train, test)
+    start = time.perf_counter()
+    per_fraction = lowshot_evaluate(
+        train.get(args.representation),
+        train.labels,
+        test.get(args.representation),
+        test.labels,
+        num_classes=len(train.classes),
+        fractions=args.fractions,
+        seed=args.seed,
+        l2=args.l2,
+        max_iter=args.max_iter,
+        device=resolve_device(args.device),
+    )
+    results: dict[str, Any] = dict(per_fraction)
+    results.update(
+        {
+            "representation": args.representation,
+            "l2": args.l2,
+            "seed": args.seed,
+            "train_images": len(train),
+            "test_images": len(test),
+            "classes": len(train.classes),
+            "fit_seconds": time.perf_counter() - start,
+            **_common_results(provider, train),
+        }
+    )
+    write_results(results, args.output, f"low-shot logistic regression on {test_src}")
+    return 0
+
+
+# --- dino linear ----------------------------------------------------------------------------------------
+
+
+def register_linear(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "linear",
+        help="linear probe on frozen features with a learning-rate sweep chosen on a validation split",
+        description="Linear evaluation: frozen backbone, one linear head per learning rate trained together (SGD, "
+        "momentum 0.9, no weight decay, cosine schedule, lr scaled by batch/256) on random-resized-crop + flip "
+        "views; the head with the best accuracy on a validation split of --train is reported on --test (centre "
+        "crop). --fast (or feature files) trains on features computed once without augmentation. Features: "
+        "by default the paper's (last-4 [CLS] for ViT-S-sized models, last [CLS] + mean patch token for ViT-B "
+        "and wider), or --n-last-blocks N [--avgpool-patchtokens]. " + _CROP_NOTE,
+    )
+    _add_split_arguments(p, "classifier")
+    p.add_argument(
+        "--fast", action="store_true", help="train on features computed once, without augmentation"
+    )
+    p.add_argument("--epochs", type=int, default=100, help="training epochs (default 100)")
+    p.add_argument(
+        "--lrs", type=float, nargs="+", default=list(DEFAULT_LRS), help="learning rates swept, for batch 256"
+    )
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--n-last-blocks", type=int, help="concatenate the [CLS] tokens of the last N blocks")
+    p.add_argument("--avgpool-patchtokens", action="store_true", help="append the mean patch token")
+    p.add_argument(
+        "--representation", help="stored representation to use with feature files (e.g. cls_last4)"
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of each class held out to pick the lr"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the split, the initialisation and the batches"
+    )
+    add_model_arguments(p)
+    add_image_arguments(p)
+    p.set_defaults(func=run_linear)
+
+
+def _linear_representation_name(args: argparse.Namespace, embed_dim: int, depth: int) -> str:
+    if args.representation:
+        return args.representation
+    if args.n_last_blocks or args.avgpool_patchtokens:
+        return linear_representation(args.n_last_blocks or 1, args.avgpool_patchtokens)
+    return paper_linear_representation(embed_dim, depth)
+
+
+def run_linear(args: argparse.Namespace) -> int:
+    train_src, test_src = _sources(args)
+    _needs_model(args, (train_src, test_src))
+    if args.epochs < 1 or not 0 < args.val_fraction < 1 or min(args.lrs) <= 0:
+        raise ValueError("--epochs must be >= 1, --val-fraction in (0, 1) and every --lrs value positive")
+    cached = args.fast or is_feature_file(train_src)
+    provider = FeatureProvider(args)
+    if is_feature_file(train_src):
+        info = FeatureSet.load(train_src).meta.get("model", {})
+        rep = _linear_representation_name(args, int(info.get("embed_dim", 0)), int(info.get("depth", 0)))
+    else:
+        loaded = provider.loaded
+        rep = _linear_representation_name(args, loaded.embed_dim, num_blocks(loaded.model))
+        check_representations(loaded.model, [rep])
+    Representation.parse(rep)
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    if cached:
+        train_all = provider.get(train_src, [rep], "linear train")
+        train_idx, val_idx = stratified_split(train_all.labels, args.val_fraction, args.seed)
+        train, val = train_all.subset(train_idx), train_all.subset(val_idx)
+        test = provider.get(test_src, [rep], "linear test").relabelled(train_all.classes)
+        check_same_model(train_all, test)
+        result = sweep_on_cached(
+            train.get(rep),
+            train.labels,
+            val.get(rep),
+            val.labels,
+            test.get(rep),
+            test.labels,
+            len(train_all.classes),
+            args.lrs,
+            args.epochs,
+            args.batch_size,
+            args.momentum,
+            device,
+            args.seed,
+        )
+        classes, n_train, n_val = train_all.classes, len(train), len(val)
+    else:
+        loaded, transform = provider.loaded, provider.transform
+        eval_ds = ImageFolderDataset(train_src, transform=transform, labelled=True)
+        labels = torch.tensor([label for _, label in eval_ds.samples])
+        train_idx, val_idx = stratified_split(labels, args.val_fraction, args.seed)
+        autocast = autocast_dtype_for(device)
+        extract = dict(batch_size=args.batch_size, num_workers=args.num_workers, autocast_dtype=autocast)
+        val = extract_representations(
+            loaded.model, eval_ds, device, [rep], desc="linear val", indices=val_idx.tolist(), **extract
+        )
+        test = provider.get(test_src, [rep], "linear test").relabelled(eval_ds.classes)
+        aug_ds = ImageFolderDataset(
+            train_src,
+            transform=train_transform(transform.crop_size, transform.mean, transform.std),
+            labelled=True,
+        )
+        result = sweep_augmented(
+            loaded.model,
+            aug_ds,
+            train_idx,
+            rep,
+            Representation.parse(rep).dim(loaded.embed_dim),
+            val.get(rep),
+            val.labels,
+            test.get(rep),
+            test.labels,
+            len(eval_ds.classes),
+            device,
+            args.lrs,
+            args.epochs,
+            args.batch_size,
+            args.momentum,
+            args.num_workers,
+            autocast,
+            args.seed,
+        )
+        classes, n_train, n_val = eval_ds.classes, int(train_idx.numel()), len(val)
+        train_all = val  # for the model/transform description
+    results: dict[str, Any] = {
+        "test": {"top1": result.test_top1, "top5": result.test_top5},
+        "best_lr": result.best_lr,
+        "val_top1": {f"lr={lr:g}": acc for lr, acc in zip(result.lrs, result.val_top1, strict=True)},
+        "representation": rep,
+        "mode": "cached features" if cached else "augmented",
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "train_images": n_train,
+        "val_images": n_val,
+        "test_images": len(test),
+        "classes": len(classes),
+        "seconds": time.perf_counter() - start,
+        **_common_results(provider, train_all),
+    }
+    write_results(results, args.output, f"linear probe on {test_src}")
+    return 0
