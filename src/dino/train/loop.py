@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dino.loss import DINOLoss
 from dino.teacher import TeacherUpdater
-from dino.train.checkpoint import CheckpointManager, load_checkpoint
+from dino.train.checkpoint import CheckpointManager
 from dino.train.config import DINOConfig, save_config
 from dino.train.data import build_train_data
 from dino.train.distributed import DistEnv, cleanup, init_distributed
@@ -102,13 +102,24 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
         checkpoint, path = restored
         load_model_state_dict(student, checkpoint["student"])
         load_model_state_dict(teacher, checkpoint["teacher"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
         dino_loss.load_state_dict(checkpoint["dino_loss"])
         if checkpoint.get("fp16_scaler") is not None and precision.use_scaler:
             scaler.load_state_dict(checkpoint["fp16_scaler"])
-        state.epoch, state.iteration = checkpoint["epoch"], checkpoint["iteration"]
-        state.step_in_epoch = checkpoint["step_in_epoch"]
-        restore_rng(checkpoint["rng"])
+        state.epoch = checkpoint["epoch"]
+        # A released full checkpoint of the original code has no optimiser state, random state or
+        # iteration: continue with a fresh optimiser from the start of its next epoch.
+        if "optimizer" in checkpoint:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        state.iteration = checkpoint.get("iteration", state.epoch * data.iters_per_epoch)
+        state.step_in_epoch = checkpoint.get("step_in_epoch", 0)
+        if "rng" in checkpoint:
+            restore_rng(checkpoint["rng"])
+        if state.epoch >= cfg.run.epochs:
+            log.warning(
+                "the checkpoint is at epoch %d of run.epochs=%d: nothing left to train",
+                state.epoch,
+                cfg.run.epochs,
+            )
         log.info("resumed from %s at epoch %d, iteration %d", path, state.epoch, state.iteration)
 
     if env.is_main:
@@ -248,13 +259,9 @@ def _restore(resume: str | Path | bool, checkpoints: CheckpointManager, device: 
         return None
     if resume is True:
         return checkpoints.load_latest(map_location=device)
-    path = Path(resume)
-    if path.is_dir():
-        found = CheckpointManager(path).load_latest(map_location=device)
-        if found is None:
-            raise FileNotFoundError(f"--resume {path}: no readable checkpoint in {path / 'checkpoints'}")
-        return found
-    return load_checkpoint(path, map_location=device), path
+    from dino.hub import load_training_checkpoint  # ours, or a released full checkpoint of the original code
+
+    return load_training_checkpoint(resume, map_location=device), Path(resume)
 
 
 def _mid_epoch_checkpoint_due(cfg: DINOConfig, state: TrainState, last_save_time: float) -> bool:
