@@ -8,7 +8,12 @@ import sys
 from collections.abc import Callable, Sequence
 
 from dino.eval.commands import register_extract, register_knn, register_linear, register_lowshot
-from dino.eval.dense_commands import register_attention, register_videoseg
+from dino.eval.dense_commands import (
+    register_attention,
+    register_copydetect,
+    register_retrieval,
+    register_videoseg,
+)
 from dino.export import register as _add_export
 from dino.train.config import ConfigError, load_config, preset_names
 
@@ -67,6 +72,8 @@ _COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_export,
     register_videoseg,
     register_attention,
+    register_retrieval,
+    register_copydetect,
 )
 
 

@@ -243,3 +243,138 @@ def _attention(args: argparse.Namespace) -> int:
         results["pictures"] = str(output_dir)
     _report(results, args.output, title, detail="per_image")
     return 0
+
+
+# --- dino retrieval --------------------------------------------------------------------------------------
+
+
+def register_retrieval(sub: argparse._SubParsersAction) -> None:
+    """Add ``dino retrieval``: revisited Oxford/Paris mAP and mP@k (Easy/Medium/Hard)."""
+    p = sub.add_parser(
+        "retrieval",
+        help="landmark retrieval on revisited Oxford/Paris: mAP and mP@1,5,10 (Medium and Hard)",
+        description="Rank the database of a revisited Oxford/Paris dataset for each query by cosine similarity "
+        "of frozen global features ([CLS] for a ViT, pooled output for a ResNet), and report mAP and mP@k for the "
+        "Easy, Medium and Hard setups exactly as the revisitop evaluation (junk images ignored).",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="revisitop root (<root>/<dataset>/jpg, gnd_<dataset>.pkl) or dataset folder",
+    )
+    p.add_argument("--dataset", help="roxford5k, rparis6k, … (default: the only gnd_*.pkl found)")
+    p.add_argument("--gnd", help="ground-truth pickle, overriding the one found under --data")
+    p.add_argument("--images", help="image folder, overriding <dataset>/jpg")
+    p.add_argument(
+        "--imsize", type=int, default=224, help="long side of every image in pixels (default: 224)"
+    )
+    p.add_argument("--multiscale", action="store_true", help="average features at scales 1, 1/√2 and 1/2")
+    p.add_argument(
+        "--no-query-crop",
+        action="store_true",
+        help="do not crop queries to their bbx (the DINO script's variant)",
+    )
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="k values of mP@k (default: 1 5 10)")
+    p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
+    add_model_arguments(p)
+    p.set_defaults(func=_retrieval, batch_size=16)
+
+
+def _retrieval(args: argparse.Namespace) -> int:
+    from dino.eval.retrieval import RevisitedDataset, evaluate_retrieval, image_paths, load_ground_truth
+
+    if args.gnd and args.images:
+        gnd_path, images = Path(args.gnd).expanduser(), Path(args.images).expanduser()
+        name = args.dataset or gnd_path.stem.removeprefix("gnd_")
+    else:
+        found = RevisitedDataset.locate(args.data, args.dataset)
+        name = found.name
+        gnd_path = Path(args.gnd).expanduser() if args.gnd else found.ground_truth
+        images = Path(args.images).expanduser() if args.images else found.images
+    if args.imsize < 1 or any(k < 1 for k in args.ks):
+        raise ValueError("--imsize and every --ks value must be positive")
+    truth = load_ground_truth(gnd_path)
+    image_paths(images, truth.imlist + truth.qimlist)  # every file present before the model loads
+    loaded = model_from_args(args)
+    scores = evaluate_retrieval(
+        loaded.model, images, truth, resolve_device(args.device), args.imsize, args.multiscale,
+        not args.no_query_crop, args.batch_size, args.num_workers, args.ks, progress=not args.quiet,
+    )  # fmt: skip
+    results = {
+        "dataset": name,
+        "model": model_info(loaded),
+        "imsize": args.imsize,
+        "multiscale": args.multiscale,
+        "query_crop": not args.no_query_crop,
+        "queries": len(truth.qimlist),
+        "database": len(truth.imlist),
+        **scores,
+    }
+    _report(results, args.output, f"Image retrieval on {name} (%)", detail="per_query")
+    return 0
+
+
+# --- dino copydetect -------------------------------------------------------------------------------------
+
+
+def register_copydetect(sub: argparse._SubParsersAction) -> None:
+    """Add ``dino copydetect``: Copydays mAP per block with [CLS] ⊕ GeM descriptors and optional whitening."""
+    p = sub.add_parser(
+        "copydetect",
+        help="copy detection on Copydays: mAP per block ([CLS] + GeM patch tokens, whitening, distractors)",
+        description="Search every Copydays query block (strong, jpegqual/*, crops/*) among the originals (and "
+        "optional distractors) by cosine similarity of [CLS] ⊕ GeM(p=4) patch-token descriptors, optionally "
+        "PCA-whitened on a separate folder, and report the mAP of each block.",
+    )
+    p.add_argument(
+        "--data", required=True, help="Copydays root with original/, strong/, jpegqual/<q>/, crops/<p>/"
+    )
+    p.add_argument(
+        "--whiten-dir", help="folder of images to learn the PCA whitening on (paper: 20k YFCC100M)"
+    )
+    p.add_argument(
+        "--whiten-dim", type=int, help="components kept by the whitening (default: min(dim, images - 1))"
+    )
+    p.add_argument(
+        "--distractors", help="folder of distractor images added to the database (paper: 10k YFCC100M)"
+    )
+    p.add_argument("--imsize", type=int, default=320, help="square input size in pixels (default: 320)")
+    p.add_argument("--max-rank", type=int, default=20, help="results scored per query, 0: all (default: 20)")
+    p.add_argument(
+        "--group-chars",
+        type=int,
+        default=4,
+        help="name prefix identifying a Copydays image group (default: 4)",
+    )
+    p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
+    add_model_arguments(p)
+    p.set_defaults(func=_copydetect, batch_size=32)
+
+
+def _copydetect(args: argparse.Namespace) -> int:
+    from dino.eval.copy_detection import (
+        CopydaysLayout,
+        check_descriptor_support,
+        evaluate_copydays,
+        positives_for,
+    )
+
+    layout = CopydaysLayout.read(args.data)
+    for paths in layout.blocks.values():
+        for query in paths:
+            positives_for(query, layout.originals, args.group_chars)
+    for option, folder in (("--whiten-dir", args.whiten_dir), ("--distractors", args.distractors)):
+        if folder and not Path(folder).expanduser().is_dir():
+            raise FileNotFoundError(f"{option} {folder} is not a folder")
+    if args.imsize < 1:
+        raise ValueError("--imsize must be positive")
+    loaded = model_from_args(args)
+    check_descriptor_support(loaded.model)
+    scores = evaluate_copydays(
+        loaded.model, args.data, resolve_device(args.device), args.imsize, args.whiten_dir, args.whiten_dim,
+        args.distractors, args.max_rank, args.group_chars, args.batch_size, args.num_workers,
+        progress=not args.quiet,
+    )  # fmt: skip
+    results = {"model": model_info(loaded), "imsize": args.imsize, "max_rank": args.max_rank, **scores}
+    _report(results, args.output, "Copy detection on Copydays (mAP, %)", detail="per_query")
+    return 0

@@ -1,0 +1,301 @@
+"""Copy detection on INRIA Copydays with frozen features: [CLS] ⊕ GeM-pooled patch tokens, whitening, cosine.
+
+Protocol (the paper's, after Berman et al.'s Multigrain):
+
+* Layout: ``original/`` (the database), and query blocks ``strong/``, ``jpegqual/<quality>/`` and
+  ``crops/<percent>/``; every block found is evaluated (``original`` itself is a sanity check scoring 100).
+  A query's positives are the originals with the same file stem; when there is none (Copydays' ``strong``
+  images), the originals sharing the first ``group_chars`` (4) characters, Copydays' image-group id.
+* Images are resized to ``imsize`` × ``imsize`` (320, bicubic). A ViT's descriptor is its final [CLS] token
+  concatenated with GeM pooling (p = 4) of its final patch tokens (clamped at 1e-6); a torchvision ResNet's
+  is GeM (p = 4) of its last feature map.
+* Optional distractors (another folder) are added to the database.
+* Optional whitening learned on a separate folder: descriptors are centred with that folder's mean,
+  projected on the eigenvectors of its covariance and divided by ``sqrt(max(λ, 1e-5 · λ_max))`` (the
+  reference's floor for tiny eigenvalues), keeping at most ``n - 1`` components when the folder has ``n``
+  images (more would only amplify directions it never saw); then L2-normalised.
+* Ranking by cosine similarity; each query's AP (trapezoid rule, as for revisited Oxford/Paris) counts the
+  positives within the first ``max_rank`` results (20 in the reference; 0: the whole database). mAP per block.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from dino.data.datasets import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
+from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dino.eval.retrieval import average_precision
+from dino.models.vision_transformer import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+GEM_P = 4.0
+GEM_EPS = 1e-6
+EIGENVALUE_FLOOR = 1e-5
+
+
+# --- Layout ----------------------------------------------------------------------------------------------
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _numeric_key(path: Path) -> tuple[int, str]:
+    return (int(path.name), path.name) if re.fullmatch(r"\d+", path.name) else (10**9, path.name)
+
+
+@dataclass(frozen=True)
+class CopydaysLayout:
+    """The originals and the query blocks (name → images) of a Copydays-style folder."""
+
+    originals: list[Path]
+    blocks: dict[str, list[Path]]
+
+    @classmethod
+    def read(cls, root: str | Path) -> CopydaysLayout:
+        root = Path(root).expanduser()
+        if not (root / "original").is_dir():
+            raise FileNotFoundError(
+                f"{root} has no original/ folder; a Copydays root holds original/, strong/, …"
+            )
+        originals = _images_in(root / "original")
+        if not originals:
+            raise FileNotFoundError(f"{root / 'original'} holds no image")
+        blocks: dict[str, list[Path]] = {"original": originals}
+        if (root / "strong").is_dir():
+            blocks["strong"] = _images_in(root / "strong")
+        for family in ("jpegqual", "crops"):
+            if (root / family).is_dir():
+                for sub in sorted((p for p in (root / family).iterdir() if p.is_dir()), key=_numeric_key):
+                    blocks[f"{family}/{sub.name}"] = _images_in(sub)
+        return cls(originals, {name: paths for name, paths in blocks.items() if paths})
+
+
+def positives_for(query: Path, originals: Sequence[Path], group_chars: int = 4) -> list[int]:
+    """Indices of a query's originals: the same stem, else the same ``group_chars``-character prefix."""
+    same = [i for i, o in enumerate(originals) if o.stem == query.stem]
+    if same:
+        return same
+    group = [i for i, o in enumerate(originals) if o.stem[:group_chars] == query.stem[:group_chars]]
+    if not group:
+        raise ValueError(
+            f"query {query.name} matches no original (neither the stem {query.stem!r} nor the prefix "
+            f"{query.stem[:group_chars]!r}); name copies after their original"
+        )
+    return group
+
+
+# --- Descriptors -----------------------------------------------------------------------------------------
+
+
+class SquareImages(Dataset):
+    """Images resized to ``imsize`` × ``imsize`` (bicubic) and normalised."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        imsize: int,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        self.paths = list(paths)
+        self.imsize = imsize
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Tensor:
+        try:
+            image = load_rgb(self.paths[index])
+        except ImageDecodeError as err:
+            raise ValueError(f"cannot use {self.paths[index]}: {err}") from err
+        image = image.resize((self.imsize, self.imsize), Image.BICUBIC)
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0
+        return (pixels - self.mean) / self.std
+
+
+def gem(features: Tensor, p: float = GEM_P, eps: float = GEM_EPS, dim: int = 1) -> Tensor:
+    """Generalised mean ``(mean(clamp(x, eps)^p))^(1/p)`` over ``dim``."""
+    return features.clamp(min=eps).pow(p).mean(dim=dim).pow(1.0 / p)
+
+
+def check_descriptor_support(model: nn.Module) -> None:
+    """Refuse, before any work, a backbone whose copy-detection descriptor is not defined here."""
+    if not isinstance(model, VisionTransformer) and not hasattr(model, "layer4"):
+        raise ValueError(f"copy detection needs a ViT or a torchvision ResNet, not {type(model).__name__}")
+
+
+@torch.no_grad()
+def copy_descriptor(model: nn.Module, images: Tensor) -> Tensor:
+    """[CLS] ⊕ GeM(p=4) of the patch tokens for a ViT; GeM(p=4) of the last feature map for a ResNet."""
+    if isinstance(model, VisionTransformer):
+        tokens = model.forward_features(images).float()
+        return torch.cat([tokens[:, 0], gem(tokens[:, 1:], dim=1)], dim=1)
+    check_descriptor_support(model)
+    x = model.maxpool(model.relu(model.bn1(model.conv1(images))))  # type: ignore[operator]
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):  # type: ignore[attr-defined]
+        x = layer(x)
+    return gem(x.float().flatten(2), dim=2)
+
+
+@torch.no_grad()
+def descriptors(
+    model: nn.Module,
+    paths: Sequence[Path],
+    device: torch.device,
+    imsize: int = 320,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: bool = False,
+    desc: str = "images",
+) -> Tensor:
+    """Raw (unnormalised) copy-detection descriptors of ``paths``, [N, D] on the CPU."""
+    from tqdm import tqdm
+
+    loader = DataLoader(SquareImages(paths, imsize), batch_size=batch_size, num_workers=num_workers)
+    out = [
+        copy_descriptor(model, batch.to(device)).cpu()
+        for batch in tqdm(loader, desc=desc, disable=not progress)
+    ]
+    return torch.cat(out)
+
+
+# --- Whitening -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PCAWhitening:
+    """``x ↦ (x - mean) @ projection.T``; rows of ``projection`` are eigenvectors / sqrt(eigenvalue)."""
+
+    mean: Tensor  # [D]
+    projection: Tensor  # [d, D]
+    eigenvalues: Tensor  # [d], kept, largest first (after the floor)
+    energy: float  # fraction of the variance kept
+
+    @classmethod
+    def fit(cls, features: Tensor, dim: int | None = None, floor: float = EIGENVALUE_FLOOR) -> PCAWhitening:
+        """Learn the whitening from [n, D] features; keeps ``dim`` components (default ``min(D, n - 1)``)."""
+        n, d_in = features.shape
+        if n < 2:
+            raise ValueError(f"whitening needs at least 2 images, got {n}")
+        x = features.double()
+        mean = x.mean(dim=0)
+        centred = x - mean
+        cov = centred.T @ centred / n
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # ascending
+        eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
+        total = float(eigenvalues.clamp_min(0).sum())
+        keep = min(dim or d_in, d_in, n - 1)
+        eigenvalues = eigenvalues.clamp_min(floor * float(eigenvalues[0]))[:keep]
+        eigenvectors = eigenvectors[:, :keep]
+        projection = eigenvectors.T / eigenvalues.sqrt()[:, None]
+        energy = float(eigenvalues.sum()) / total if total > 0 else 1.0
+        return cls(mean.float(), projection.float(), eigenvalues.float(), energy)
+
+    def apply(self, features: Tensor) -> Tensor:
+        return (features - self.mean) @ self.projection.T
+
+
+# --- The protocol ----------------------------------------------------------------------------------------
+
+
+def block_average_precisions(
+    similarity: Tensor, positives: Sequence[Sequence[int]], max_rank: int = 20
+) -> np.ndarray:
+    """AP of each query row of ``similarity`` [Q, N] given its positive database indices."""
+    depth = similarity.shape[1] if max_rank <= 0 else min(max_rank, similarity.shape[1])
+    order = torch.argsort(similarity, dim=1, descending=True, stable=True)[:, :depth].numpy()
+    aps = np.zeros(len(positives))
+    for q, pos in enumerate(positives):
+        ranks = np.nonzero(np.isin(order[q], np.asarray(pos)))[0]
+        aps[q] = average_precision(ranks, len(pos))
+    return aps
+
+
+def evaluate_copydays(
+    model: nn.Module,
+    root: str | Path,
+    device: torch.device,
+    imsize: int = 320,
+    whiten_dir: str | Path | None = None,
+    whiten_dim: int | None = None,
+    distractor_dir: str | Path | None = None,
+    max_rank: int = 20,
+    group_chars: int = 4,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """mAP (percent) per query block, the ``strong`` block's being the paper's number."""
+    check_descriptor_support(model)
+    layout = CopydaysLayout.read(root)
+    positives = {
+        name: [positives_for(q, layout.originals, group_chars) for q in paths]
+        for name, paths in layout.blocks.items()
+    }
+    distractors = _folder_images(distractor_dir, "--distractors") if distractor_dir else []
+    whitening_images = _folder_images(whiten_dir, "--whiten-dir") if whiten_dir else []
+
+    def embed(paths: Sequence[Path], desc: str) -> Tensor:
+        return descriptors(model, paths, device, imsize, batch_size, num_workers, progress, desc)
+
+    database = embed(layout.originals + distractors, "database")
+    queries = {name: embed(paths, name) for name, paths in layout.blocks.items() if name != "original"}
+    queries["original"] = database[: len(layout.originals)]
+    results: dict[str, Any] = {
+        "database": {"originals": len(layout.originals), "distractors": len(distractors)},
+        "descriptor_dim": int(database.shape[1]),
+    }
+    if whitening_images:
+        whitening = PCAWhitening.fit(embed(whitening_images, "whitening"), whiten_dim)
+        if whitening.projection.shape[0] < database.shape[1]:
+            log.info("whitening keeps %d of %d dimensions", whitening.projection.shape[0], database.shape[1])
+        database = whitening.apply(database)
+        queries = {name: whitening.apply(q) for name, q in queries.items()}
+        results["whitening"] = {
+            "images": len(whitening_images),
+            "dim": int(whitening.projection.shape[0]),
+            "energy_kept": whitening.energy,
+        }
+    database = F.normalize(database, dim=1)
+    block_map: dict[str, float] = {}
+    per_query: dict[str, dict[str, float]] = {}
+    for name in layout.blocks:
+        aps = block_average_precisions(
+            F.normalize(queries[name], dim=1) @ database.T, positives[name], max_rank
+        )
+        block_map[name] = 100 * float(aps.mean())
+        per_query[name] = {p.name: 100 * float(ap) for p, ap in zip(layout.blocks[name], aps, strict=True)}
+    results["mAP"] = block_map
+    if "strong" in block_map:
+        results["mAP_strong"] = block_map["strong"]
+    transformed = [v for k, v in block_map.items() if k != "original"]
+    if transformed:
+        results["mAP_mean_transformed_blocks"] = float(np.mean(transformed))
+    results["per_query"] = per_query
+    return results
+
+
+def _folder_images(folder: str | Path, option: str) -> list[Path]:
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{option} {folder} is not a folder")
+    images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise FileNotFoundError(f"{option} {folder} holds no image")
+    return images

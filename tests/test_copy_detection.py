@@ -1,0 +1,180 @@
+"""Copy detection: GeM, whitening on a known covariance, positives, block AP, and ``dino copydetect``."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter, ImageOps
+
+from dino.cli import main
+from dino.eval.copy_detection import (
+    CopydaysLayout,
+    PCAWhitening,
+    block_average_precisions,
+    copy_descriptor,
+    gem,
+    positives_for,
+)
+from dino.models.vision_transformer import vit
+
+
+def test_gem_by_hand() -> None:
+    x = torch.tensor([[[1.0, 0.0], [2.0, -3.0]]])  # [1, 2 tokens, 2 dims]
+    # dim 0: ((1 + 16) / 2)^(1/4); dim 1: both clamped to 1e-6
+    out = gem(x, p=4, dim=1)
+    assert out[0, 0].item() == pytest.approx((17 / 2) ** 0.25)
+    assert out[0, 1].item() == pytest.approx(1e-6, rel=1e-4)
+
+
+def test_vit_descriptor_is_cls_and_gem_of_patches() -> None:
+    torch.manual_seed(0)
+    model = vit("tiny", patch_size=8, img_size=32, depth=1).eval()
+    images = torch.randn(2, 3, 32, 32)
+    desc = copy_descriptor(model, images)
+    tokens = model.forward_features(images)
+    assert desc.shape == (2, 2 * 192)
+    torch.testing.assert_close(desc[:, :192], tokens[:, 0])
+    expected = tokens[:, 1:].clamp(min=1e-6).pow(4).mean(dim=1).pow(0.25)
+    torch.testing.assert_close(desc[:, 192:], expected)
+
+
+def test_whitening_of_a_known_covariance_by_hand() -> None:
+    # Four points (±2, 0), (0, ±1) rotated by 30°: covariance eigenvalues 2 and 0.5.
+    c, s = math.cos(math.pi / 6), math.sin(math.pi / 6)
+    rotation = torch.tensor([[c, -s], [s, c]])
+    points = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 1.0], [0.0, -1.0]]) @ rotation.T + torch.tensor(
+        [5.0, -1.0]
+    )
+    w = PCAWhitening.fit(points)
+    torch.testing.assert_close(w.mean, torch.tensor([5.0, -1.0]))
+    torch.testing.assert_close(w.eigenvalues, torch.tensor([2.0, 0.5]))
+    out = w.apply(points)
+    # (±2, 0) → ±2/√2 on the first axis; (0, ±1) → ±1/√0.5 on the second.
+    torch.testing.assert_close(
+        out.abs(), torch.tensor([[2**0.5, 0], [2**0.5, 0], [0, 2**0.5], [0, 2**0.5]]), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(out.T @ out / 4, torch.eye(2), atol=1e-5, rtol=0)
+    assert w.energy == pytest.approx(1.0)
+
+
+def test_whitening_gives_identity_covariance_and_limits_dimensions() -> None:
+    gen = torch.Generator().manual_seed(0)
+    mixing = torch.randn(6, 6, generator=gen)
+    features = torch.randn(500, 6, generator=gen) @ mixing.T + 3.0
+    w = PCAWhitening.fit(features)
+    out = w.apply(features)
+    torch.testing.assert_close(out.mean(dim=0), torch.zeros(6), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.T @ out / 500, torch.eye(6), atol=1e-3, rtol=0)
+    # Fewer images than dimensions: at most n - 1 components, never the unseen null space.
+    few = PCAWhitening.fit(features[:4])
+    assert few.projection.shape == (3, 6)
+    assert PCAWhitening.fit(features, dim=2).projection.shape == (2, 6)
+
+
+def test_positives_by_stem_then_group_prefix() -> None:
+    originals = [Path("200000.jpg"), Path("200100.jpg"), Path("200200.jpg")]
+    assert positives_for(Path("200100.jpg"), originals) == [1]  # same stem
+    assert positives_for(Path("200105.jpg"), originals) == [1]  # same group "2001"
+
+
+def test_positives_group_prefix() -> None:
+    originals = [Path("200000.jpg"), Path("210000.jpg"), Path("210100.jpg")]
+    assert positives_for(Path("200003.jpg"), originals) == [0]
+    assert positives_for(Path("210150.jpg"), originals) == [2]
+    with pytest.raises(ValueError, match="matches no original"):
+        positives_for(Path("999999.jpg"), originals)
+
+
+def test_block_average_precisions_by_hand() -> None:
+    similarity = torch.tensor([[0.9, 0.8, 0.1, 0.5], [0.2, 0.1, 0.3, 0.9]])
+    # q0: positive 1 at rank 1 → (0 + 1/2)/2 = 1/4; q1: positives {2, 0} at ranks 1 and 2.
+    aps = block_average_precisions(similarity, [[1], [2, 0]], max_rank=0)
+    assert aps[0] == pytest.approx(0.25)
+    assert aps[1] == pytest.approx((0 + 1 / 2) / 4 + (1 / 2 + 2 / 3) / 4)
+    # Only the first 2 results count: q1's positive at rank 2 is lost.
+    assert block_average_precisions(similarity, [[1], [2, 0]], max_rank=2)[1] == pytest.approx(1 / 8)
+
+
+def _texture(rng: np.random.Generator, size: int = 48) -> Image.Image:
+    low = rng.random((size // 8, size // 8, 3))
+    pixels = np.kron(low, np.ones((8, 8, 1))) * 0.7 + rng.random((size, size, 3)) * 0.3
+    return Image.fromarray((pixels * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def copydays(tmp_path_factory) -> Path:
+    """A Copydays-like folder: 4 originals, strong edits named by group, JPEG, crops and exact copies."""
+    root = tmp_path_factory.mktemp("copydays")
+    rng = np.random.default_rng(0)
+    folders = ["original", "strong", "jpegqual/50", "jpegqual/100", "crops/50", "whiten", "distractors"]
+    for sub in folders:
+        (root / sub).mkdir(parents=True)
+    for i in range(4):
+        name = f"20{i}000.jpg"
+        image = _texture(rng)
+        image.save(root / "original" / name, quality=95)
+        image = Image.open(root / "original" / name)
+        strong = ImageOps.mirror(image.filter(ImageFilter.GaussianBlur(2))).rotate(10)
+        strong.save(root / "strong" / f"20{i}001.jpg")
+        image.save(root / "jpegqual" / "50" / name, quality=50)
+        shutil.copy(root / "original" / name, root / "jpegqual" / "100" / name)
+        image.crop((12, 12, 36, 36)).save(root / "crops" / "50" / name)
+    for i in range(6):
+        _texture(rng).save(root / "whiten" / f"w{i}.jpg")
+    for i in range(3):
+        _texture(rng).save(root / "distractors" / f"d{i}.jpg")
+    return root
+
+
+def test_layout_lists_blocks_in_numeric_order(copydays: Path) -> None:
+    layout = CopydaysLayout.read(copydays)
+    assert list(layout.blocks) == ["original", "strong", "jpegqual/50", "jpegqual/100", "crops/50"]
+    assert len(layout.originals) == 4
+
+
+def test_copydetect_command_end_to_end(tmp_path: Path, copydays: Path, capsys) -> None:
+    torch.manual_seed(0)
+    weights = tmp_path / "vit.pth"
+    torch.save(vit("tiny", patch_size=8, img_size=32, depth=1).state_dict(), weights)
+    out = tmp_path / "copy.json"
+    rc = main(
+        ["copydetect", "--data", str(copydays), "--whiten-dir",
+         str(copydays / "whiten"), "--distractors", str(copydays / "distractors"), "--imsize", "32", "--weights",
+         str(weights), "--device", "cpu", "--num-workers", "0", "--quiet", "--output", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    results = json.loads(out.read_text())
+    assert results["database"] == {"originals": 4, "distractors": 3}
+    assert results["whitening"]["dim"] == 5  # 6 whitening images: at most 5 components
+    assert results["mAP"]["original"] == pytest.approx(100.0)
+    assert results["mAP"]["jpegqual/100"] == pytest.approx(100.0)  # byte-identical copies
+    assert 0.0 <= results["mAP_strong"] <= 100.0
+    assert results["mAP_strong"] == pytest.approx(np.mean(list(results["per_query"]["strong"].values())))
+    assert "mAP.strong" in capsys.readouterr().out
+
+
+def test_copydetect_without_whitening_and_with_a_resnet(copydays: Path, tmp_path: Path) -> None:
+    out = tmp_path / "copy.json"
+    rc = main(
+        ["copydetect", "--data", str(copydays), "--weights", "torchvision:resnet18", "--random-init",
+         "--imsize", "32", "--device", "cpu", "--num-workers", "0", "--quiet", "--output", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    results = json.loads(out.read_text())
+    assert results["descriptor_dim"] == 512 and "whitening" not in results
+    assert results["mAP"]["jpegqual/100"] == pytest.approx(100.0)
+
+
+def test_copydetect_errors_before_loading_a_model(tmp_path: Path, copydays: Path, capsys) -> None:
+    assert main(["copydetect", "--data", str(tmp_path), "--weights", "x.pth"]) == 2
+    assert "original/" in capsys.readouterr().err
+    rc = main(
+        ["copydetect", "--data", str(copydays), "--whiten-dir", str(tmp_path / "nope"), "--weights", "x.pth"]
+    )
+    assert rc == 2 and "--whiten-dir" in capsys.readouterr().err
