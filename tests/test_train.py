@@ -113,3 +113,21 @@ def test_batch_larger_than_dataset(small_folder, tmp_path, capsys):
         ]
     )
     assert code == 2 and "run.batch_size" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_with_torchrun(small_folder, tmp_path):
+    """DDP on the CPU (gloo): the data is split, gradients and the center are averaged across processes."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "dino.cli", "train", "--data", str(small_folder), "--output", str(out), *TINY_OVERRIDES,
+           "run.batch_size=8", "run.epochs=2"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    start = records(out, "start")[0]
+    assert start["world_size"] == 2 and start["iters_per_epoch"] == 3  # 48 images / (2 × 8)
+    state = torch.load(sorted((out / "checkpoints").glob("last-*.pth"))[-1], weights_only=True)
+    assert state["iteration"] == 6 and torch.isfinite(state["dino_loss"]["center"]).all()
