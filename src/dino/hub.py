@@ -20,7 +20,7 @@ import math
 import os
 import pickle
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -147,6 +147,10 @@ def _download(url: str, target: Path) -> Path:
 # --- Reading files safely ---------------------------------------------------------------------------------
 
 
+# Lines of torch's weights-only error text that say nothing about the file itself.
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
 def read_weights_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """Load a ``.pth`` file without executing code (``argparse.Namespace`` is the one object allowed)."""
     path = Path(path).expanduser()
@@ -156,11 +160,18 @@ def read_weights_file(path: str | Path, map_location: str | torch.device = "cpu"
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        culprit = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "")
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        culprit = next((line for line in lines if "GLOBAL" in line), "")
+        if culprit:
+            raise WeightsError(
+                f"refused to load {path}: it holds Python objects or code, not just tensors and plain data "
+                f"({culprit}); nothing in it was run. Only if you trust its origin, re-save its tensors as a "
+                "plain state dict"
+            ) from err
+        detail = next((line for line in lines if not line.startswith(_TORCH_BOILERPLATE)), type(err).__name__)
         raise WeightsError(
-            f"refused to load {path}: it holds Python objects or code, not just tensors and plain data"
-            + (f" ({culprit})" if culprit else "")
-            + "; nothing in it was run. Only if you trust its origin, re-save its tensors as a plain state dict"
+            f"cannot read {path} as a PyTorch weights file ({detail}); it is damaged or not a weights file "
+            "(nothing in it was run)"
         ) from err
     except Exception as err:
         raise WeightsError(
@@ -342,13 +353,9 @@ def load_strict(
     """``model.load_state_dict(state, strict=True)``, or a WeightsError that names every mismatch and
     suggests the likely cause (architecture, patch or image size, full checkpoint, student vs teacher)."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    # Stems and heads first: their shapes say most about the architecture.
-    wrong = sorted(
-        (k for k in set(state) & set(expected) if state[k].shape != expected[k].shape),
-        key=lambda k: (k.startswith(("blocks.", "layer")), k),
-    )
+    missing = _stems_first(set(expected) - set(state))
+    unexpected = _stems_first(set(state) - set(expected))
+    wrong = _stems_first(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
     if not (missing or unexpected or wrong):
         model.load_state_dict(state, strict=True)
         return
@@ -389,6 +396,17 @@ def load_strict(
         f"weights in {origin} do not match the model: "
         + "; ".join(p for p in parts if p)
         + (f". Likely cause: {'; or '.join(hints)}" if hints else "")
+    )
+
+
+def _stems_first(keys: Iterable[str]) -> list[str]:
+    """Keys sorted with everything outside the repeated blocks first: those say most about a mismatch."""
+    return sorted(
+        keys,
+        key=lambda k: (
+            k.removeprefix("module.").removeprefix("backbone.").startswith(("blocks.", "layer")),
+            k,
+        ),
     )
 
 
@@ -465,9 +483,9 @@ def read_backbone_weights(
     patch = patch_size or patch
     if not arch_.startswith("vit_"):
         patch, depth = 0, 0
-    source = str(path) if str(spec) == str(path) else f"{spec} ({path})"
-    if from_full:
-        source += f" ({which})"
+    details = [str(path)] if str(spec) != str(path) else []
+    details += [which] if from_full else []
+    source = f"{spec} ({', '.join(details)})" if details else str(spec)
     return BackboneWeights(state, arch_, patch, img or 224, depth, source, which if from_full else None)
 
 

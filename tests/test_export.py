@@ -1,0 +1,215 @@
+"""dino.export: round trips for every format, the released layout, safetensors metadata, timm, the command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dino import hub
+from dino.cli import main
+from dino.export import EXPORT_FORMATS, export_backbone, safetensors_metadata, timm_model_args
+from dino.hub import WeightsError
+from dino.models.vision_transformer import VisionTransformer
+from dino.train.checkpoint import CheckpointManager
+from dino.train.config import config_to_dict, load_config
+from dino.train.setup import build_student_teacher, model_state_dict
+
+PATCH, IMG, DEPTH = 4, 16, 2
+RELEASED_VIT_KEYS = [
+    "cls_token",
+    "pos_embed",
+    "patch_embed.proj.weight",
+    "patch_embed.proj.bias",
+    "norm.weight",
+    "norm.bias",
+]
+BLOCK_KEYS = [
+    f"{layer}.{p}"
+    for layer in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+    for p in ("weight", "bias")
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run directory holding one of our checkpoints (tiny ViT), teacher different from student."""
+    cfg = load_config(
+        None,
+        [
+            "model.arch=vit_tiny",
+            f"model.patch_size={PATCH}",
+            f"model.depth={DEPTH}",
+            "head.out_dim=32",
+            "head.hidden_dim=16",
+            "head.bottleneck_dim=8",
+            f"data.global_crop_size={IMG}",
+            "data.local_crop_size=8",
+        ],
+    )
+    torch.manual_seed(0)
+    student, teacher = build_student_teacher(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    run = tmp_path_factory.mktemp("run")
+    state = {
+        "student": model_state_dict(student),
+        "teacher": model_state_dict(teacher),
+        "dino_loss": {"center": torch.zeros(1, 32)},
+        "epoch": 1,
+        "iteration": 2,
+        "step_in_epoch": 0,
+        "config": config_to_dict(cfg),
+    }
+    CheckpointManager(run).save(state, iteration=2)
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_features(run_dir) -> dict[str, torch.Tensor]:
+    """Features of the run's teacher and student backbones on a fixed input."""
+    return {which: features(hub.load(run_dir, which=which).model) for which in ("teacher", "student")}
+
+
+def features(model: torch.nn.Module, size: int = IMG) -> torch.Tensor:
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.mark.parametrize("fmt", EXPORT_FORMATS)
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_export_then_load_gives_bit_identical_outputs(run_dir, run_features, tmp_path, fmt, which):
+    exported = export_backbone(run_dir, fmt, tmp_path / f"out-{fmt}", which=which)
+    loaded = hub.load(exported.path)
+    assert (loaded.arch, loaded.patch_size, loaded.img_size, loaded.depth) == ("vit_tiny", PATCH, IMG, DEPTH)
+    out = features(loaded.model)
+    assert torch.equal(out, run_features[which])
+    assert not torch.equal(out, run_features["student" if which == "teacher" else "teacher"])
+
+
+def test_dino_format_is_a_plain_state_dict_in_the_released_layout(run_dir, tmp_path):
+    exported = export_backbone(run_dir, "dino", tmp_path / "b.pth")
+    state = torch.load(exported.path, weights_only=True)
+    expected = set(RELEASED_VIT_KEYS) | {f"blocks.{i}.{k}" for i in range(DEPTH) for k in BLOCK_KEYS}
+    assert set(state) == expected and all(isinstance(v, torch.Tensor) for v in state.values())
+    # The key layout and shapes of the original vision_transformer.VisionTransformer (eps 1e-6, qkv bias).
+    model = VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=192, depth=DEPTH, num_heads=3)
+    model.load_state_dict(state, strict=True)
+    assert "VisionTransformer(patch_size=4, embed_dim=192, depth=2, num_heads=3" in exported.load_hint
+    assert "img_size=[16]" in exported.load_hint and "--img-size 224" in exported.load_hint
+
+
+def test_safetensors_metadata_records_the_architecture(run_dir, tmp_path):
+    from safetensors import safe_open
+
+    exported = export_backbone(run_dir, "safetensors", tmp_path / "b.safetensors", which="student")
+    with safe_open(str(exported.path), framework="pt") as fh:
+        metadata = fh.metadata()
+    assert metadata == safetensors_metadata(exported.weights)
+    assert {
+        k: metadata[k]
+        for k in ("format", "format_version", "arch", "patch_size", "img_size", "depth", "embed_dim")
+    } == {
+        "format": "dino-backbone",
+        "format_version": "1",
+        "arch": "vit_tiny",
+        "patch_size": "4",
+        "img_size": "16",
+        "depth": "2",
+        "embed_dim": "192",
+    }
+    assert metadata["which"] == "student"
+
+
+def test_timm_export_loads_strictly_into_timm_with_identical_outputs(run_dir, tmp_path):
+    timm = pytest.importorskip("timm")
+    exported = export_backbone(run_dir, "timm", tmp_path / "t.pth")
+    name, kwargs = timm_model_args(exported.weights)
+    assert (name, kwargs) == (
+        "vit_tiny_patch16_224",
+        {"num_classes": 0, "patch_size": 4, "img_size": 16, "depth": 2},
+    )
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    model.load_state_dict(torch.load(exported.path, weights_only=True), strict=True)
+    assert torch.equal(features(model), features(hub.load(run_dir).model))
+    assert f"timm.create_model('{name}', pretrained=False, num_classes=0" in exported.load_hint
+
+
+def test_timm_names_for_the_released_architectures():
+    def args(arch: str, patch: int, img: int = 224, depth: int = 12) -> tuple:
+        return timm_model_args(hub.BackboneWeights({}, arch, patch, img, depth, "test"))
+
+    assert args("vit_small", 16) == ("vit_small_patch16_224", {"num_classes": 0})
+    assert args("vit_small", 8) == ("vit_small_patch8_224", {"num_classes": 0})
+    assert args("vit_base", 8, img=480) == ("vit_base_patch8_224", {"num_classes": 0, "img_size": 480})
+    assert args("resnet50", 0, depth=0) == ("resnet50", {"num_classes": 0})
+
+
+def test_resnet_exports_load_into_torchvision_and_timm(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.resnet18(weights=None).eval()
+    torch.save(
+        {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}, tmp_path / "rn.pth"
+    )
+    reference.fc = torch.nn.Identity()
+    x_out = features(reference, 32)
+    dino_file = export_backbone(tmp_path / "rn.pth", "dino", tmp_path / "rn_dino.pth")
+    reference.load_state_dict(torch.load(dino_file.path, weights_only=True), strict=True)
+    assert torch.equal(features(reference, 32), x_out)
+    assert torch.equal(
+        features(hub.load(export_backbone(tmp_path / "rn.pth", "safetensors").path).model, 32), x_out
+    )
+    timm = pytest.importorskip("timm")
+    timm_file = export_backbone(tmp_path / "rn.pth", "timm")
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    model.load_state_dict(torch.load(timm_file.path, weights_only=True), strict=True)
+    assert torch.equal(features(model, 32), x_out)
+
+
+def test_export_resamples_to_another_input_size(run_dir, tmp_path):
+    exported = export_backbone(run_dir, "safetensors", tmp_path / "big.safetensors", img_size=32)
+    loaded = hub.load(exported.path)
+    assert loaded.img_size == 32 and loaded.model.pos_embed.shape[1] == (32 // PATCH) ** 2 + 1
+    assert torch.equal(
+        features(loaded.model, 32), features(hub.load(run_dir).model, 32)
+    )  # resampled on the fly
+
+
+def test_export_refuses_to_overwrite_without_force_and_writes_by_default_into_the_run(run_dir):
+    first = export_backbone(run_dir, "dino")
+    assert first.path == run_dir / "export" / "teacher_backbone.pth"
+    with pytest.raises(WeightsError, match="--force"):
+        export_backbone(run_dir, "dino")
+    assert export_backbone(run_dir, "dino", overwrite=True).path == first.path
+
+
+def test_export_of_a_malicious_file_is_refused(tmp_path):
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    torch.save({"cls_token": torch.zeros(1), "x": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(WeightsError, match="refused"):
+        export_backbone(tmp_path / "evil.pth", "safetensors")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_export_command(run_dir, run_features, tmp_path, capsys):
+    out = tmp_path / "cli.safetensors"
+    assert (
+        main(["export", str(run_dir), "--format", "safetensors", "--which", "student", "--output", str(out)])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "vit_tiny/4" in printed and "student" in printed
+    assert torch.equal(features(hub.load(out).model), run_features["student"])
+    assert main(["export", str(run_dir), "--format", "safetensors", "--output", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["export", "dino_vits16", "--weights-dir", str(tmp_path / "empty")]) == 2
+    assert "--download" in capsys.readouterr().err
