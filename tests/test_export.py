@@ -213,3 +213,13 @@ def test_export_command(run_dir, run_features, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert main(["export", "dino_vits16", "--weights-dir", str(tmp_path / "empty")]) == 2
     assert "--download" in capsys.readouterr().err
+
+
+def test_safetensors_from_a_newer_format_version_is_refused(run_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    exported = export_backbone(run_dir, "safetensors", tmp_path / "b.safetensors")
+    newer = {**safetensors_metadata(exported.weights), "format_version": "99"}
+    save_file(exported.weights.state, str(tmp_path / "newer.safetensors"), metadata=newer)
+    with pytest.raises(WeightsError, match="newer dino"):
+        hub.load(tmp_path / "newer.safetensors")

@@ -450,7 +450,8 @@ def read_backbone_weights(
     (``.pth`` or ``.safetensors``), a released full checkpoint or a timm ViT state dict.
 
     The architecture comes from (in order) ``arch``/``patch_size``, the released name, our safetensors
-    metadata or checkpoint config, and the tensor shapes.
+    metadata or checkpoint config, and the tensor shapes. ``which`` picks the teacher or the student of a
+    full checkpoint (ours or released); files holding a single backbone ignore it.
     """
     path = resolve_weights(spec, weights_dir, download)
     if path.is_dir():
@@ -490,15 +491,16 @@ def read_backbone_weights(
 
 
 def _declared_by_metadata(meta: dict[str, str], path: Path) -> tuple[str, int, int, int]:
-    version = int(meta.get("format_version", "0"))
+    try:
+        version = int(meta.get("format_version", "0"))
+        declared = meta["arch"], int(meta["patch_size"]), int(meta["img_size"]), int(meta["depth"])
+    except (KeyError, ValueError) as err:
+        raise WeightsError(f"{path}: incomplete dino metadata ({err}); re-export the file") from err
     if version > SAFETENSORS_FORMAT_VERSION:
         raise WeightsError(
             f"{path} was written by a newer dino (format_version {version}); upgrade dino to read it"
         )
-    try:
-        return meta["arch"], int(meta["patch_size"]), int(meta["img_size"]), int(meta["depth"])
-    except (KeyError, ValueError) as err:
-        raise WeightsError(f"{path}: incomplete dino metadata ({err}); re-export the file") from err
+    return declared
 
 
 def _declared_by_config(config: dict[str, Any]) -> tuple[str, int, int, int] | None:
