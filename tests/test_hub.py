@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import shlex
@@ -117,8 +118,11 @@ def tiny_config(**extra: str):
     return load_config(None, overrides)
 
 
+@functools.cache
 def released_full_checkpoint(new_style_weight_norm: bool = False) -> tuple[dict, dict, dict]:
-    """A dict shaped like the original main_dino.py checkpoint; returns it with the plain student/teacher."""
+    """A dict shaped like the original main_dino.py checkpoint; returns it with the plain student/teacher.
+
+    Cached: callers must not modify what it returns."""
     cfg = tiny_config()
     torch.manual_seed(1)
     student, teacher = build_student_teacher(cfg, torch.device("cpu"))
