@@ -29,7 +29,7 @@ from dino.teacher import TeacherUpdater
 from dino.train.checkpoint import CheckpointManager
 from dino.train.config import DINOConfig, save_config
 from dino.train.data import build_train_data
-from dino.train.distributed import DistEnv, cleanup, init_distributed
+from dino.train.distributed import DistEnv, any_process, cleanup, init_distributed
 from dino.train.logger import RunLogger, peak_memory_gib
 from dino.train.monitors import CollapseMonitor
 from dino.train.optim import build_optimizer, cancel_last_layer_gradients, clip_gradients, set_schedules
@@ -114,6 +114,13 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
         state.step_in_epoch = checkpoint.get("step_in_epoch", 0)
         if "rng" in checkpoint:
             restore_rng(checkpoint["rng"])
+        if state.step_in_epoch >= data.iters_per_epoch:  # saved after more steps than this data gives
+            log.warning(
+                "the checkpoint is %d steps into epoch %d but the data gives %d per epoch now; "
+                "continuing from the next epoch",
+                state.step_in_epoch, state.epoch, data.iters_per_epoch,
+            )  # fmt: skip
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
         if state.epoch >= cfg.run.epochs:
             log.warning(
                 "the checkpoint is at epoch %d of run.epochs=%d: nothing left to train",
@@ -173,7 +180,7 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
                     student_out = ddp_student(crops)
                     loss, stats = dino_loss(student_out, teacher_out, teacher_temp, update_center=False)
 
-                if not torch.isfinite(loss):
+                if any_process(~torch.isfinite(loss), env.device):  # every process skips the same steps
                     state.bad_steps += 1
                     optimizer.zero_grad(set_to_none=True)
                     logger.bad_step(it, float(loss.detach()), state.bad_steps)
@@ -215,7 +222,7 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
                     for kind in collapse.check(record["teacher_entropy"], record["kl"]):
                         logger.event("collapse_warning", kind=kind, iteration=it)
 
-                if preemption.requested:
+                if any_process(preemption.requested, env.device) if env.distributed else preemption.requested:
                     save()
                     logger.event("preempted", iteration=state.iteration, signal=preemption.signal_name)
                     logger.close()
