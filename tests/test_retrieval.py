@@ -143,6 +143,12 @@ def test_batches_group_equal_sizes_and_keep_every_index() -> None:
     for indices, images in batches:
         assert images.shape[0] == len(indices) <= 2
         assert all(items[i][1].shape == images.shape[1:] for i in indices)
+    # Many sizes, few images each: partial batches are flushed once more than max_pending wait.
+    mixed = [(i, torch.zeros(3, 4 + i % 5, 4)) for i in range(20)]
+    seen = [i for indices, _ in batches_by_size(iter(mixed), batch_size=10, max_pending=3) for i in indices]
+    assert sorted(seen) == list(range(20))
+    first = next(batches_by_size(iter(mixed), batch_size=10, max_pending=3))
+    assert len(first[0]) == 1 and first[0] == [0]  # emitted when the 4th image arrived
 
 
 def test_locate_accepts_the_root_or_the_dataset_folder(tmp_path: Path) -> None:

@@ -204,31 +204,26 @@ def attention_over_images(
     std: Sequence[float] = IMAGENET_STD,
 ) -> Iterator[AttentionResult]:
     """Attention maps and masks of every image, computed in batches of equally sized images (input order)."""
-    pending: dict[tuple[int, int], list[tuple[int, Image.Image, Tensor, tuple[int, int]]]] = {}
+    from dino.eval.retrieval import batches_by_size
+
+    originals: dict[int, tuple[Image.Image, tuple[int, int]]] = {}
+
+    def prepared() -> Iterator[tuple[int, Tensor]]:
+        for index, image in enumerate(images):
+            resized = resize_for_model(image, image_size, model.patch_size)
+            originals[index] = (resized, (image.height, image.width))
+            yield index, to_model_input(resized, mean, std)
+
     ready: dict[int, AttentionResult] = {}
     next_index = 0
-
-    def flush(size: tuple[int, int]) -> None:
-        group = pending.pop(size)
-        attn = cls_attention(model, torch.stack([t for _, _, t, _ in group]).to(device)).cpu()
-        for (index, resized, _, original), maps in zip(group, attn, strict=True):
+    for indices, batch in batches_by_size(prepared(), batch_size):
+        attn = cls_attention(model, batch.to(device)).cpu()
+        for index, maps in zip(indices, attn, strict=True):
+            resized, original = originals.pop(index)
             ready[index] = AttentionResult(index, resized, maps, mass_masks(maps, threshold), original)
-
-    for index, image in enumerate(images):
-        resized = resize_for_model(image, image_size, model.patch_size)
-        size = (resized.height, resized.width)
-        tensor = to_model_input(resized, mean, std)
-        pending.setdefault(size, []).append((index, resized, tensor, (image.height, image.width)))
-        if len(pending[size]) >= batch_size:
-            flush(size)
-        while next_index in ready:  # yield in input order as soon as possible
+        while next_index in ready:  # in input order, as soon as possible
             yield ready.pop(next_index)
             next_index += 1
-    for size in list(pending):
-        flush(size)
-    while next_index in ready:
-        yield ready.pop(next_index)
-        next_index += 1
 
 
 def read_video_frames(path: Path, max_frames: int | None = None) -> tuple[list[Image.Image], float | None]:

@@ -289,18 +289,34 @@ class RetrievalImages(Dataset):
 
 
 def batches_by_size(
-    items: Iterable[tuple[int, Tensor]], batch_size: int
+    items: Iterable[tuple[int, Tensor]], batch_size: int, max_pending: int | None = None
 ) -> Iterator[tuple[list[int], Tensor]]:
-    """Group (index, image) pairs into batches of equally sized images (full batches first, then the rest)."""
+    """Group (index, image) pairs into batches of equally sized images.
+
+    A size's batch is emitted when full; when more than ``max_pending`` images (default ``4 × batch_size``)
+    wait in partial batches, the largest partial batch is emitted, so memory stays bounded whatever the mix
+    of sizes. What remains is emitted at the end.
+    """
+    limit = max_pending or 4 * batch_size
     pending: dict[tuple[int, ...], list[tuple[int, Tensor]]] = {}
+    waiting = 0
+
+    def emit(key: tuple[int, ...]) -> tuple[list[int], Tensor]:
+        nonlocal waiting
+        group = pending.pop(key)
+        waiting -= len(group)
+        return [i for i, _ in group], torch.stack([t for _, t in group])
+
     for index, image in items:
-        group = pending.setdefault(tuple(image.shape), [])
-        group.append((index, image))
-        if len(group) >= batch_size:
-            del pending[tuple(image.shape)]
-            yield [i for i, _ in group], torch.stack([t for _, t in group])
-    for group in pending.values():
-        yield [i for i, _ in group], torch.stack([t for _, t in group])
+        key = tuple(image.shape)
+        pending.setdefault(key, []).append((index, image))
+        waiting += 1
+        if len(pending[key]) >= batch_size:
+            yield emit(key)
+        elif waiting > limit:
+            yield emit(max(pending, key=lambda k: len(pending[k])))
+    for key in list(pending):
+        yield emit(key)
 
 
 def _unbatched(batch: list[tuple[int, Tensor]]) -> tuple[int, Tensor]:
