@@ -1,0 +1,168 @@
+"""Time to accuracy on CIFAR-10 (JPEG copy): train a preset for a wall-clock budget, then weighted k-NN.
+
+Unpacks ``../shared/data/cifar10-train-jpeg.tar.gz`` once into a scratch folder, holds out the last
+``--holdout`` images of every class (never trained on), trains ``dino train`` on the rest, and reports the
+teacher's weighted k-NN accuracy (k = 20, T = 0.07) on the held-out images, next to the same network at
+random initialisation. The k-NN bank is ``--bank`` labelled training images per class.
+
+    python benchmarks/cifar_knn.py --minutes 15 --out results/cifar_knn_cpu.json
+    python benchmarks/cifar_knn.py --config cifar_small --minutes 10 -- run.batch_size=256   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+from dino.data.datasets import ImageFolderDataset
+from dino.data.transforms import EvalTransform
+from dino.eval.features import extract_features
+from dino.eval.knn import knn_accuracy
+from dino.hub import load_backbone
+from dino.train.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TARBALL = ROOT.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
+
+
+def prepare(scratch: Path, holdout: int, bank: int) -> tuple[Path, Path, Path]:
+    """train/ (all but the held-out), bank/ (a labelled subset of train/), test/ (held-out), as hard links."""
+    source = scratch / "all"
+    if not (source / "train").is_dir():
+        if not TARBALL.is_file():
+            sys.exit(f"{TARBALL} not found: this benchmark needs the project's shared data folder")
+        source.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(TARBALL) as tar:
+            tar.extractall(source, filter="data")
+    split = scratch / f"split-h{holdout}-b{bank}"
+    if not (split / "test").is_dir():
+        for class_dir in sorted((source / "train").iterdir()):
+            files = sorted(class_dir.iterdir())
+            random.Random(0).shuffle(files)
+            parts = {
+                "test": files[:holdout],
+                "train": files[holdout:],
+                "bank": files[holdout : holdout + bank],
+            }
+            for name, chosen in parts.items():
+                (split / name / class_dir.name).mkdir(parents=True, exist_ok=True)
+                for f in chosen:
+                    target = split / name / class_dir.name / f.name
+                    if not target.exists():
+                        os.link(f, target)
+    return split / "train", split / "bank", split / "test"
+
+
+def knn(weights: Path, random_init: bool, bank: Path, test: Path, crop: int, mean, std) -> dict:
+    torch.manual_seed(0)
+    loaded = load_backbone(weights, random_init=random_init)
+    transform = EvalTransform(resize=crop, crop_size=crop, mean=mean, std=std)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = loaded.model.to(device)
+    start = time.perf_counter()
+    train_f, train_y = extract_features(
+        model, ImageFolderDataset(bank, transform, labelled=True), device, 256, 2
+    )
+    test_f, test_y = extract_features(
+        model, ImageFolderDataset(test, transform, labelled=True), device, 256, 2
+    )
+    seconds = time.perf_counter() - start
+    acc = knn_accuracy(train_f, train_y, test_f, test_y, ks=(20,), temperature=0.07, num_classes=10)[20]
+    return {"top1": acc[0], "top5": acc[1], "extract_seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="cifar_small")
+    parser.add_argument(
+        "--minutes", type=float, default=15.0, help="training budget; sets run.epochs from a probe"
+    )
+    parser.add_argument("--epochs", type=int, default=0, help="fixed number of epochs instead of --minutes")
+    parser.add_argument("--holdout", type=int, default=500, help="held-out test images per class")
+    parser.add_argument("--bank", type=int, default=1000, help="k-NN bank images per class")
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/dino-cifar10"))
+    parser.add_argument("--run-dir", type=Path, default=None)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("overrides", nargs="*", help="config overrides for dino train")
+    args = parser.parse_args()
+
+    train_dir, bank_dir, test_dir = prepare(args.scratch, args.holdout, args.bank)
+    cfg = load_config(args.config, args.overrides)
+    n_train = sum(1 for _ in train_dir.rglob("*.jpg"))
+    epochs = args.epochs
+    if not epochs:  # images/s from the preset's own throughput on this machine is not known yet: probe it
+        probe_dir = args.scratch / "probe"
+        cmd = [sys.executable, "-m", "dino.cli", "train", "--config", args.config, "--data", str(train_dir),
+               "--output", str(probe_dir), "--no-resume", *args.overrides, "run.epochs=1",
+               "run.progress_bar=never", f"run.log_every={max(1, 2048 // cfg.run.batch_size)}"]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = probe_dir / "log.jsonl"
+        rate = None
+        deadline = time.monotonic() + 600
+        while rate is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(2)
+            if log.is_file():
+                iters = [json.loads(line) for line in log.read_text().splitlines() if '"iter"' in line]
+                if len(iters) >= 2:
+                    rate = iters[-1]["images_per_s"]
+        proc.kill()
+        proc.wait()
+        if rate is None:
+            sys.exit("could not measure the training speed (probe run failed)")
+        epochs = max(1, int(args.minutes * 60 * rate / n_train))
+    run_dir = args.run_dir or args.scratch / f"run-{args.config}-{epochs}ep"
+    cmd = [sys.executable, "-m", "dino.cli", "train", "--config", args.config, "--data", str(train_dir),
+           "--output", str(run_dir), "--no-resume", *args.overrides, f"run.epochs={epochs}",
+           "run.progress_bar=never"]  # fmt: skip
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    train_minutes = (time.perf_counter() - start) / 60
+    d = cfg.data
+    trained = knn(run_dir, False, bank_dir, test_dir, d.global_crop_size, d.mean, d.std)
+    baseline = knn(run_dir, True, bank_dir, test_dir, d.global_crop_size, d.mean, d.std)
+    result = {
+        "benchmark": "cifar_knn",
+        "dataset": "CIFAR-10 (JPEG copy), train split; held-out = "
+        f"{args.holdout}/class never trained on; bank = {args.bank}/class",
+        "config": args.config,
+        "overrides": args.overrides,
+        "epochs": epochs,
+        "train_images": n_train,
+        "train_minutes": train_minutes,
+        "knn_k20_trained": trained,
+        "knn_k20_random_init": baseline,
+        "hardware": {
+            "device": torch.cuda.get_device_name()
+            if torch.cuda.is_available()
+            else platform.processor() or "cpu",
+            "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    print(
+        f"\n| model | k-NN top-1 (k=20) |\n|---|---|\n| random init | {baseline['top1']:.2f} |\n"
+        f"| {args.config}, {epochs} epochs, {train_minutes:.1f} min | {trained['top1']:.2f} |"
+    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Model-only DINO training step: images/s and peak memory on synthetic tensors.
+
+One step = teacher forward on the global crops, student forward/backward on all crops, the DINO loss,
+AdamW, the EMA teacher update — the same work the training loop does, without the data pipeline. Each
+configuration is measured next to a plain variant of our own code (explicit-softmax attention) in the same
+process, so the ratio is a side-by-side measurement on the same machine.
+
+    python benchmarks/train_step.py --arch vit_small --patch 16 --batch 8 --out results/train_step.json
+    python benchmarks/train_step.py --arch vit_tiny --patch 4 --global-size 32 --local-size 16 \\
+        --local-crops 6 --batch 64 --out-dim 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from dino.loss import DINOLoss
+from dino.models.backbones import build_backbone
+from dino.models.head import DINOHead
+from dino.models.multicrop import MultiCropWrapper
+from dino.teacher import ema_update, init_teacher
+from dino.train.optim import build_optimizer, clip_gradients, set_schedules
+from dino.train.setup import resolve_precision
+
+
+def build(args: argparse.Namespace, device: torch.device, fused_attention: bool):
+    def model(drop_path: float) -> MultiCropWrapper:
+        backbone, dim = build_backbone(args.arch, args.patch, args.global_size, drop_path, args.depth)
+        if hasattr(backbone, "set_fused_attention"):
+            backbone.set_fused_attention(fused_attention)
+        return MultiCropWrapper(backbone, DINOHead(dim, args.out_dim))
+
+    student = model(0.1).to(device)
+    teacher = init_teacher(model(0.0).to(device), student)
+    if args.compile:
+        student.backbone = torch.compile(student.backbone)
+        teacher.backbone = torch.compile(teacher.backbone)
+    return student, teacher
+
+
+def measure(args: argparse.Namespace, device: torch.device, fused_attention: bool) -> dict:
+    torch.manual_seed(0)
+    precision = resolve_precision(args.precision, device)
+    student, teacher = build(args, device, fused_attention)
+    loss_fn = DINOLoss(args.out_dim).to(device)
+    optimizer = build_optimizer(student, "adamw", fused=device.type == "cuda")
+    set_schedules(optimizer, 1e-4, 0.04)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+    b = args.batch
+    crops = [torch.randn(b, 3, args.global_size, args.global_size, device=device) for _ in range(2)]
+    crops += [
+        torch.randn(b, 3, args.local_size, args.local_size, device=device) for _ in range(args.local_crops)
+    ]
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=precision.autocast_dtype, enabled=precision.autocast):
+            with torch.no_grad():
+                t_out = teacher(crops[:2])
+            loss, _ = loss_fn(student(crops), t_out, 0.04)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        clip_gradients(student, 3.0)
+        scaler.step(optimizer)
+        scaler.update()
+        ema_update(teacher, student, 0.996)
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    float(loss)  # wait for the device
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {
+        "images_per_s": args.steps * b / elapsed,
+        "seconds_per_step": elapsed / args.steps,
+        "peak_memory_gib": peak,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--arch", default="vit_small")
+    parser.add_argument("--patch", type=int, default=16)
+    parser.add_argument("--depth", type=int, default=0, help="ViT blocks (0: the size's standard depth)")
+    parser.add_argument("--global-size", type=int, default=224)
+    parser.add_argument("--local-size", type=int, default=96)
+    parser.add_argument("--local-crops", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--out-dim", type=int, default=65536)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-baseline", action="store_true", help="skip the explicit-softmax reference")
+    parser.add_argument("--out", type=Path, help="JSON file to write")
+    args = parser.parse_args()
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+
+    result = {
+        "benchmark": "train_step",
+        "config": vars(args) | {"out": str(args.out) if args.out else None},
+        "hardware": {
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or "cpu",
+            "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "date": time.strftime("%Y-%m-%d"),
+        "ours": measure(args, device, fused_attention=True),
+    }
+    if not args.no_baseline:
+        result["plain_explicit_attention"] = measure(args, device, fused_attention=False)
+        result["speedup"] = (
+            result["ours"]["images_per_s"] / result["plain_explicit_attention"]["images_per_s"]
+        )
+    text = json.dumps(result, indent=2)
+    print(text)
+    print("\n| variant | images/s | peak GiB |\n|---|---|---|")
+    for key in ("ours", "plain_explicit_attention"):
+        if key in result:
+            r = result[key]
+            peak = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
+            print(f"| {key} | {r['images_per_s']:.2f} | {peak} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
