@@ -111,7 +111,7 @@ def test_sweep_on_separable_data_learns():
     val_x, val_y = _blobs(5, 4, 8, seed=1)
     test_x, test_y = _blobs(10, 4, 8, seed=2)
     result = sweep_on_cached(
-        train_x, train_y, val_x, val_y, test_x, test_y, 4, lrs=[1e-4, 1.0], epochs=20, batch_size=16
+        train_x, train_y, val_x, val_y, test_x, test_y, 4, lrs=[1e-4, 1.0], epochs=8, batch_size=16
     )
     assert result.best_lr == 1.0 and result.val_top1[1] > result.val_top1[0]
     assert result.test_top1 == 100.0 and result.test_top5 == 100.0

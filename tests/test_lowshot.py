@@ -71,3 +71,13 @@ def test_lowshot_evaluate_on_separable_data():
     results = lowshot_evaluate(train_x, train_y, test_x, test_y, 4, fractions=(0.01, 0.1), l2=1e-3)
     assert results["1%"]["labelled_images"] == 4 and results["10%"]["labelled_images"] == 40
     assert results["1%"]["top1"] == 100.0 and results["10%"]["top1"] == 100.0
+
+
+def test_fit_reaches_a_stationary_point_of_the_objective():
+    # The closed-form gradient used for fitting, checked through autograd on the stated objective.
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(30, 5, generator=g, dtype=torch.float64), torch.arange(30) % 4
+    model = fit_logistic_regression(x, y, 4, l2=0.05, tolerance=1e-10)
+    w, b = model.weight.clone().requires_grad_(), model.bias.clone().requires_grad_()
+    logistic_objective(w, b, model.preprocess(x), y, 0.05).backward()
+    assert w.grad.abs().max() < 1e-7 and b.grad.abs().max() < 1e-7

@@ -424,6 +424,12 @@ def run_linear(args: argparse.Namespace) -> int:
         )
         classes, n_train, n_val = eval_ds.classes, int(train_idx.numel()), len(val)
         train_all = val  # for the model/transform description
+    if result.best_at_edge:
+        log.warning(
+            "the best learning rate %g is at the edge of the sweep %s; extend --lrs beyond it",
+            result.best_lr,
+            args.lrs,
+        )
     results: dict[str, Any] = {
         "test": {"top1": result.test_top1, "top5": result.test_top5},
         "best_lr": result.best_lr,

@@ -165,10 +165,12 @@ def compute_representations(
         for kind, k in rep.parts:
             if kind == "cls":
                 pieces.extend(cls_tokens[-k:])
-            elif kind == "mean":
-                pieces.append(pooled.setdefault("mean", patch_tokens.mean(dim=1)))
-            else:
-                pieces.append(pooled.setdefault("gem", gem_pool(patch_tokens.float(), gem_p)))
+            else:  # pooled patch tokens, computed once per batch however many representations use them
+                if kind not in pooled:
+                    pooled[kind] = (
+                        patch_tokens.mean(dim=1) if kind == "mean" else gem_pool(patch_tokens.float(), gem_p)
+                    )
+                pieces.append(pooled[kind])
         out[rep.name] = torch.cat([p.float() for p in pieces], dim=1)
     return out
 

@@ -105,7 +105,7 @@ def topk_accuracy(scores: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) -
     """Percent of rows whose target is among the ``k`` highest scores, for each k (capped at C)."""
     top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
     hits = top == targets.to(top.device).long()[:, None]
-    return [hits[:, :k].any(dim=1).float().mean().item() * 100 for k in ks]
+    return [hits[:, :k].any(dim=1).double().mean().item() * 100 for k in ks]
 
 
 @torch.no_grad()

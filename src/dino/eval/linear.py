@@ -28,7 +28,7 @@ from dino.data.datasets import collate_skipping_bad
 from dino.eval.features import Representation, compute_representations, show_progress
 from dino.eval.knn import topk_accuracy
 
-DEFAULT_LRS: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
+DEFAULT_LRS: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 """Learning rates swept by default, for a batch of 256 (scaled linearly with the batch size)."""
 
 
@@ -187,6 +187,11 @@ class SweepResult:
     def best_lr(self) -> float:
         return self.lrs[self.best_index]
 
+    @property
+    def best_at_edge(self) -> bool:
+        """Whether the chosen learning rate is the smallest or largest swept (the sweep may be too narrow)."""
+        return len(self.lrs) > 1 and self.best_lr in (min(self.lrs), max(self.lrs))
+
 
 def cosine_factor(step: int, total: int) -> float:
     """Cosine decay from 1 to 0 over ``total`` steps."""
@@ -268,10 +273,11 @@ def sweep_on_cached(
 ) -> SweepResult:
     """The fast mode: the whole sweep on precomputed features."""
     device = device or torch.device("cpu")
-    torch.manual_seed(seed)
-    heads = MultiLinearHeads(train_features.shape[1], num_classes, lrs).to(device)
-    batches = CachedFeatures(train_features.float(), train_labels, device, batch_size, seed)
-    train_heads(heads, batches, epochs, len(batches), min(batch_size, train_features.shape[0]), momentum)
+    with torch.random.fork_rng(devices=[]):  # reproducible from ``seed``, the caller's RNG untouched
+        torch.manual_seed(seed)
+        heads = MultiLinearHeads(train_features.shape[1], num_classes, lrs).to(device)
+        batches = CachedFeatures(train_features.float(), train_labels, device, batch_size, seed)
+        train_heads(heads, batches, epochs, len(batches), min(batch_size, train_features.shape[0]), momentum)
     return select_and_test(heads, val_features.float(), val_labels, test_features.float(), test_labels)
 
 
@@ -296,11 +302,12 @@ def sweep_augmented(
     seed: int = 0,
 ) -> SweepResult:
     """The protocol: heads trained on features of augmented crops (``train_dataset`` applies them)."""
-    torch.manual_seed(seed)
     subset = Subset(train_dataset, train_indices.tolist())
-    batches = AugmentedFeatures(
-        backbone, subset, representation, device, batch_size, num_workers, autocast_dtype, seed
-    )
-    heads = MultiLinearHeads(feature_dim, num_classes, lrs).to(device)
-    train_heads(heads, batches, epochs, len(batches), min(batch_size, len(subset)), momentum)
+    with torch.random.fork_rng(devices=[]):  # initialisation and crops reproducible from ``seed``
+        torch.manual_seed(seed)
+        batches = AugmentedFeatures(
+            backbone, subset, representation, device, batch_size, num_workers, autocast_dtype, seed
+        )
+        heads = MultiLinearHeads(feature_dim, num_classes, lrs).to(device)
+        train_heads(heads, batches, epochs, len(batches), min(batch_size, len(subset)), momentum)
     return select_and_test(heads, val_features, val_labels, test_features, test_labels)
