@@ -206,6 +206,9 @@ def test_random_init_baseline_is_reproducible(data, cached, tmp_path, capsys):
     assert a.meta["model"]["source"] == "random init"
     torch.testing.assert_close(a.features["cls"], b.features["cls"])
     assert not torch.allclose(a.features["cls"], FeatureSet.load(cached["birds"]).features["cls"])
+    code, text = _run(["extract", data["birds"], "--out", tmp_path / "c.pt", "--init-seed", 1, *args], capsys)
+    assert code == 0, text
+    assert not torch.allclose(a.features["cls"], FeatureSet.load(tmp_path / "c.pt").features["cls"])
 
 
 def test_errors_are_reported_before_work(data, tmp_path, capsys):

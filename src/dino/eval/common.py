@@ -47,6 +47,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="evaluate the same architecture untrained: the baseline every number should be reported against",
     )
     g.add_argument(
+        "--init-seed",
+        type=int,
+        default=0,
+        help="seed of the --random-init weights, so that repeated runs and cached features agree (default 0)",
+    )
+    g.add_argument(
         "--arch", help="architecture (vit_tiny/small/base/large, resnet50, ...); default: from the weights"
     )
     g.add_argument("--patch-size", type=int, help="ViT patch size; default: from the weights")
