@@ -91,6 +91,7 @@ def _needs_model(args: argparse.Namespace, sources: tuple[str, ...]) -> None:
 
 
 def _common_results(provider: FeatureProvider, train: FeatureSet) -> dict[str, Any]:
+    """The model and transform behind the numbers: the one that ran here, else the feature file's."""
     if provider.model_loaded:
         return {"model": model_info(provider.loaded), "transform": transform_info(provider.transform)}
     return {key: train.meta[key] for key in ("model", "transform") if key in train.meta}
@@ -423,7 +424,8 @@ def run_linear(args: argparse.Namespace) -> int:
             args.seed,
         )
         classes, n_train, n_val = eval_ds.classes, int(train_idx.numel()), len(val)
-        train_all = val  # for the model/transform description
+        check_same_model(val, test)
+        train_all = val  # describes the model and transform, like the train features in the cached mode
     if result.best_at_edge:
         log.warning(
             "the best learning rate %g is at the edge of the sweep %s; extend --lrs beyond it",
