@@ -1,0 +1,664 @@
+"""DINO's multi-crop augmentation on batched tensors, with per-sample random parameters (CPU or GPU).
+
+:class:`BatchMultiCrop` is the tensor twin of :class:`dino.data.transforms.MultiCropAugmentation`: it
+takes a whole batch of decoded uint8 images (on the GPU, straight from the decoder) and returns the same
+``[global_1, global_2, local_1, ..., local_n]`` list of normalised batches that
+:func:`~dino.data.datasets.collate_skipping_bad` builds from the CPU pipeline, so the training loop can use
+either. Every random parameter is drawn per sample from the distribution the CPU pipeline draws it from.
+
+How each step matches the PIL/torchvision reference, and where it deliberately differs:
+
+* Random-resized crop: :func:`sample_crop_boxes` is torchvision's ``RandomResizedCrop.get_params`` (ten
+  attempts, then a centred crop clamped to the ratio range), run for the whole batch at once.
+* Crop + bicubic resize + flip are one separable resampling ``W_y · image · W_xᵀ`` with per-sample
+  matrices holding PIL's antialiased bicubic weights (a = -0.5, support widened by the downscale factor,
+  renormalised at the crop border); a flip reverses the rows of ``W_x``. Two batched matmuls do the pixel
+  work for any mix of image sizes (images are zero-padded to a common size; the weights never reach the
+  padding). As in PIL the horizontal pass runs first and is clipped to [0, 1] before the vertical one.
+* Colour jitter, grayscale and solarize follow torchvision's tensor semantics (contrast blends with the
+  mean of the grayscale image, hue rotates in HSV), with the ITU-R 601-2 luma weights PIL uses. The four
+  jitter operations run in a random order per sample.
+* Gaussian blur with per-sample sigma is PIL's own approximation (what the CPU pipeline's
+  ``ImageFilter.GaussianBlur(radius=sigma)`` computes): three extended box blurs per direction whose
+  combined variance is sigma², edge pixels repeated at the border. A sampled Gaussian would blur visibly
+  less than PIL for small sigma (at sigma 0.3 its taps at +-1 are 0.4 % instead of PIL's 4 %).
+  :func:`gaussian_blur` (torchvision's sampled kernel) is kept for comparison.
+* Everything is computed in float32 without PIL's rounding to 8 bits after each step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _check_channels, _check_scale, _check_size
+
+__all__ = [
+    "LUMA_WEIGHTS",
+    "BatchMultiCrop",
+    "CropBoxes",
+    "ViewParameters",
+    "ViewRecipe",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_hue",
+    "adjust_saturation",
+    "box_blur_reach",
+    "extended_box_kernels",
+    "gaussian_blur",
+    "gaussian_kernels",
+    "pil_gaussian_blur",
+    "resampling_matrices",
+    "resized_crops",
+    "rgb_to_grayscale",
+    "sample_crop_boxes",
+    "separable_filter",
+    "solarize",
+]
+
+LUMA_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
+"""ITU-R 601-2 luma weights of R, G, B: PIL's ``convert("L")``, used for grayscale, contrast, saturation."""
+
+_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+_BICUBIC_A = -0.5  # PIL's bicubic kernel parameter (torch's non-antialiased bicubic uses -0.75)
+_BICUBIC_SUPPORT = 2.0
+
+
+# --------------------------------------------------------------------------------------------- crop boxes
+
+
+class CropBoxes(NamedTuple):
+    """Per-sample crop rectangles in pixels (long tensors of shape [B])."""
+
+    top: Tensor
+    left: Tensor
+    height: Tensor
+    width: Tensor
+
+
+def sample_crop_boxes(
+    heights: Tensor,
+    widths: Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = _RATIO,
+    generator: torch.Generator | None = None,
+    attempts: int = 10,
+) -> CropBoxes:
+    """Draw one random-resized-crop box per image, exactly as ``RandomResizedCrop.get_params`` does.
+
+    For each image: up to ``attempts`` tries of an area fraction ~ U(scale) and a log-uniform aspect ratio
+    in ``ratio``, rounded to whole pixels; the first try that fits is placed uniformly at random; when none
+    fits, the centred crop of the whole image clamped to the ratio range is used. All tries are drawn for
+    the whole batch at once (the unused ones are simply ignored, which leaves the distribution unchanged).
+
+    Args:
+        heights, widths: image sizes in pixels, integer tensors of shape [B] on the target device.
+        scale: range of the crop area as a fraction of the image area.
+        ratio: range of the crop aspect ratio (width / height).
+        generator: random generator on the same device as ``heights`` (None: the global one).
+    """
+    if heights.shape != widths.shape or heights.dim() != 1:
+        raise ValueError(
+            f"heights and widths must be 1-D tensors of the same length, got {tuple(heights.shape)} "
+            f"and {tuple(widths.shape)}"
+        )
+    lo, hi = _check_scale("scale", scale)
+    r_lo, r_hi = (float(r) for r in ratio)
+    if not 0.0 < r_lo <= r_hi:
+        raise ValueError(f"ratio must satisfy 0 < low <= high, got {ratio!r}")
+    device = heights.device
+    h_img = heights.to(torch.float64)
+    w_img = widths.to(torch.float64)
+    n = h_img.numel()
+
+    draws = torch.rand(n, attempts, 2, generator=generator, device=device, dtype=torch.float64)
+    target_area = (h_img * w_img)[:, None] * (lo + (hi - lo) * draws[..., 0])
+    log_lo, log_hi = math.log(r_lo), math.log(r_hi)
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * draws[..., 1])
+    w = torch.round(torch.sqrt(target_area * aspect))  # round half to even, like Python's round()
+    h = torch.round(torch.sqrt(target_area / aspect))
+    fits = (w > 0) & (w <= w_img[:, None]) & (h > 0) & (h <= h_img[:, None])
+    found = fits.any(dim=1)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # index of the first fitting attempt
+    w_found, h_found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+
+    # Fallback: the whole image, cut down to the nearest allowed aspect ratio, centred.
+    in_ratio = w_img / h_img
+    too_tall, too_wide = in_ratio < min(r_lo, r_hi), in_ratio > max(r_lo, r_hi)
+    w_fallback = torch.where(too_wide, torch.round(h_img * max(r_lo, r_hi)), w_img)
+    h_fallback = torch.where(too_tall, torch.round(w_img / min(r_lo, r_hi)), h_img)
+
+    crop_h = torch.where(found, h_found, h_fallback)
+    crop_w = torch.where(found, w_found, w_fallback)
+    position = torch.rand(n, 2, generator=generator, device=device, dtype=torch.float64)
+    room_h, room_w = h_img - crop_h, w_img - crop_w
+    top = torch.where(found, torch.minimum(torch.floor(position[:, 0] * (room_h + 1)), room_h), room_h // 2)
+    left = torch.where(found, torch.minimum(torch.floor(position[:, 1] * (room_w + 1)), room_w), room_w // 2)
+    return CropBoxes(top.long(), left.long(), crop_h.long(), crop_w.long())
+
+
+# ------------------------------------------------------------------------------------ crop + resize + flip
+
+
+def _bicubic(x: Tensor) -> Tensor:
+    """PIL's bicubic convolution kernel (a = -0.5), support [-2, 2]."""
+    a = _BICUBIC_A
+    x = x.abs()
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+
+
+def resampling_matrices(
+    start: Tensor, length: Tensor, in_size: int, out_size: int, flip: Tensor | None = None
+) -> Tensor:
+    """Per-sample 1-D resampling weights of shape [B, out_size, in_size] (float32).
+
+    Row ``o`` of sample ``b`` holds the weights with which input pixels ``start[b] .. start[b] +
+    length[b] - 1`` make output pixel ``o``: PIL's antialiased bicubic filter, its support stretched by
+    the downscale factor, cut at the crop border and renormalised there (PIL crops before resizing, so
+    pixels outside the crop never contribute). With ``flip[b]`` true the output order is reversed.
+    """
+    device = start.device
+    crop_len = length.to(torch.float64)
+    step = crop_len / out_size  # input pixels per output pixel
+    stretch = step.clamp(min=1.0)  # widen the kernel when downscaling (antialiasing)
+    centre = (torch.arange(out_size, device=device, dtype=torch.float64) + 0.5)[None, :] * step[:, None]
+    offset = torch.arange(in_size, device=device, dtype=torch.float64)[None, :] - start[:, None]  # [B, in]
+    distance = (offset[:, None, :] + 0.5 - centre[:, :, None]) / stretch[:, None, None]
+    inside = (offset >= 0) & (offset < crop_len[:, None])
+    weights = _bicubic(distance) * inside[:, None, :]
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    if flip is not None:
+        weights = torch.where(flip[:, None, None], weights.flip(1), weights)
+    return weights.to(torch.float32)
+
+
+def _chunks_by_size(shapes: Sequence[tuple[int, int]], max_pixels: int) -> list[list[int]]:
+    """Group image indices (largest first) so that each group, zero-padded to its largest height and
+    width, holds at most ``max_pixels`` pixels (a group always holds at least one image)."""
+    order = sorted(range(len(shapes)), key=lambda i: shapes[i][0] * shapes[i][1], reverse=True)
+    groups: list[list[int]] = []
+    current: list[int] = []
+    max_h = max_w = 0
+    for i in order:
+        h, w = shapes[i]
+        new_h, new_w = max(max_h, h), max(max_w, w)
+        if current and (len(current) + 1) * new_h * new_w > max_pixels:
+            groups.append(current)
+            current, new_h, new_w = [], h, w
+        current.append(i)
+        max_h, max_w = new_h, new_w
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _as_padded_batch(images: Sequence[Tensor], indices: Sequence[int]) -> Tensor:
+    """Stack the chosen [3, H, W] images into one zero-padded [n, 3, H_max, W_max] tensor (a copy per
+    image: data movement only, no pixel arithmetic)."""
+    height = max(images[i].shape[-2] for i in indices)
+    width = max(images[i].shape[-1] for i in indices)
+    first = images[indices[0]]
+    batch = torch.zeros(len(indices), 3, height, width, dtype=first.dtype, device=first.device)
+    for row, i in enumerate(indices):
+        batch[row, :, : images[i].shape[-2], : images[i].shape[-1]] = images[i]
+    return batch
+
+
+def resized_crops(
+    images: Sequence[Tensor] | Tensor,
+    boxes: Sequence[CropBoxes],
+    sizes: Sequence[int],
+    flips: Sequence[Tensor | None],
+    max_pixels_per_chunk: int = 2**26,
+) -> list[Tensor]:
+    """Cut every crop box out of its image, resize it bicubically to ``size × size`` and flip it.
+
+    ``images`` are uint8 (or [0, 255] float) RGB images [3, H, W] of any sizes, or one [B, 3, H, W]
+    batch; ``boxes[v]``, ``sizes[v]`` and ``flips[v]`` describe view ``v`` for all B images. Returns one
+    float32 [B, 3, size, size] batch per view with values in [0, 1]. The images are processed in chunks
+    of similar size holding at most ``max_pixels_per_chunk`` padded pixels, which bounds memory when a
+    batch mixes small and huge images; within a chunk all views share one horizontal matmul.
+    """
+    if isinstance(images, Tensor):
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"a batch of images must have shape [B, 3, H, W], got {tuple(images.shape)}")
+        shapes = [(images.shape[-2], images.shape[-1])] * images.shape[0]
+    else:
+        bad = [tuple(img.shape) for img in images if img.dim() != 3 or img.shape[0] != 3]
+        if bad:
+            raise ValueError(f"images must be RGB tensors of shape [3, H, W], got shape {bad[0]}")
+        shapes = [(img.shape[-2], img.shape[-1]) for img in images]
+    if not shapes:
+        raise ValueError("resized_crops needs at least one image")
+    device = images.device if isinstance(images, Tensor) else images[0].device
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    outputs: list[list[Tensor]] = [[] for _ in sizes]
+    order: list[int] = []
+    for chunk in _chunks_by_size(shapes, max_pixels_per_chunk):
+        index = torch.tensor(chunk, device=device)
+        batch = images[index] if isinstance(images, Tensor) else _as_padded_batch(images, chunk)
+        n, _, height, width = batch.shape
+        pixels = batch.to(torch.float32)
+        # Horizontal pass for every view at once: [n, 3H, W] @ [n, W, sum(sizes)]; 1/255 folded in.
+        horizontal = torch.cat(
+            [
+                resampling_matrices(b.left[index], b.width[index], width, s, None if f is None else f[index])
+                for b, s, f in zip(boxes, sizes, flips, strict=True)
+            ],
+            dim=1,
+        )
+        rows = torch.matmul(pixels.reshape(n, 3 * height, width), horizontal.transpose(1, 2) / 255.0)
+        rows = rows.clamp_(0.0, 1.0).reshape(n, 3, height, offsets[-1])
+        for v, (b, s) in enumerate(zip(boxes, sizes, strict=True)):
+            vertical = resampling_matrices(b.top[index], b.height[index], height, s)  # [n, s, H]
+            view = torch.matmul(vertical[:, None], rows[..., offsets[v] : offsets[v + 1]])
+            outputs[v].append(view.clamp_(0.0, 1.0))
+        order.extend(chunk)
+    if order == list(range(len(order))):
+        return [torch.cat(parts) for parts in outputs]
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    inverse = inverse.to(device)
+    return [torch.cat(parts)[inverse] for parts in outputs]
+
+
+# ------------------------------------------------------------------------------------------ colour ops
+
+
+def _per_sample(factor: Tensor | float, x: Tensor) -> Tensor:
+    """A per-sample factor of shape [B] (or a number) shaped to broadcast over [B, C, H, W]."""
+    return torch.as_tensor(factor, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+
+
+def rgb_to_grayscale(images: Tensor) -> Tensor:
+    """ITU-R 601-2 luma of RGB images [..., 3, H, W] in [0, 1], as [..., 1, H, W]."""
+    r, g, b = images.unbind(dim=-3)
+    return (LUMA_WEIGHTS[0] * r + LUMA_WEIGHTS[1] * g + LUMA_WEIGHTS[2] * b).unsqueeze(-3)
+
+
+def _blend(images: Tensor, other: Tensor, factor: Tensor | float) -> Tensor:
+    """``factor * images + (1 - factor) * other`` clipped to [0, 1] (factor 1 returns ``images`` exactly)."""
+    f = _per_sample(factor, images)
+    return (f * images + (1.0 - f) * other).clamp(0.0, 1.0)
+
+
+def adjust_brightness(images: Tensor, factor: Tensor | float) -> Tensor:
+    """Scale [B, 3, H, W] images in [0, 1] by a per-sample factor (blend with black), clipped."""
+    return (images * _per_sample(factor, images)).clamp(0.0, 1.0)
+
+
+def adjust_contrast(images: Tensor, factor: Tensor | float) -> Tensor:
+    """Blend each image with the mean of its grayscale version (torchvision/PIL contrast)."""
+    mean = rgb_to_grayscale(images).mean(dim=(-3, -2, -1), keepdim=True)
+    return _blend(images, mean, factor)
+
+
+def adjust_saturation(images: Tensor, factor: Tensor | float) -> Tensor:
+    """Blend each image with its grayscale version (factor 0: gray, 1: unchanged)."""
+    return _blend(images, rgb_to_grayscale(images), factor)
+
+
+def adjust_hue(images: Tensor, shift: Tensor | float) -> Tensor:
+    """Rotate the hue of [B, 3, H, W] images in [0, 1] by ``shift`` turns (in [-0.5, 0.5]) per sample.
+
+    Converts to HSV (hue in turns), adds the shift modulo 1 and converts back with the closed form
+    ``channel_n = V - C * clip(min(k, 4 - k), 0, 1)``, ``k = (n + 6 H) mod 6`` for n = 5, 3, 1 (R, G, B),
+    where V is the max channel and C the chroma (max - min); grays (C = 0) are left unchanged.
+    """
+    r, g, b = images.unbind(dim=-3)
+    value = torch.maximum(torch.maximum(r, g), b)
+    chroma = value - torch.minimum(torch.minimum(r, g), b)
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    sextant = torch.where(
+        value == r, (g - b) / safe, torch.where(value == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe)
+    )
+    hue = torch.remainder(sextant / 6.0 + _per_sample(shift, images)[:, 0], 1.0)
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(n + 6.0 * hue, 6.0)
+        channels.append(value - chroma * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
+    return torch.stack(channels, dim=-3)
+
+
+def solarize(images: Tensor, threshold: float = 0.5) -> Tensor:
+    """Invert pixels at or above ``threshold``: ``x -> 1 - x``.
+
+    PIL's ``solarize(threshold=128)`` inverts 8-bit values >= 128, i.e. float values that round to
+    128/255 or more, which is ``x >= 127.5 / 255 = 0.5``: hence the default.
+    """
+    return torch.where(images >= threshold, 1.0 - images, images)
+
+
+# ---------------------------------------------------------------------------------------------- blur
+
+
+def gaussian_kernels(sigma: Tensor, radius: int) -> Tensor:
+    """Sampled, normalised 1-D Gaussian kernels [B, 2 * radius + 1] for per-sample ``sigma`` [B]
+    (torchvision's ``gaussian_blur`` kernel); sigma 0 gives the identity kernel."""
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    x = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
+    s = sigma.to(torch.float32)[:, None]
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    kernels = torch.exp(-0.5 * (x[None, :] / safe) ** 2)
+    identity = (x == 0).to(torch.float32).expand_as(kernels)
+    kernels = torch.where(s > 0, kernels, identity)
+    return kernels / kernels.sum(dim=1, keepdim=True)
+
+
+def _box_split(sigma: Tensor | float, passes: int) -> tuple[Tensor, Tensor]:
+    """Integer part ``l`` and full radius ``r`` of the extended box whose ``passes``-fold repetition has
+    variance sigma² (Gwosdek et al. 2011, the formula of PIL's ``GaussianBlur``)."""
+    var = torch.as_tensor(sigma, dtype=torch.float64) ** 2 / passes
+    length = torch.sqrt(12.0 * var + 1.0)
+    whole = torch.floor((length - 1.0) / 2.0)
+    frac = (2.0 * whole + 1.0) * (whole * (whole + 1.0) - 3.0 * var) / (6.0 * (var - (whole + 1.0) ** 2))
+    return whole, whole + frac
+
+
+def box_blur_reach(max_sigma: float, passes: int = 3) -> int:
+    """Half-width in pixels of one extended-box pass for every sigma up to ``max_sigma``."""
+    whole, _ = _box_split(float(max_sigma), passes)
+    return int(whole) + 1
+
+
+def extended_box_kernels(sigma: Tensor, reach: int, passes: int = 3) -> Tensor:
+    """One pass of PIL's Gaussian approximation per sample: [B, 2 * reach + 1] weights equal to
+    ``1 / (2 r + 1)`` within ``l = floor(r)`` of the centre and the remainder split over the two pixels
+    at distance ``l + 1``; sigma 0 gives the identity. ``reach`` must be at least ``l + 1``
+    (:func:`box_blur_reach` of the largest sigma)."""
+    whole, radius = _box_split(sigma.to(torch.float64), passes)
+    whole, radius = whole[:, None], radius[:, None]
+    inner = 1.0 / (2.0 * radius + 1.0)
+    outer = (1.0 - (2.0 * whole + 1.0) * inner) / 2.0
+    distance = torch.arange(-reach, reach + 1, device=sigma.device, dtype=torch.float64).abs()[None, :]
+    kernels = torch.where(distance <= whole, inner, torch.where(distance == whole + 1.0, outer, 0.0))
+    return kernels.to(torch.float32)
+
+
+def _border_indices(size: int, radius: int, mode: str, device: torch.device) -> Tensor:
+    """Source index of every position of a line padded by ``radius`` on both sides.
+
+    ``replicate`` repeats the edge pixel (PIL's box blur); ``symmetric`` mirrors including the edge
+    pixel (``c b a | a b c | c b a``); ``reflect`` mirrors without it (``c b | a b c | b a``, torch's and
+    torchvision's). The mirrors fold repeatedly, so any radius works for any size.
+    """
+    positions = torch.arange(-radius, size + radius, device=device)
+    if mode == "replicate":
+        return positions.clamp(0, size - 1)
+    if mode == "symmetric":
+        period = 2 * size
+        folded = positions.remainder(period)
+        return torch.where(folded < size, folded, period - 1 - folded)
+    if mode == "reflect":
+        if size == 1:
+            return torch.zeros_like(positions)
+        period = 2 * (size - 1)
+        folded = positions.remainder(period)
+        return torch.where(folded < size, folded, period - folded)
+    raise ValueError(f"padding must be 'replicate', 'symmetric' or 'reflect', got {mode!r}")
+
+
+def separable_filter(images: Tensor, kernels: Tensor, padding: str = "replicate", passes: int = 1) -> Tensor:
+    """Convolve each image of a [B, C, H, W] batch with its own symmetric 1-D kernel (``kernels`` [B, K],
+    K odd) along the width and then the height, ``passes`` times each, padding the border every pass.
+
+    One depthwise convolution over the B·C channels per pass, so the whole batch is one kernel launch.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape [B, C, H, W], got {tuple(images.shape)}")
+    batch, channels, height, width = images.shape
+    if kernels.dim() != 2 or kernels.shape[0] != batch or kernels.shape[1] % 2 == 0:
+        raise ValueError(f"kernels must have shape [{batch}, odd length], got {tuple(kernels.shape)}")
+    taps = kernels.shape[1]
+    reach = taps // 2
+    weight = kernels.to(images.dtype).repeat_interleave(channels, dim=0)
+    x = images.reshape(1, batch * channels, height, width)
+    columns = _border_indices(width, reach, padding, images.device)
+    rows = _border_indices(height, reach, padding, images.device)
+    for _ in range(passes):
+        x = F.conv2d(x.index_select(3, columns), weight.view(-1, 1, 1, taps), groups=batch * channels)
+    for _ in range(passes):
+        x = F.conv2d(x.index_select(2, rows), weight.view(-1, 1, taps, 1), groups=batch * channels)
+    return x.reshape(batch, channels, height, width)
+
+
+def gaussian_blur(images: Tensor, sigma: Tensor, radius: int, padding: str = "reflect") -> Tensor:
+    """Blur each image of a batch with a sampled Gaussian of its own ``sigma`` ([B]; 0 = unchanged),
+    ``2 * radius + 1`` taps: torchvision's ``gaussian_blur`` with per-sample sigma."""
+    return separable_filter(images, gaussian_kernels(sigma, radius), padding)
+
+
+def pil_gaussian_blur(
+    images: Tensor, sigma: Tensor, max_sigma: float | None = None, passes: int = 3
+) -> Tensor:
+    """Blur each image of a batch as PIL's ``ImageFilter.GaussianBlur(radius=sigma)`` does, per-sample sigma.
+
+    PIL approximates the Gaussian by ``passes`` extended box blurs whose combined variance is exactly
+    sigma², each pass with the edge pixel repeated at the border; the same passes run here, in float
+    (PIL rounds to 8 bits after each). Give ``max_sigma`` (a bound on ``sigma``) to avoid reading the
+    largest sigma back from the device.
+    """
+    if max_sigma is None:
+        max_sigma = float(sigma.max()) if sigma.numel() else 0.0
+    reach = box_blur_reach(max_sigma, passes)
+    return separable_filter(images, extended_box_kernels(sigma, reach, passes), "replicate", passes)
+
+
+# ---------------------------------------------------------------------------------------- multi-crop
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """What differs between DINO's views: output size, crop scale range, blur and solarize probabilities."""
+
+    size: int
+    scale: tuple[float, float]
+    blur_p: float
+    solarize_p: float
+
+
+class ViewParameters(NamedTuple):
+    """Every random choice made for one view of a batch (tensors of shape [B] unless noted).
+
+    ``order[b]`` [B, 4] lists the jitter operations in the order sample b applies them (0 brightness,
+    1 contrast, 2 saturation, 3 hue); the jitter factors are only used where ``jitter`` is true;
+    ``blur_sigma`` is 0 where the view is not blurred.
+    """
+
+    boxes: CropBoxes
+    flip: Tensor
+    jitter: Tensor
+    order: Tensor
+    brightness: Tensor
+    contrast: Tensor
+    saturation: Tensor
+    hue: Tensor
+    grayscale: Tensor
+    blur_sigma: Tensor
+    solarize: Tensor
+
+
+class BatchMultiCrop(nn.Module):
+    """DINO's multi-crop augmentation for a whole batch of uint8 images, on their device.
+
+    Same constructor arguments and same output layout as
+    :class:`~dino.data.transforms.MultiCropAugmentation` followed by
+    :func:`~dino.data.datasets.collate_skipping_bad`: ``[global_1, global_2, local_1, ..., local_n]``,
+    float32 [B, 3, size, size] batches normalised with ``mean``/``std``. Parameters are drawn per sample
+    and per view from the CPU pipeline's distributions (see the module docstring for the few numerical
+    differences); all randomness comes from the ``generator`` given to :meth:`forward`.
+
+    The pixel work is vectorised over the batch: two matmuls per chunk of similar-sized images for
+    crop + resize + flip, then batched colour operations and one grouped convolution per blur pass.
+    """
+
+    JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
+    JITTER_P = 0.8
+    FLIP_P = 0.5
+    GRAYSCALE_P = 0.2
+    BLUR_SIGMA = (0.1, 2.0)
+
+    def __init__(
+        self,
+        global_crops_scale: tuple[float, float] = (0.4, 1.0),
+        local_crops_scale: tuple[float, float] = (0.05, 0.4),
+        local_crops_number: int = 8,
+        global_crop_size: int = 224,
+        local_crop_size: int = 96,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        *,
+        max_pixels_per_chunk: int = 2**26,
+    ) -> None:
+        super().__init__()
+        global_scale = _check_scale("global_crops_scale", global_crops_scale)
+        local_scale = _check_scale("local_crops_scale", local_crops_scale)
+        if (
+            isinstance(local_crops_number, bool)
+            or not isinstance(local_crops_number, int)
+            or local_crops_number < 0
+        ):
+            raise ValueError(f"local_crops_number must be an integer >= 0, got {local_crops_number!r}")
+        if max_pixels_per_chunk <= 0:
+            raise ValueError(
+                f"max_pixels_per_chunk must be a positive pixel count, got {max_pixels_per_chunk}"
+            )
+        global_size = _check_size("global_crop_size", global_crop_size)
+        local_size = _check_size("local_crop_size", local_crop_size)
+        self.views: tuple[ViewRecipe, ...] = (
+            ViewRecipe(global_size, global_scale, blur_p=1.0, solarize_p=0.0),
+            ViewRecipe(global_size, global_scale, blur_p=0.1, solarize_p=0.2),
+        ) + tuple(
+            ViewRecipe(local_size, local_scale, blur_p=0.5, solarize_p=0.0) for _ in range(local_crops_number)
+        )
+        self.max_pixels_per_chunk = int(max_pixels_per_chunk)
+        self.register_buffer(
+            "mean", torch.tensor(_check_channels("mean", mean, positive=False)).view(1, 3, 1, 1)
+        )
+        self.register_buffer("std", torch.tensor(_check_channels("std", std, positive=True)).view(1, 3, 1, 1))
+
+    def sample_parameters(
+        self, heights: Tensor, widths: Tensor, generator: torch.Generator | None = None
+    ) -> list[ViewParameters]:
+        """Draw every view's random parameters for images of the given sizes ([B] integer tensors)."""
+        n, device = heights.numel(), heights.device
+        params = []
+        for view in self.views:
+            boxes = sample_crop_boxes(heights, widths, view.scale, _RATIO, generator)
+            u = torch.rand(n, 11, generator=generator, device=device)
+            jitter = self.JITTER
+            sigma_lo, sigma_hi = self.BLUR_SIGMA
+            blurred = u[:, 9] < view.blur_p
+            params.append(
+                ViewParameters(
+                    boxes=boxes,
+                    flip=u[:, 0] < self.FLIP_P,
+                    jitter=u[:, 1] < self.JITTER_P,
+                    order=torch.rand(n, 4, generator=generator, device=device).argsort(dim=1),
+                    brightness=1.0 + jitter["brightness"] * (2.0 * u[:, 2] - 1.0),
+                    contrast=1.0 + jitter["contrast"] * (2.0 * u[:, 3] - 1.0),
+                    saturation=1.0 + jitter["saturation"] * (2.0 * u[:, 4] - 1.0),
+                    hue=jitter["hue"] * (2.0 * u[:, 5] - 1.0),
+                    grayscale=u[:, 6] < self.GRAYSCALE_P,
+                    blur_sigma=torch.where(blurred, sigma_lo + (sigma_hi - sigma_lo) * u[:, 7], 0.0),
+                    solarize=u[:, 8] < view.solarize_p,
+                )
+            )
+        return params
+
+    def augment(self, images: Sequence[Tensor] | Tensor, params: Sequence[ViewParameters]) -> list[Tensor]:
+        """Render every view from ``params`` as float [B, 3, size, size] batches in [0, 1] (not normalised)."""
+        crops = resized_crops(
+            images,
+            [p.boxes for p in params],
+            [v.size for v in self.views],
+            [p.flip for p in params],
+            self.max_pixels_per_chunk,
+        )
+        views = []
+        for x, p in zip(crops, params, strict=True):
+            x = self._colour_jitter(x, p)
+            x = torch.where(p.grayscale[:, None, None, None], rgb_to_grayscale(x).expand_as(x), x)
+            x = pil_gaussian_blur(x, p.blur_sigma, max_sigma=self.BLUR_SIGMA[1])
+            x = torch.where(p.solarize[:, None, None, None], solarize(x), x)
+            views.append(x)
+        return views
+
+    @staticmethod
+    def _colour_jitter(x: Tensor, p: ViewParameters) -> Tensor:
+        """Brightness, contrast, saturation and hue, each sample in its own order.
+
+        At each of the four positions every sample runs exactly one operation. The first three are all
+        ``clip(f * x + (1 - f) * reference)`` with reference black, mean gray or gray, so they run as one
+        blend with a per-sample reference and factor (factor 1, an exact no-op, for samples whose
+        operation at this position is the hue or that skip jitter); hue is applied where selected.
+        """
+        for position in range(4):
+            op = torch.where(p.jitter, p.order[:, position], -1)
+            gray = rgb_to_grayscale(x)
+            mean_gray = gray.mean(dim=(-3, -2, -1), keepdim=True)
+            reference = torch.where(
+                (op == 0)[:, None, None, None],
+                torch.zeros_like(gray),
+                torch.where((op == 1)[:, None, None, None], mean_gray.expand_as(gray), gray),
+            )
+            factor = torch.where(
+                op == 0,
+                p.brightness,
+                torch.where(op == 1, p.contrast, torch.where(op == 2, p.saturation, 1.0)),
+            )
+            x = _blend(x, reference, factor)
+            x = torch.where((op == 3)[:, None, None, None], adjust_hue(x, p.hue), x)
+        return x
+
+    def normalize(self, views: Sequence[Tensor]) -> list[Tensor]:
+        """Subtract ``mean`` and divide by ``std`` per channel (on each view's device, so a module left on
+        the CPU still normalises CUDA views)."""
+        return [(v - self.mean.to(v.device)) / self.std.to(v.device) for v in views]
+
+    def forward(
+        self, images: Sequence[Tensor] | Tensor, generator: torch.Generator | None = None
+    ) -> list[Tensor]:
+        """Views of a batch: ``images`` is a list of uint8 [3, H, W] tensors (any sizes) or a uint8
+        [B, 3, H, W] batch, all on one device; ``generator`` must live on that device."""
+        if isinstance(images, Tensor):
+            if images.dim() != 4 or images.shape[1] != 3:
+                raise ValueError(f"a batch of images must have shape [B, 3, H, W], got {tuple(images.shape)}")
+            device = images.device
+            heights = torch.full((images.shape[0],), images.shape[2], device=device)
+            widths = torch.full((images.shape[0],), images.shape[3], device=device)
+        else:
+            if len(images) == 0:
+                raise ValueError("BatchMultiCrop needs at least one image")
+            device = images[0].device
+            if any(img.device != device for img in images):
+                raise ValueError(
+                    "all images of a batch must be on the same device; move them with .to(device)"
+                )
+            heights = torch.tensor([img.shape[-2] for img in images], device=device)
+            widths = torch.tensor([img.shape[-1] for img in images], device=device)
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(
+                f"the generator is on {generator.device} but the images are on {device}; "
+                "create it with torch.Generator(device=...)"
+            )
+        params = self.sample_parameters(heights, widths, generator)
+        return self.normalize(self.augment(images, params))
+
+    def extra_repr(self) -> str:
+        g, local = self.views[0], self.views[2:]
+        text = f"global_crops_scale={g.scale}, global_crop_size={g.size}, local_crops_number={len(local)}"
+        if local:
+            text += f", local_crops_scale={local[0].scale}, local_crop_size={local[0].size}"
+        return text

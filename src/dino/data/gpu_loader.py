@@ -1,0 +1,385 @@
+"""The GPU data path: workers only read file bytes, JPEGs are decoded in batches on the device.
+
+The CPU pipeline decodes and augments every image in a worker process, which on a many-core machine still
+leaves a fast GPU waiting (the original DINO loader delivers about half of what the model could consume).
+Here the :class:`EncodedImageDataset` workers just read files; :func:`decode_batch` decodes a batch of
+JPEGs at once (nvjpeg through ``torchvision.io.decode_jpeg`` on CUDA, libjpeg on CPU) and
+:class:`DeviceMultiCropLoader` hands the decoded batch to :class:`~dino.data.gpu_augment.BatchMultiCrop`.
+
+Files the fast decoder should not or cannot read take the CPU pipeline's own PIL path, so every file the
+CPU pipeline accepts is accepted here and looks the same: non-JPEG formats (PNG transparency composited on
+white, 16-bit and palette images), CMYK/YCCK and 12-bit JPEGs, and any JPEG the fast decoder rejects.
+EXIF orientation is applied on both paths. Files that no decoder can read are reported, so that the
+training loop counts them as skipped, exactly as with :func:`~dino.data.datasets.collate_skipping_bad`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+from dino.data.datasets import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    ImageFolderDataset,
+    SkippedImageWarning,
+    _to_rgb,
+)
+from dino.data.gpu_augment import BatchMultiCrop
+
+__all__ = [
+    "DecodedBatch",
+    "DeviceMultiCropLoader",
+    "EncodedImageDataset",
+    "JpegHeader",
+    "collate_encoded",
+    "decode_batch",
+    "decode_with_pil",
+    "read_jpeg_header",
+]
+
+# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic coded).
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RST0-7, SOI: no length field
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+# ------------------------------------------------------------------------------------------ dataset
+
+
+class EncodedImageDataset(Dataset):
+    """Image files as raw bytes: items are ``(bytes as a uint8 1-D tensor, label)``, or ``None`` when the
+    file cannot be read (a :class:`SkippedImageWarning` names it).
+
+    Same folder rules, file order, classes and labels as :class:`~dino.data.datasets.ImageFolderDataset`
+    (whose scan it reuses); decoding is left to :func:`decode_batch` in the main process. Use
+    :func:`collate_encoded` as the DataLoader's ``collate_fn``.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], labelled: bool | None = None) -> None:
+        folder = ImageFolderDataset(root, labelled=labelled)
+        self.root: Path = folder.root
+        self.samples: list[tuple[Path, int]] = folder.samples
+        self.classes: list[str] = folder.classes
+        self.labelled: bool = folder.labelled
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
+        path, label = self.samples[index]
+        try:
+            data = np.fromfile(path, dtype=np.uint8)
+        except OSError as exc:
+            warnings.warn(f"skipping {path}: cannot read the file ({exc})", SkippedImageWarning, stacklevel=2)
+            return None
+        if data.size == 0:
+            warnings.warn(f"skipping {path}: file is empty (0 bytes)", SkippedImageWarning, stacklevel=2)
+            return None
+        return torch.from_numpy(data), label
+
+    def __repr__(self) -> str:
+        kind = f"labelled, {len(self.classes)} classes" if self.labelled else "unlabelled"
+        return f"{type(self).__name__}(root={str(self.root)!r}, {len(self)} files, {kind})"
+
+
+def collate_encoded(batch: Sequence[tuple[Tensor, int] | None]) -> tuple[list[Tensor], Tensor, int]:
+    """Collate :class:`EncodedImageDataset` items: ``(list of byte tensors, labels, number of unreadable
+    files dropped)``. The byte tensors have different lengths, so they stay a list."""
+    kept = [item for item in batch if item is not None]
+    labels = torch.tensor([int(label) for _, label in kept], dtype=torch.long)
+    return [data for data, _ in kept], labels, len(batch) - len(kept)
+
+
+# ------------------------------------------------------------------------------------- JPEG header
+
+
+class JpegHeader(NamedTuple):
+    """What the fast path needs to know before decoding a JPEG: size, colour components, bit depth and
+    EXIF orientation (1 = upright, 2..8 as in the EXIF standard)."""
+
+    height: int
+    width: int
+    components: int
+    precision: int
+    orientation: int
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """The orientation tag of IFD0 of a TIFF-structured EXIF block (1 when absent or unreadable)."""
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    order = "little" if tiff[:2] == b"II" else "big"
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return 1
+    count = int.from_bytes(tiff[ifd : ifd + 2], order)
+    for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
+        if int.from_bytes(tiff[entry : entry + 2], order) == _EXIF_ORIENTATION_TAG:
+            value = int.from_bytes(tiff[entry + 8 : entry + 10], order)  # a SHORT, left-aligned
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def read_jpeg_header(data: bytes | memoryview) -> JpegHeader | None:
+    """Parse a JPEG's markers up to its start-of-frame; ``None`` when ``data`` is not a JPEG or the
+    markers are malformed. Reads only the header (a few hundred bytes to a few KB), never the pixels."""
+    view = memoryview(data)
+    if len(view) < 4 or view[0] != 0xFF or view[1] != 0xD8:
+        return None
+    pos, orientation = 2, 1
+    while pos + 4 <= len(view):
+        if view[pos] != 0xFF:
+            return None
+        marker = view[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _STANDALONE_MARKERS:
+            pos += 2
+            continue
+        length = int.from_bytes(view[pos + 2 : pos + 4], "big")
+        segment = view[pos + 4 : pos + 2 + length]
+        if length < 2 or len(segment) != length - 2:
+            return None
+        if marker == 0xE1 and bytes(segment[:6]) == b"Exif\x00\x00":
+            orientation = _exif_orientation(bytes(segment[6:]))
+        elif marker in _SOF_MARKERS:
+            if len(segment) < 6:
+                return None
+            height = int.from_bytes(segment[1:3], "big")
+            width = int.from_bytes(segment[3:5], "big")
+            return JpegHeader(height, width, segment[5], segment[0], orientation)
+        elif marker == 0xDA:  # start of scan before any frame header
+            return None
+        pos += 2 + length
+    return None
+
+
+def _orient(image: Tensor, orientation: int) -> Tensor:
+    """Apply an EXIF orientation to a [C, H, W] tensor, as PIL's ``ImageOps.exif_transpose`` does."""
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-2, -1)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-2, -1)
+    if orientation == 6:
+        return image.transpose(-2, -1).flip(-1)  # rotate 90° clockwise
+    if orientation == 7:
+        return image.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return image.transpose(-2, -1).flip(-2)  # rotate 90° counter-clockwise
+    return image
+
+
+# ------------------------------------------------------------------------------------------- decode
+
+
+def decode_with_pil(data: bytes | memoryview, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Tensor:
+    """Decode image bytes with PIL exactly as the CPU pipeline does (:func:`~dino.data.datasets.load_rgb`:
+    EXIF orientation, every pixel mode converted to 8-bit RGB, transparency on white), as uint8 [3, H, W].
+
+    Raises:
+        ImageDecodeError: with a short reason, for bytes that are not a usable image.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageDecodeError(
+                        f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                        f"{max_pixels} (possible decompression bomb)"
+                    )
+                img.load()
+                rgb = _to_rgb(ImageOps.exif_transpose(img))
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"possible decompression bomb ({exc})") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageDecodeError("not a recognised image format") from exc
+    except Exception as exc:  # PIL plugins raise many types (OSError, SyntaxError, struct.error, ...)
+        raise ImageDecodeError(f"cannot decode ({type(exc).__name__}: {exc})") from exc
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+
+
+class DecodedBatch(NamedTuple):
+    """Result of :func:`decode_batch`: the decoded images, in input order with the failed ones left out,
+    and the input positions that no decoder could read."""
+
+    images: list[Tensor]
+    failed: list[int]
+
+
+def _fast_decodable(header: JpegHeader | None, max_pixels: int | None) -> bool:
+    """8-bit gray or YCbCr JPEGs within the pixel limit take the fast decoder; everything else PIL."""
+    return (
+        header is not None
+        and header.components in (1, 3)
+        and header.precision == 8
+        and header.height > 0
+        and header.width > 0
+        and (max_pixels is None or header.height * header.width <= max_pixels)
+    )
+
+
+def _decode_fast(data: Tensor, device: torch.device) -> Tensor:
+    """One JPEG with torchvision's decoder on ``device`` (nvjpeg on CUDA), as RGB uint8 [3, H, W]."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
+        if device.type == "cuda":
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return decode_image(data, mode=ImageReadMode.RGB)
+
+
+def _decode_fast_batch(encoded: list[Tensor], device: torch.device) -> list[Tensor | None]:
+    """Decode JPEGs, in one batched nvjpeg call on CUDA; a file the decoder rejects gives ``None``.
+
+    A batched call fails as a whole when one file is bad, so a failed batch is retried file by file.
+    """
+    if device.type == "cuda" and len(encoded) > 1:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            pass
+    decoded: list[Tensor | None] = []
+    for data in encoded:
+        try:
+            decoded.append(_decode_fast(data, device))
+        except RuntimeError:
+            decoded.append(None)
+    return decoded
+
+
+def decode_batch(
+    encoded: Sequence[Tensor],
+    device: torch.device | str,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    names: Sequence[str] | None = None,
+) -> DecodedBatch:
+    """Decode a batch of encoded image files into RGB uint8 [3, H, W] tensors on ``device``.
+
+    8-bit JPEGs (gray or YCbCr) go to torchvision's decoder: one batched nvjpeg call when ``device`` is
+    CUDA, libjpeg on the CPU otherwise. Every other file, and any JPEG that decoder rejects, is decoded
+    on the CPU with PIL exactly as the CPU pipeline decodes it (:func:`decode_with_pil`), then moved to
+    ``device``. Images over ``max_pixels`` are refused as possible decompression bombs, as in
+    :class:`~dino.data.datasets.ImageFolderDataset`. Each file that no decoder can read raises a
+    :class:`SkippedImageWarning` (naming ``names[i]`` when given) and is listed in ``failed``.
+
+    Args:
+        encoded: file contents as uint8 1-D CPU tensors (from :class:`EncodedImageDataset`).
+        device: where the decoded images should live.
+        max_pixels: largest accepted width × height (None: no limit beyond PIL's own).
+        names: optional file names, for the warnings.
+    """
+    device = torch.device(device)
+    if names is not None and len(names) != len(encoded):
+        raise ValueError(f"got {len(names)} names for {len(encoded)} files; pass one name per file or none")
+    bad = [
+        i for i, data in enumerate(encoded) if data.dtype != torch.uint8 or data.dim() != 1 or data.is_cuda
+    ]
+    if bad:
+        raise ValueError(
+            f"encoded file {bad[0]} is not a uint8 1-D CPU tensor (got {encoded[bad[0]].dtype}, shape "
+            f"{tuple(encoded[bad[0]].shape)} on {encoded[bad[0]].device}); pass the raw file bytes"
+        )
+    buffers = [memoryview(data.numpy()) for data in encoded]
+    headers = [read_jpeg_header(buf) for buf in buffers]
+    fast = [i for i, header in enumerate(headers) if _fast_decodable(header, max_pixels)]
+
+    images: list[Tensor | None] = [None] * len(encoded)
+    for i, image in zip(fast, _decode_fast_batch([encoded[i] for i in fast], device), strict=True):
+        header = headers[i]
+        if image is not None and header is not None:
+            images[i] = _orient(image, header.orientation)
+
+    failed: list[int] = []
+    for i, image in enumerate(images):
+        if image is not None:
+            continue
+        try:
+            images[i] = decode_with_pil(buffers[i], max_pixels).to(device)
+        except ImageDecodeError as exc:
+            name = names[i] if names is not None else f"file {i} of the batch"
+            warnings.warn(f"skipping {name}: {exc}", SkippedImageWarning, stacklevel=2)
+            failed.append(i)
+    return DecodedBatch([image for image in images if image is not None], failed)
+
+
+# ------------------------------------------------------------------------------------------- loader
+
+
+class DeviceMultiCropLoader:
+    """Wrap a DataLoader of :class:`EncodedImageDataset` batches: decode on ``device`` and augment there.
+
+    Yields ``(crops, labels, num_skipped)`` like the CPU pipeline's loader with
+    :func:`~dino.data.datasets.collate_skipping_bad`: ``crops`` is the list of normalised view batches on
+    ``device``, ``labels`` the labels of the decoded images, ``num_skipped`` the unreadable plus
+    undecodable files. When every file of a batch failed, ``crops`` is empty and ``labels`` has no
+    element. Augmentation randomness is drawn from a generator on ``device`` reseeded for every batch
+    from ``(seed, epoch, step, rank)``, so a run resumed mid-epoch (``set_epoch(epoch, start_step)``)
+    draws the same crops as an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        loader: DataLoader,
+        augment: BatchMultiCrop,
+        device: torch.device | str,
+        seed: int = 0,
+        rank: int = 0,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.loader = loader
+        self.device = torch.device(device)
+        self.augment = augment.to(self.device)
+        self.seed, self.rank, self.max_pixels = int(seed), int(rank), max_pixels
+        self.epoch, self.start_step = 0, 0
+        self.generator = torch.Generator(device=self.device)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next iteration is ``epoch``, starting at its ``start_step``-th batch (for resuming)."""
+        self.epoch, self.start_step = int(epoch), int(start_step)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def batch_seed(self, step: int) -> int:
+        """The augmentation seed of batch ``step`` of the current epoch on this rank."""
+        return ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + step * 4_099 + self.rank) % (2**63)
+
+    def __iter__(self) -> Iterator[tuple[list[Tensor], Tensor, int]]:
+        for step, (encoded, labels, unreadable) in enumerate(self.loader, start=self.start_step):
+            decoded = decode_batch(encoded, self.device, self.max_pixels)
+            if decoded.failed:
+                failed = set(decoded.failed)
+                keep = torch.tensor([i for i in range(len(encoded)) if i not in failed], dtype=torch.long)
+                labels = labels[keep]
+            skipped = unreadable + len(decoded.failed)
+            if not decoded.images:
+                yield [], labels, skipped
+                continue
+            self.generator.manual_seed(self.batch_seed(step))
+            crops = self.augment(decoded.images, self.generator)
+            yield crops, labels.to(self.device, non_blocking=True), skipped
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(device={self.device}, augment={self.augment}, batches={len(self)})"
