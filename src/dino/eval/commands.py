@@ -90,6 +90,16 @@ def _needs_model(args: argparse.Namespace, sources: tuple[str, ...]) -> None:
         )
 
 
+def _train_test(
+    provider: FeatureProvider, sources: tuple[str, str], rep: str, what: str
+) -> tuple[FeatureSet, FeatureSet]:
+    """Labelled train and test features in representation ``rep``, test labels indexed like train's."""
+    train = provider.get(sources[0], [rep], f"{what} train")
+    test = provider.get(sources[1], [rep], f"{what} test").relabelled(train.classes)
+    check_same_model(train, test)
+    return train, test
+
+
 def _common_results(provider: FeatureProvider, train: FeatureSet) -> dict[str, Any]:
     """The model and transform behind the numbers: the one that ran here, else the feature file's."""
     if provider.model_loaded:
@@ -198,9 +208,7 @@ def run_knn(args: argparse.Namespace) -> int:
     if args.temperature <= 0 or min(args.ks) < 1:
         raise ValueError("--temperature must be positive and every --ks value at least 1")
     provider = FeatureProvider(args)
-    train = provider.get(train_src, [args.representation], "knn train")
-    test = provider.get(test_src, [args.representation], "knn test").relabelled(train.classes)
-    check_same_model(train, test)
+    train, test = _train_test(provider, (train_src, test_src), args.representation, "knn")
     device = resolve_device(args.device)
     start = time.perf_counter()
     acc = knn_accuracy(
@@ -268,9 +276,7 @@ def run_lowshot(args: argparse.Namespace) -> int:
     if any(not 0 < f <= 1 for f in args.fractions):
         raise ValueError(f"--fractions must lie in (0, 1], got {args.fractions}")
     provider = FeatureProvider(args)
-    train = provider.get(train_src, [args.representation], "lowshot train")
-    test = provider.get(test_src, [args.representation], "lowshot test").relabelled(train.classes)
-    check_same_model(train, test)
+    train, test = _train_test(provider, (train_src, test_src), args.representation, "lowshot")
     start = time.perf_counter()
     per_fraction = lowshot_evaluate(
         train.get(args.representation),
@@ -366,11 +372,9 @@ def run_linear(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     start = time.perf_counter()
     if cached:
-        train_all = provider.get(train_src, [rep], "linear train")
+        train_all, test = _train_test(provider, (train_src, test_src), rep, "linear")
         train_idx, val_idx = stratified_split(train_all.labels, args.val_fraction, args.seed)
         train, val = train_all.subset(train_idx), train_all.subset(val_idx)
-        test = provider.get(test_src, [rep], "linear test").relabelled(train_all.classes)
-        check_same_model(train_all, test)
         result = sweep_on_cached(
             train.get(rep),
             train.labels,

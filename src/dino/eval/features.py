@@ -407,7 +407,6 @@ def extract_representations(
     )
 
 
-@torch.no_grad()
 def extract_features(
     backbone: nn.Module,
     dataset: Dataset,
@@ -416,28 +415,11 @@ def extract_features(
     num_workers: int = 0,
     autocast_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Backbone outputs ([CLS] for a ViT) and labels for every decodable image, on the CPU."""
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate_skipping_bad,
+    """Backbone outputs ([CLS] for a ViT, pooled output for a ResNet) and labels of an image-folder dataset.
+
+    The training loop's online k-NN monitor uses this; it is :func:`extract_representations` for ``cls``.
+    """
+    features = extract_representations(
+        backbone, dataset, device, ["cls"], batch_size, num_workers, autocast_dtype
     )
-    was_training = backbone.training
-    backbone.eval()
-    features, labels = [], []
-    try:
-        for images, targets, _ in loader:
-            if len(targets) == 0:
-                continue
-            images = images.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out = backbone(images)
-            features.append(out.float().cpu())
-            labels.append(targets)
-    finally:
-        backbone.train(was_training)
-    if not features:
-        raise ValueError("no image could be decoded for feature extraction")
-    return torch.cat(features), torch.cat(labels)
+    return features.features["cls"], features.labels
