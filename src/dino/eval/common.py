@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
-from dino.hub import LoadedBackbone, load_backbone
+from dino.hub import LoadedBackbone, add_weights_arguments, load_backbone
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -62,6 +62,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="ViT blocks for --random-init --arch without weights (0: standard)",
     )
+    add_weights_arguments(g)
     g = parser.add_argument_group("execution")
     g.add_argument(
         "--device", choices=DEVICE_CHOICES, default="auto", help="auto = cuda when available, else cpu"
@@ -133,16 +134,16 @@ def model_from_args(args: argparse.Namespace) -> LoadedBackbone:
                 )
             loaded = _untrained(args.arch, args.patch_size or 16, getattr(args, "depth", 0))
         else:
-            if not str(weights).startswith("torchvision:") and not Path(weights).expanduser().exists():
-                raise FileNotFoundError(
-                    f"--weights {weights} does not exist; give a run directory or a .pth file"
-                )
+            # Paths, run directories, released names (dino_vits16, …) and torchvision:NAME all resolve in
+            # the hub, which says what is missing and where to put it.
             loaded = load_backbone(
                 weights,
                 which=args.which,
                 random_init=args.random_init,
                 arch=args.arch,
                 patch_size=args.patch_size,
+                weights_dir=getattr(args, "weights_dir", None),
+                download=getattr(args, "download", False),
             )
     loaded.model.to(device).eval()
     for p in loaded.model.parameters():
