@@ -116,11 +116,13 @@ def test_attention_command_jaccard_on_voc_fixtures(tmp_path: Path, tiny_vit_file
             "attention", str(VOC / "images"), "--masks", str(VOC / "SegmentationClass"), "--weights",
             str(tiny_vit_file), "--device", "cpu", "--image-size", "64", "--num-workers", "0",
             "--output-dir", str(tmp_path / "pics"), "--output", str(out), "--quiet",
+            "--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25",
         ]
     )  # fmt: skip
     assert rc == 0
     results = json.loads(out.read_text())
     assert results["images"] == 3 and len(results["jaccard_per_head"]) == 3
+    assert results["normalization"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
     per_image = results["per_image"]
     assert results["jaccard_best_head"] == pytest.approx(
         np.mean([v["jaccard_best_head"] for v in per_image.values()])

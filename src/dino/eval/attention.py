@@ -307,12 +307,14 @@ def attention_video(
     head: int | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> int:
     """Animate the attention overlay (mean over heads, or one ``head``) of every frame; returns frames written."""
     from tqdm import tqdm
 
     rendered = []
-    results = attention_over_images(model, frames, device, image_size, batch_size=batch_size)
+    results = attention_over_images(model, frames, device, image_size, 0.6, batch_size, mean, std)
     for result in tqdm(results, total=len(frames), desc="frames", disable=not progress):
         maps = result.attention
         if head is not None and not 0 <= head < maps.shape[0]:
@@ -337,6 +339,8 @@ def attention_jaccard(
     batch_size: int = 8,
     pictures_dir: Path | None = None,
     progress: bool = False,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> dict[str, object]:
     """Jaccard of each head's mass mask with the ground-truth foreground of ``mask_dir/<stem>.png``.
 
@@ -367,7 +371,7 @@ def attention_jaccard(
     per_image: dict[str, dict[str, object]] = {}
     per_head: list[list[float]] = []
     images = (load_rgb(p) for p, _ in pairs)
-    results = attention_over_images(model, images, device, image_size, threshold, batch_size)
+    results = attention_over_images(model, images, device, image_size, threshold, batch_size, mean, std)
     for (path, mask_path), result in tqdm(
         zip(pairs, results, strict=True), total=len(pairs), disable=not progress
     ):

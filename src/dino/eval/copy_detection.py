@@ -163,11 +163,15 @@ def descriptors(
     num_workers: int = 0,
     progress: bool = False,
     desc: str = "images",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> Tensor:
     """Raw (unnormalised) copy-detection descriptors of ``paths``, [N, D] on the CPU."""
     from tqdm import tqdm
 
-    loader = DataLoader(SquareImages(paths, imsize), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(
+        SquareImages(paths, imsize, mean, std), batch_size=batch_size, num_workers=num_workers
+    )
     out = [
         copy_descriptor(model, batch.to(device)).cpu()
         for batch in tqdm(loader, desc=desc, disable=not progress)
@@ -240,6 +244,8 @@ def evaluate_copydays(
     batch_size: int = 32,
     num_workers: int = 0,
     progress: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> dict[str, Any]:
     """mAP (percent) per query block, the ``strong`` block's being the paper's number."""
     check_descriptor_support(model)
@@ -252,7 +258,7 @@ def evaluate_copydays(
     whitening_images = _folder_images(whiten_dir, "--whiten-dir") if whiten_dir else []
 
     def embed(paths: Sequence[Path], desc: str) -> Tensor:
-        return descriptors(model, paths, device, imsize, batch_size, num_workers, progress, desc)
+        return descriptors(model, paths, device, imsize, batch_size, num_workers, progress, desc, mean, std)
 
     database = embed(layout.originals + distractors, "database")
     queries = {name: embed(paths, name) for name, paths in layout.blocks.items() if name != "original"}

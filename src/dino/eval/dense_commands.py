@@ -13,9 +13,36 @@ from contextlib import redirect_stdout
 from dataclasses import asdict
 from pathlib import Path
 
-from dino.eval.common import add_model_arguments, model_from_args, model_info, resolve_device, write_results
+from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dino.eval.common import (
+    add_model_arguments,
+    model_from_args,
+    model_info,
+    resolve_device,
+    training_image_settings,
+    write_results,
+)
 
 _QUIET_HELP = "no progress bars"
+
+
+def _add_normalization(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mean", type=float, nargs=3, help="normalisation mean; default: the run's config, else ImageNet's"
+    )
+    parser.add_argument(
+        "--std", type=float, nargs=3, help="normalisation std; default: the run's config, else ImageNet's"
+    )
+
+
+def _normalization(args: argparse.Namespace) -> dict[str, list[float]]:
+    """``mean``/``std`` keyword arguments: the options, else the training config's, else ImageNet's."""
+    stored = training_image_settings(getattr(args, "weights", None))
+    mean = args.mean or stored.mean or IMAGENET_MEAN
+    std = args.std or stored.std or IMAGENET_STD
+    if any(v <= 0 for v in std):
+        raise ValueError(f"--std values must be positive, got {std}")
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
 
 
 def _report(results: dict[str, object], path: str | None, title: str, detail: str | None = None) -> None:
@@ -68,6 +95,7 @@ def register_videoseg(sub: argparse._SubParsersAction) -> None:
         "--size-multiple", type=int, help="round the long side down to this (default: 64, or the patch size)"
     )
     p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
+    _add_normalization(p)
     add_model_arguments(p)
     p.set_defaults(func=_videoseg, batch_size=8)
 
@@ -105,6 +133,7 @@ def _videoseg(args: argparse.Namespace) -> int:
         short_side=args.short_side,
         size_multiple=args.size_multiple,
     )
+    norm = _normalization(args)
     loaded = model_from_args(args)
     model = require_vit(loaded.model, "video segmentation")
     device = resolve_device(args.device)
@@ -120,10 +149,12 @@ def _videoseg(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         progress=not args.quiet,
+        **norm,
     )
     results = {
         "model": model_info(loaded),
         "settings": asdict(settings),
+        "normalization": norm,
         "predictions": str(args.output_dir),
         **scores,
     }
@@ -173,6 +204,7 @@ def register_attention(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--fps", type=float, help="frames per second (default: the input's, else 10)")
     g.add_argument("--head", type=int, help="animate this head instead of the mean over heads")
     p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
+    _add_normalization(p)
     add_model_arguments(p)
     p.set_defaults(func=_attention, batch_size=8)
 
@@ -201,11 +233,12 @@ def _attention(args: argparse.Namespace) -> int:
         animation = Path(args.animation).expanduser() if args.animation else output_dir / "attention.gif"
         check_animation_output(animation)
         frames, native_fps = read_video_frames(source, args.max_images)
+        norm = _normalization(args)
         loaded = model_from_args(args)
         model = require_vit(loaded.model, "attention maps")
         n = attention_video(
             model, frames, animation, resolve_device(args.device), args.fps or native_fps or 10.0, image_size,
-            args.head, args.batch_size, progress=not args.quiet,
+            args.head, args.batch_size, progress=not args.quiet, **norm,
         )  # fmt: skip
         write_results(
             {"model": model_info(loaded), "frames": n, "animation": str(animation)},
@@ -217,15 +250,20 @@ def _attention(args: argparse.Namespace) -> int:
     mask_dir = Path(args.masks).expanduser() if args.masks else None
     if mask_dir is not None and not mask_dir.is_dir():
         raise FileNotFoundError(f"--masks {mask_dir} is not a folder of <stem>.png masks")
+    norm = _normalization(args)
     loaded = model_from_args(args)
     model = require_vit(loaded.model, "attention maps")
     device = resolve_device(args.device)
-    results: dict[str, object] = {"model": model_info(loaded), "image_size": args.image_size}
+    results: dict[str, object] = {
+        "model": model_info(loaded),
+        "image_size": args.image_size,
+        "normalization": norm,
+    }
     if mask_dir is not None:
         pictures = None if args.no_pictures else output_dir
         scores = attention_jaccard(
             model, images, mask_dir, device, image_size, args.threshold, args.batch_size, pictures,
-            progress=not args.quiet,
+            progress=not args.quiet, **norm,
         )  # fmt: skip
         results.update(scores)
         title = "Attention masks: Jaccard with ground-truth foreground (%)"
@@ -233,7 +271,7 @@ def _attention(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         stream = attention_over_images(
-            model, (load_rgb(p) for p in images), device, image_size, args.threshold, args.batch_size
+            model, (load_rgb(p) for p in images), device, image_size, args.threshold, args.batch_size, **norm
         )
         for path, result in tqdm(zip(images, stream, strict=True), total=len(images), disable=args.quiet):
             save_attention_pictures(result.image, result.attention, result.masks, output_dir / path.stem)
@@ -276,6 +314,7 @@ def register_retrieval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="k values of mP@k (default: 1 5 10)")
     p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
+    _add_normalization(p)
     add_model_arguments(p)
     p.set_defaults(func=_retrieval, batch_size=16)
 
@@ -295,10 +334,11 @@ def _retrieval(args: argparse.Namespace) -> int:
         raise ValueError("--imsize and every --ks value must be positive")
     truth = load_ground_truth(gnd_path)
     image_paths(images, truth.imlist + truth.qimlist)  # every file present before the model loads
+    norm = _normalization(args)
     loaded = model_from_args(args)
     scores = evaluate_retrieval(
         loaded.model, images, truth, resolve_device(args.device), args.imsize, args.multiscale,
-        not args.no_query_crop, args.batch_size, args.num_workers, args.ks, progress=not args.quiet,
+        not args.no_query_crop, args.batch_size, args.num_workers, args.ks, progress=not args.quiet, **norm,
     )  # fmt: skip
     results = {
         "dataset": name,
@@ -306,6 +346,7 @@ def _retrieval(args: argparse.Namespace) -> int:
         "imsize": args.imsize,
         "multiscale": args.multiscale,
         "query_crop": not args.no_query_crop,
+        "normalization": norm,
         "queries": len(truth.qimlist),
         "database": len(truth.imlist),
         **scores,
@@ -347,6 +388,7 @@ def register_copydetect(sub: argparse._SubParsersAction) -> None:
         help="name prefix identifying a Copydays image group (default: 4)",
     )
     p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
+    _add_normalization(p)
     add_model_arguments(p)
     p.set_defaults(func=_copydetect, batch_size=32)
 
@@ -368,13 +410,20 @@ def _copydetect(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{option} {folder} is not a folder")
     if args.imsize < 1:
         raise ValueError("--imsize must be positive")
+    norm = _normalization(args)
     loaded = model_from_args(args)
     check_descriptor_support(loaded.model)
     scores = evaluate_copydays(
         loaded.model, args.data, resolve_device(args.device), args.imsize, args.whiten_dir, args.whiten_dim,
         args.distractors, args.max_rank, args.group_chars, args.batch_size, args.num_workers,
-        progress=not args.quiet,
+        progress=not args.quiet, **norm,
     )  # fmt: skip
-    results = {"model": model_info(loaded), "imsize": args.imsize, "max_rank": args.max_rank, **scores}
+    results = {
+        "model": model_info(loaded),
+        "imsize": args.imsize,
+        "max_rank": args.max_rank,
+        "normalization": norm,
+        **scores,
+    }
     _report(results, args.output, "Copy detection on Copydays (mAP, %)", detail="per_query")
     return 0

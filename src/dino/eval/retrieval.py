@@ -431,16 +431,30 @@ def evaluate_retrieval(
     num_workers: int = 0,
     ks: Sequence[int] = (1, 5, 10),
     progress: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> dict[str, Any]:
     """Embed database and queries, rank, and score every setup; percentages, as revisitop prints them."""
     db_paths = image_paths(images, truth.imlist)
     q_paths = image_paths(images, truth.qimlist)
     boxes = [q.bbx for q in truth.queries] if crop_queries else None
     database = global_features(
-        model, RetrievalImages(db_paths, imsize), device, batch_size, num_workers, multiscale, progress
+        model,
+        RetrievalImages(db_paths, imsize, None, mean, std),
+        device,
+        batch_size,
+        num_workers,
+        multiscale,
+        progress,
     )
     queries = global_features(
-        model, RetrievalImages(q_paths, imsize, boxes), device, batch_size, num_workers, multiscale, progress
+        model,
+        RetrievalImages(q_paths, imsize, boxes, mean, std),
+        device,
+        batch_size,
+        num_workers,
+        multiscale,
+        progress,
     )
     rankings = rank_database(database, queries)
     results: dict[str, Any] = {}

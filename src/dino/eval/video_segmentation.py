@@ -193,6 +193,8 @@ def segment_video(
     batch_size: int = 8,
     num_workers: int = 0,
     progress: bool = False,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> Iterator[np.ndarray]:
     """Label maps (annotation resolution) of frames ``1..`` of a video, propagated from ``first_annotation``.
 
@@ -213,7 +215,9 @@ def segment_video(
     )
     first_labels = one_hot_labels(small, n_classes).to(device)
     mask = neighborhood_mask(*grid, settings.neighborhood, device)
-    loader = DataLoader(FrameDataset(frame_paths, size), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(
+        FrameDataset(frame_paths, size, mean, std), batch_size=batch_size, num_workers=num_workers
+    )
     queue: deque[tuple[Tensor, Tensor]] = deque(maxlen=settings.n_last_frames or None)
     first_features: Tensor | None = None
     bar = tqdm(total=len(frame_paths), desc="frames", disable=not progress, leave=False)
@@ -310,6 +314,8 @@ def segment_davis(
     batch_size: int = 8,
     num_workers: int = 0,
     progress: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> None:
     """Write ``<output_dir>/<sequence>/<frame>.png`` for every frame of every sequence (frame 0: the annotation)."""
     from tqdm import tqdm
@@ -325,7 +331,9 @@ def segment_davis(
         frames = frames_by_seq[seq]
         first = read_label_map(annotations / seq / f"{frames[0].stem}.png")
         write_indexed_png(output_dir / seq / f"{frames[0].stem}.png", first, palette)
-        masks = segment_video(model, frames, first, settings, device, batch_size, num_workers, progress)
+        masks = segment_video(
+            model, frames, first, settings, device, batch_size, num_workers, progress, mean, std
+        )
         for path, labels in zip(frames[1:], masks, strict=True):
             write_indexed_png(output_dir / seq / f"{path.stem}.png", labels, palette)
         log.debug("segmented %s (%d frames)", seq, len(frames))
@@ -343,6 +351,8 @@ def evaluate_davis(
     batch_size: int = 8,
     num_workers: int = 0,
     progress: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> dict[str, object]:
     """Segment every sequence, then score the written PNGs with J and F (see :mod:`dino.eval.davis_metrics`)."""
     segment_davis(
@@ -357,5 +367,7 @@ def evaluate_davis(
         batch_size,
         num_workers,
         progress,
+        mean,
+        std,
     )
     return evaluate_results(davis_root, output_dir, sequences, resolution, max_frames)
