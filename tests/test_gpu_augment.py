@@ -434,6 +434,39 @@ def test_gaussian_kernel_and_borders_by_hand() -> None:
     assert picked == {"replicate": [3, 3, 3], "symmetric": [3, 3, 2], "reflect": [3, 2, 1]}
 
 
+def test_every_sample_gets_its_own_parameters_in_its_own_order() -> None:
+    """Rebuild each sample's view one image at a time with torchvision's functions, in the order and
+    with the factors its parameters say, and compare with the batched result."""
+    n = 24
+    images = _images([(30 + i % 5, 40 - i % 7) for i in range(n)])
+    aug = BatchMultiCrop(local_crops_number=1, global_crop_size=12, local_crop_size=8)
+    heights = torch.tensor([img.shape[1] for img in images])
+    widths = torch.tensor([img.shape[2] for img in images])
+    params = aug.sample_parameters(heights, widths, torch.Generator().manual_seed(4))
+    views = aug.augment(images, params)
+    crops = resized_crops(
+        images, [p.boxes for p in params], [v.size for v in aug.views], [p.flip for p in params]
+    )
+    operations = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    orders = set()
+    for view, crop, p in zip(views, crops, params, strict=True):
+        for b in range(n):
+            x = crop[b]
+            if p.jitter[b]:
+                factors = (p.brightness[b], p.contrast[b], p.saturation[b], p.hue[b])
+                for op in p.order[b].tolist():
+                    x = operations[op](x, float(factors[op]))
+                orders.add(tuple(p.order[b].tolist()))
+            if p.grayscale[b]:
+                x = TF.rgb_to_grayscale(x, num_output_channels=3)
+            if p.blur_sigma[b] > 0:
+                x = pil_gaussian_blur(x[None], p.blur_sigma[b : b + 1])[0]
+            if p.solarize[b]:
+                x = TF.solarize(x, 0.5)
+            assert (view[b] - x).abs().max() < 2e-3, b
+    assert len(orders) > 12  # many different orders were exercised
+
+
 def test_flip_is_applied_where_drawn_and_nowhere_else() -> None:
     images = _images([(30, 40), (50, 35)])
     aug = BatchMultiCrop(local_crops_number=1, global_crop_size=16, local_crop_size=8)

@@ -578,7 +578,12 @@ class BatchMultiCrop(nn.Module):
         return params
 
     def augment(self, images: Sequence[Tensor] | Tensor, params: Sequence[ViewParameters]) -> list[Tensor]:
-        """Render every view from ``params`` as float [B, 3, size, size] batches in [0, 1] (not normalised)."""
+        """Render every view from ``params`` as float [B, 3, size, size] batches in [0, 1] (not normalised).
+
+        The two costly operations, hue and blur, run only on the samples that drew them: the samples are
+        ranked by the step at which they need each (one device-to-host read of the counts per batch), and
+        each step gathers its contiguous block of that ranking.
+        """
         crops = resized_crops(
             images,
             [p.boxes for p in params],
@@ -586,24 +591,39 @@ class BatchMultiCrop(nn.Module):
             [p.flip for p in params],
             self.max_pixels_per_chunk,
         )
+        # Jitter position (0-3) of the hue per sample, 4 where the view has no jitter.
+        hue_slots = [torch.where(p.jitter, (p.order == 3).to(torch.uint8).argmax(dim=1), 4) for p in params]
+        blurred = [p.blur_sigma > 0 for p in params]
+        counts = torch.stack(
+            [
+                torch.cat([torch.bincount(slot, minlength=5)[:4], b.sum().view(1)])
+                for slot, b in zip(hue_slots, blurred, strict=True)
+            ]
+        ).tolist()
         views = []
-        for x, p in zip(crops, params, strict=True):
-            x = self._colour_jitter(x, p)
+        for x, p, slot, b, n in zip(crops, params, hue_slots, blurred, counts, strict=True):
+            x = self._colour_jitter(x, p, torch.argsort(slot, stable=True), n[:4])
             x = torch.where(p.grayscale[:, None, None, None], rgb_to_grayscale(x).expand_as(x), x)
-            x = pil_gaussian_blur(x, p.blur_sigma, max_sigma=self.BLUR_SIGMA[1])
+            if n[4] > 0:
+                index = torch.argsort((~b).to(torch.uint8), stable=True)[: n[4]]
+                blur = pil_gaussian_blur(x.index_select(0, index), p.blur_sigma[index], self.BLUR_SIGMA[1])
+                x = x.index_copy(0, index, blur)
             x = torch.where(p.solarize[:, None, None, None], solarize(x), x)
             views.append(x)
         return views
 
     @staticmethod
-    def _colour_jitter(x: Tensor, p: ViewParameters) -> Tensor:
+    def _colour_jitter(x: Tensor, p: ViewParameters, by_hue_slot: Tensor, hue_counts: list[int]) -> Tensor:
         """Brightness, contrast, saturation and hue, each sample in its own order.
 
         At each of the four positions every sample runs exactly one operation. The first three are all
         ``clip(f * x + (1 - f) * reference)`` with reference black, mean gray or gray, so they run as one
         blend with a per-sample reference and factor (factor 1, an exact no-op, for samples whose
-        operation at this position is the hue or that skip jitter); hue is applied where selected.
+        operation at this position is the hue or that skip jitter). The hue runs on the samples whose
+        hue is at this position: block ``position`` of ``by_hue_slot`` (samples ranked by hue
+        position), of length ``hue_counts[position]``.
         """
+        start = 0
         for position in range(4):
             op = torch.where(p.jitter, p.order[:, position], -1)
             gray = rgb_to_grayscale(x)
@@ -619,7 +639,11 @@ class BatchMultiCrop(nn.Module):
                 torch.where(op == 1, p.contrast, torch.where(op == 2, p.saturation, 1.0)),
             )
             x = _blend(x, reference, factor)
-            x = torch.where((op == 3)[:, None, None, None], adjust_hue(x, p.hue), x)
+            count = hue_counts[position]
+            if count > 0:
+                index = by_hue_slot[start : start + count]
+                x = x.index_copy(0, index, adjust_hue(x.index_select(0, index), p.hue[index]))
+            start += count
         return x
 
     def normalize(self, views: Sequence[Tensor]) -> list[Tensor]:

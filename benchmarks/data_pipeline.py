@@ -1,0 +1,226 @@
+"""Data pipeline throughput: the CPU PIL multi-crop pipeline against the batched tensor pipeline.
+
+(a) ``cpu-pil``: ImageFolderDataset + MultiCropAugmentation in DataLoader workers (decode and augment per
+    image with PIL), for each requested worker count.
+(b) ``tensor``: EncodedImageDataset workers only read bytes; decode_batch decodes the batch on the device
+    (nvjpeg on CUDA) and BatchMultiCrop augments the whole batch there. ``tensor-augment-only`` times the
+    augmentation alone on batches already decoded on the device.
+
+Images/s are measured in steady state (the first batch, which pays for worker start-up, is not timed) and
+each measurement stops after --seconds. Writes JSON (hardware, command, data used) and prints a table.
+
+    python benchmarks/data_pipeline.py                                   # bundled 32x32 CIFAR sample, CPU
+    python benchmarks/data_pipeline.py --data /path/to/imagenet/train --device cuda --images 4096 \\
+        --workers 0,4,8 --tensor-workers 4 --out results/data_pipeline.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Subset
+
+from dino.data import ImageFolderDataset, MultiCropAugmentation, collate_skipping_bad, sample_dataset
+from dino.data.gpu_augment import BatchMultiCrop
+from dino.data.gpu_loader import DeviceMultiCropLoader, EncodedImageDataset, collate_encoded, decode_batch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _steady_rate(batches, device: torch.device, seconds: float) -> dict:
+    """Iterate ``batches`` of (views, labels, skipped); images/s after the first batch, up to ``seconds``."""
+    iterator = iter(batches)
+    first = next(iterator)
+    _sync(device)
+    start, images, steps = time.perf_counter(), 0, 0
+    for _views, labels, _ in iterator:
+        images += int(labels.numel())
+        steps += 1
+        if time.perf_counter() - start > seconds:
+            break
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    del first
+    return {"images": images, "batches": steps, "seconds": elapsed, "images_per_s": images / elapsed}
+
+
+def _crop_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "local_crops_number": args.local_crops,
+        "global_crop_size": args.global_size,
+        "local_crop_size": args.local_size,
+    }
+
+
+def measure_cpu_pil(root: Path, indices: list[int], args: argparse.Namespace, workers: int) -> dict:
+    dataset = Subset(ImageFolderDataset(root, transform=MultiCropAugmentation(**_crop_kwargs(args))), indices)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch,
+        num_workers=workers,
+        collate_fn=collate_skipping_bad,
+        drop_last=True,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    return _steady_rate(loader, torch.device("cpu"), args.seconds)
+
+
+def measure_tensor(root: Path, indices: list[int], args: argparse.Namespace, device: torch.device) -> dict:
+    dataset = Subset(EncodedImageDataset(root), indices)
+    workers = args.tensor_workers
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch,
+        num_workers=workers,
+        collate_fn=collate_encoded,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    pipeline = DeviceMultiCropLoader(loader, BatchMultiCrop(**_crop_kwargs(args)), device, seed=0)
+    return _steady_rate(pipeline, device, args.seconds) | {"workers": workers}
+
+
+def measure_augment_only(
+    root: Path, indices: list[int], args: argparse.Namespace, device: torch.device
+) -> dict:
+    dataset = EncodedImageDataset(root)
+    encoded = [dataset[i][0] for i in indices[: args.batch]]
+    images = decode_batch([e for e in encoded if e is not None], device).images
+    augment = BatchMultiCrop(**_crop_kwargs(args)).to(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def batches():
+        while True:
+            views = augment(images, generator)
+            yield views, torch.empty(len(images)), 0
+
+    return _steady_rate(batches(), device, args.seconds)
+
+
+def _describe_data(args: argparse.Namespace, root: Path, count: int) -> dict:
+    paths = [p for p, _ in ImageFolderDataset(root).samples[:8]]
+    sizes = []
+    for path in paths:
+        with Image.open(path) as img:
+            sizes.append(list(img.size))
+    what = (
+        f"folder {root}"
+        if args.data
+        else "bundled CIFAR-10 sample (dino.data.sample_dataset('train'): 32x32 JPEGs, upscaled by the crops)"
+    )
+    return {"description": what, "root": str(root), "images_used": count, "example_sizes_wh": sizes}
+
+
+def _hardware(device: torch.device) -> dict:
+    cpu_name = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu_name,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, help="image folder (default: the bundled 32x32 CIFAR-10 sample)")
+    parser.add_argument("--images", type=int, default=192, help="images used, spread evenly over the folder")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--global-size", type=int, default=224)
+    parser.add_argument("--local-size", type=int, default=96)
+    parser.add_argument("--local-crops", type=int, default=8)
+    parser.add_argument(
+        "--workers", default="0,1,2", help="comma-separated worker counts for the CPU pipeline"
+    )
+    parser.add_argument(
+        "--tensor-workers", type=int, default=1, help="byte-reading workers of the tensor path"
+    )
+    parser.add_argument(
+        "--device", default="auto", help="device of the tensor pipeline: auto | cpu | cuda[:N]"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="time limit of each measurement")
+    parser.add_argument("--out", type=Path, help="JSON file to write")
+    args = parser.parse_args()
+    if args.images < 2 * args.batch:
+        parser.error(
+            f"--images ({args.images}) must be at least two batches (2 x --batch = {2 * args.batch})"
+        )
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    root = args.data if args.data is not None else sample_dataset("train")
+    total = len(ImageFolderDataset(root).samples)
+    # Spread the images over the folder (all classes), in a fixed order.
+    step = max(1, total // args.images)
+    indices = list(range(0, total, step))[: args.images]
+
+    results = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skipped-file warnings are counted by the pipelines
+        for workers in (int(w) for w in args.workers.split(",") if w.strip()):
+            results.append(
+                {"pipeline": "cpu-pil", "device": "cpu", "workers": workers}
+                | measure_cpu_pil(root, indices, args, workers)
+            )
+        results.append(
+            {"pipeline": "tensor", "device": str(device)} | measure_tensor(root, indices, args, device)
+        )
+        results.append(
+            {"pipeline": "tensor-augment-only", "device": str(device), "workers": None}
+            | measure_augment_only(root, indices, args, device)
+        )
+
+    report = {
+        "benchmark": "data_pipeline",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "data": _describe_data(args, root, len(indices)),
+        "config": {
+            "batch": args.batch,
+            "crops": f"2x{args.global_size}^2 + {args.local_crops}x{args.local_size}^2",
+            "seconds_per_measurement": args.seconds,
+        },
+        "hardware": _hardware(device),
+        "results": results,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    print(f"\nData: {report['data']['description']}; crops {report['config']['crops']}, batch {args.batch}\n")
+    print("| pipeline | device | workers | images/s |\n|---|---|---|---|")
+    for r in results:
+        workers = "-" if r["workers"] is None else r["workers"]
+        print(f"| {r['pipeline']} | {r['device']} | {workers} | {r['images_per_s']:.1f} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
