@@ -204,6 +204,17 @@ def test_videoseg_command_end_to_end(tmp_path: Path, tiny_vit_file: Path, capsys
     )  # fmt: skip
     assert rc == 0
     assert json.loads((tmp_path / "again.json").read_text())["J&F-mean"] == pytest.approx(results["J&F-mean"])
+    # --no-score only writes the masks.
+    rc = main(
+        [
+            "videoseg", "--data", str(DAVIS), "--weights", str(tiny_vit_file), "--device", "cpu", "--no-score",
+            "--sequences", "dog", "--max-frames", "2", "--short-side", "64", "--num-workers", "0", "--quiet",
+            "--output-dir", str(tmp_path / "only"), "--output", str(tmp_path / "only.json"),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    assert sorted(p.name for p in (tmp_path / "only" / "dog").iterdir()) == ["00000.png", "00001.png"]
+    assert "J&F-mean" not in json.loads((tmp_path / "only.json").read_text())
 
 
 def test_videoseg_command_refuses_a_resnet(tmp_path: Path, capsys) -> None:

@@ -80,8 +80,14 @@ def register_videoseg(sub: argparse._SubParsersAction) -> None:
         default="davis-predictions",
         help="folder for the predicted PNGs, <dir>/<sequence>/<frame>.png (default: ./davis-predictions)",
     )
-    p.add_argument(
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
         "--score-only", action="store_true", help="score the PNGs already in --output-dir; no model needed"
+    )
+    mode.add_argument(
+        "--no-score",
+        action="store_true",
+        help="only write the PNGs (sequences annotated on the first frame only)",
     )
     g = p.add_argument_group("propagation (defaults: the paper's protocol)")
     g.add_argument("--n-last-frames", type=int, default=7, help="previous frames in the context (default: 7)")
@@ -107,6 +113,7 @@ def _videoseg(args: argparse.Namespace) -> int:
         evaluate_davis,
         list_sequences,
         require_vit,
+        segment_davis,
         sequence_frames,
     )
 
@@ -137,7 +144,8 @@ def _videoseg(args: argparse.Namespace) -> int:
     loaded = model_from_args(args)
     model = require_vit(loaded.model, "video segmentation")
     device = resolve_device(args.device)
-    scores = evaluate_davis(
+    run = segment_davis if args.no_score else evaluate_davis
+    scores = run(
         model,
         root,
         args.output_dir,
@@ -156,7 +164,7 @@ def _videoseg(args: argparse.Namespace) -> int:
         "settings": asdict(settings),
         "normalization": norm,
         "predictions": str(args.output_dir),
-        **scores,
+        **(scores or {"sequences": list(sequences)}),
     }
     write_results(results, args.output, title)
     return 0
