@@ -14,14 +14,16 @@ How each step matches the PIL/torchvision reference, and where it deliberately d
   matrices holding PIL's antialiased bicubic weights (a = -0.5, support widened by the downscale factor,
   renormalised at the crop border); a flip reverses the rows of ``W_x``. Two batched matmuls do the pixel
   work for any mix of image sizes (images are zero-padded to a common size; the weights never reach the
-  padding). As in PIL the horizontal pass runs first and is clipped to [0, 1] before the vertical one.
+  padding). The horizontal pass runs first and is clipped to [0, 1] before the vertical one, as in PIL's
+  resampler (which also rounds to 8 bits in between; for some shapes the installed Pillow runs the
+  vertical pass first, which changes only pixels where the intermediate clips: high-contrast edges).
 * Colour jitter, grayscale and solarize follow torchvision's tensor semantics (contrast blends with the
   mean of the grayscale image, hue rotates in HSV), with the ITU-R 601-2 luma weights PIL uses. The four
   jitter operations run in a random order per sample.
 * Gaussian blur with per-sample sigma is PIL's own approximation (what the CPU pipeline's
   ``ImageFilter.GaussianBlur(radius=sigma)`` computes): three extended box blurs per direction whose
   combined variance is sigma², edge pixels repeated at the border. A sampled Gaussian would blur visibly
-  less than PIL for small sigma (at sigma 0.3 its taps at +-1 are 0.4 % instead of PIL's 4 %).
+  less than PIL for small sigma (at sigma 0.3 its taps at +-1 weigh 0.4 % instead of PIL's 4.5 %).
   :func:`gaussian_blur` (torchvision's sampled kernel) is kept for comparison.
 * Everything is computed in float32 without PIL's rounding to 8 bits after each step.
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -67,7 +70,6 @@ LUMA_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
 
 _RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
 _BICUBIC_A = -0.5  # PIL's bicubic kernel parameter (torch's non-antialiased bicubic uses -0.75)
-_BICUBIC_SUPPORT = 2.0
 
 
 # --------------------------------------------------------------------------------------------- crop boxes
@@ -166,18 +168,18 @@ def resampling_matrices(
     pixels outside the crop never contribute). With ``flip[b]`` true the output order is reversed.
     """
     device = start.device
-    crop_len = length.to(torch.float64)
+    crop_len = length.to(torch.float32)
     step = crop_len / out_size  # input pixels per output pixel
     stretch = step.clamp(min=1.0)  # widen the kernel when downscaling (antialiasing)
-    centre = (torch.arange(out_size, device=device, dtype=torch.float64) + 0.5)[None, :] * step[:, None]
-    offset = torch.arange(in_size, device=device, dtype=torch.float64)[None, :] - start[:, None]  # [B, in]
+    centre = (torch.arange(out_size, device=device, dtype=torch.float32) + 0.5)[None, :] * step[:, None]
+    offset = torch.arange(in_size, device=device, dtype=torch.float32)[None, :] - start[:, None]  # [B, in]
     distance = (offset[:, None, :] + 0.5 - centre[:, :, None]) / stretch[:, None, None]
     inside = (offset >= 0) & (offset < crop_len[:, None])
     weights = _bicubic(distance) * inside[:, None, :]
     weights = weights / weights.sum(dim=-1, keepdim=True)
     if flip is not None:
         weights = torch.where(flip[:, None, None], weights.flip(1), weights)
-    return weights.to(torch.float32)
+    return weights
 
 
 def _chunks_by_size(shapes: Sequence[tuple[int, int]], max_pixels: int) -> list[list[int]]:
@@ -503,7 +505,8 @@ class BatchMultiCrop(nn.Module):
     crop + resize + flip, then batched colour operations and one grouped convolution per blur pass.
     """
 
-    JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
+    # The paper's recipe, the same numbers as MultiCropAugmentation's torchvision pipelines.
+    JITTER = MappingProxyType({"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1})
     JITTER_P = 0.8
     FLIP_P = 0.5
     GRAYSCALE_P = 0.2
@@ -556,7 +559,7 @@ class BatchMultiCrop(nn.Module):
         params = []
         for view in self.views:
             boxes = sample_crop_boxes(heights, widths, view.scale, _RATIO, generator)
-            u = torch.rand(n, 11, generator=generator, device=device)
+            u = torch.rand(n, 10, generator=generator, device=device)
             jitter = self.JITTER
             sigma_lo, sigma_hi = self.BLUR_SIGMA
             blurred = u[:, 9] < view.blur_p
@@ -606,8 +609,8 @@ class BatchMultiCrop(nn.Module):
             x = torch.where(p.grayscale[:, None, None, None], rgb_to_grayscale(x).expand_as(x), x)
             if n[4] > 0:
                 index = torch.argsort((~b).to(torch.uint8), stable=True)[: n[4]]
-                blur = pil_gaussian_blur(x.index_select(0, index), p.blur_sigma[index], self.BLUR_SIGMA[1])
-                x = x.index_copy(0, index, blur)
+                # index_put (not index_copy): deterministic on CUDA under torch.use_deterministic_algorithms
+                x[index] = pil_gaussian_blur(x[index], p.blur_sigma[index], self.BLUR_SIGMA[1])
             x = torch.where(p.solarize[:, None, None, None], solarize(x), x)
             views.append(x)
         return views
@@ -642,7 +645,7 @@ class BatchMultiCrop(nn.Module):
             count = hue_counts[position]
             if count > 0:
                 index = by_hue_slot[start : start + count]
-                x = x.index_copy(0, index, adjust_hue(x.index_select(0, index), p.hue[index]))
+                x[index] = adjust_hue(x[index], p.hue[index])
             start += count
         return x
 

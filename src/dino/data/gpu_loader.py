@@ -332,9 +332,9 @@ class DeviceMultiCropLoader:
 
     Yields ``(crops, labels, num_skipped)`` like the CPU pipeline's loader with
     :func:`~dino.data.datasets.collate_skipping_bad`: ``crops`` is the list of normalised view batches on
-    ``device``, ``labels`` the labels of the decoded images (on the CPU, as from the CPU loader), ``num_skipped`` the unreadable plus
-    undecodable files. When every file of a batch failed, ``crops`` is empty and ``labels`` has no
-    element. Augmentation randomness is drawn from a generator on ``device`` reseeded for every batch
+    ``device``, ``labels`` the labels of the decoded images (on the CPU, as from the CPU loader),
+    ``num_skipped`` the unreadable plus undecodable files. When every file of a batch failed, ``crops``
+    is empty and ``labels`` has no element. Augmentation randomness is drawn from a generator on ``device`` reseeded for every batch
     from ``(seed, epoch, step, rank)``, so a run resumed mid-epoch (``set_epoch(epoch, start_step)``)
     draws the same crops as an uninterrupted one.
     """
