@@ -64,33 +64,29 @@ def _crop_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def measure_cpu_pil(root: Path, indices: list[int], args: argparse.Namespace, workers: int) -> dict:
-    dataset = Subset(ImageFolderDataset(root, transform=MultiCropAugmentation(**_crop_kwargs(args))), indices)
-    loader = DataLoader(
+def _loader(dataset, args: argparse.Namespace, workers: int, collate, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(
         dataset,
         batch_size=args.batch,
         num_workers=workers,
-        collate_fn=collate_skipping_bad,
+        collate_fn=collate,
         drop_last=True,
+        pin_memory=pin_memory,
         prefetch_factor=4 if workers > 0 else None,
     )
+
+
+def measure_cpu_pil(root: Path, indices: list[int], args: argparse.Namespace, workers: int) -> dict:
+    dataset = Subset(ImageFolderDataset(root, transform=MultiCropAugmentation(**_crop_kwargs(args))), indices)
+    loader = _loader(dataset, args, workers, collate_skipping_bad)
     return _steady_rate(loader, torch.device("cpu"), args.seconds)
 
 
 def measure_tensor(root: Path, indices: list[int], args: argparse.Namespace, device: torch.device) -> dict:
     dataset = Subset(EncodedImageDataset(root), indices)
-    workers = args.tensor_workers
-    loader = DataLoader(
-        dataset,
-        batch_size=args.batch,
-        num_workers=workers,
-        collate_fn=collate_encoded,
-        drop_last=True,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers > 0 else None,
-    )
+    loader = _loader(dataset, args, args.tensor_workers, collate_encoded, pin_memory=device.type == "cuda")
     pipeline = DeviceMultiCropLoader(loader, BatchMultiCrop(**_crop_kwargs(args)), device, seed=0)
-    return _steady_rate(pipeline, device, args.seconds) | {"workers": workers}
+    return _steady_rate(pipeline, device, args.seconds) | {"workers": args.tensor_workers}
 
 
 def measure_augment_only(
