@@ -57,6 +57,7 @@ def test_neighborhood_mask_by_hand() -> None:
     assert mask[:, 0].tolist() == [True, True, False, True, True, False]
     assert torch.equal(mask, mask.T)
     assert neighborhood_mask(2, 3, 0, torch.device("cpu")) is None
+    assert torch.equal(neighborhood_mask(2, 3, 1, torch.device("cpu"), range(2, 5)), mask[:, 2:5])
 
 
 def _dense_reference(target, feats, labels, topk, temperature, mask):
@@ -80,9 +81,11 @@ def test_propagate_matches_a_dense_implementation(radius: int) -> None:
     labels = [torch.softmax(torch.randn(k_classes, n), dim=0) for _ in range(4)]
     settings = PropagationSettings(topk=5, neighborhood=radius, temperature=0.1)
     mask = neighborhood_mask(h, w, radius, torch.device("cpu"))
-    got = propagate(target, feats, labels, settings, mask)
+    got = propagate(target, feats, labels, settings, (h, w))
     expected = _dense_reference(target, feats, labels, 5, 0.1, mask)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # Processing the target patches in chunks (here 3 columns at a time) changes nothing.
+    torch.testing.assert_close(propagate(target, feats, labels, settings, (h, w), block=3 * n), got)
     torch.testing.assert_close(got.sum(dim=0), torch.ones(n))
 
 

@@ -113,13 +113,23 @@ def patch_features(model: VisionTransformer, frames: Tensor) -> Tensor:
     return F.normalize(tokens.float(), dim=-1)
 
 
-def neighborhood_mask(h: int, w: int, radius: int, device: torch.device) -> Tensor | None:
-    """[h·w (source), h·w (target)] booleans: True where the two patches are at most ``radius`` apart per axis."""
+SIMILARITY_BLOCK = 2**25  # source × target similarities computed at once (128 MB in float32)
+
+
+def neighborhood_mask(
+    h: int, w: int, radius: int, device: torch.device, targets: range | None = None
+) -> Tensor | None:
+    """[h·w sources, targets] booleans: True where the two patches are at most ``radius`` apart on each axis.
+
+    ``targets`` restricts the columns to a range of target patches (default: all); ``radius`` 0 means no
+    restriction (None).
+    """
     if radius <= 0:
         return None
     ys = torch.arange(h, device=device).repeat_interleave(w)
     xs = torch.arange(w, device=device).repeat(h)
-    return ((ys[:, None] - ys[None, :]).abs() <= radius) & ((xs[:, None] - xs[None, :]).abs() <= radius)
+    cols = slice(targets.start, targets.stop) if targets is not None else slice(None)
+    return ((ys[:, None] - ys[None, cols]).abs() <= radius) & ((xs[:, None] - xs[None, cols]).abs() <= radius)
 
 
 def propagate(
@@ -127,16 +137,37 @@ def propagate(
     context_features: Sequence[Tensor],
     context_labels: Sequence[Tensor],
     settings: PropagationSettings,
-    mask: Tensor | None,
+    grid: tuple[int, int],
+    block: int = SIMILARITY_BLOCK,
 ) -> Tensor:
     """Soft labels [K, N] of a target frame from its context.
 
-    ``target`` is [N, D] and each context frame has features [N, D] and soft labels [K, N]. Affinities
-    ``exp(cos / T)`` outside the neighbourhood are zero; per target patch, the affinities below its
-    ``topk``-th largest over all context frames are dropped and the rest normalised to sum to one. The
-    top-k is taken per context frame first (the overall top-k is among those), so memory stays at one
-    [N, N] similarity matrix.
+    ``target`` is [N, D] (N = h·w of ``grid``) and each context frame has features [N, D] and soft labels
+    [K, N]. Affinities ``exp(cos / T)`` outside the neighbourhood are zero; per target patch, the affinities
+    below its ``topk``-th largest over all context frames are dropped and the rest normalised to sum to one.
+    Target patches are processed in chunks of at most ``block`` similarities per context frame, and the
+    top-k is taken per context frame first (the overall top-k is among those), so memory stays bounded
+    whatever the resolution.
     """
+    n = target.shape[0]
+    chunk = max(1, block // max(n, 1))
+    out = []
+    for start in range(0, n, chunk):
+        cols = range(start, min(n, start + chunk))
+        mask = neighborhood_mask(*grid, settings.neighborhood, target.device, cols)
+        out.append(
+            _propagate_columns(target[start : cols.stop], context_features, context_labels, settings, mask)
+        )
+    return torch.cat(out, dim=1)
+
+
+def _propagate_columns(
+    target: Tensor,
+    context_features: Sequence[Tensor],
+    context_labels: Sequence[Tensor],
+    settings: PropagationSettings,
+    mask: Tensor | None,
+) -> Tensor:
     k = settings.topk
     values, labels = [], []
     for feats, soft in zip(context_features, context_labels, strict=True):
@@ -214,7 +245,6 @@ def segment_video(
         Image.fromarray(first_annotation.astype(np.uint8)).resize((grid[1], grid[0]), Image.NEAREST)
     )
     first_labels = one_hot_labels(small, n_classes).to(device)
-    mask = neighborhood_mask(*grid, settings.neighborhood, device)
     loader = DataLoader(
         FrameDataset(frame_paths, size, mean, std), batch_size=batch_size, num_workers=num_workers
     )
@@ -229,7 +259,7 @@ def segment_video(
                 first_features = feats
                 continue
             context = [(first_features, first_labels), *queue]
-            soft = propagate(feats, [c[0] for c in context], [c[1] for c in context], settings, mask)
+            soft = propagate(feats, [c[0] for c in context], [c[1] for c in context], settings, grid)
             if settings.n_last_frames:
                 queue.append((feats, soft))
             yield labels_to_mask(soft, grid, patch, out_size)
