@@ -131,3 +131,21 @@ def test_two_processes_with_torchrun(small_folder, tmp_path):
     assert start["world_size"] == 2 and start["iters_per_epoch"] == 3  # 48 images / (2 × 8)
     state = torch.load(sorted((out / "checkpoints").glob("last-*.pth"))[-1], weights_only=True)
     assert state["iteration"] == 6 and torch.isfinite(state["dino_loss"]["center"]).all()
+
+
+@pytest.mark.slow
+def test_batched_augmentation_on_the_device_trains_and_resumes_exactly(small_folder, tmp_path):
+    """data.augment_on=device: workers read bytes, the batch is augmented as tensors (here on the CPU)."""
+    common = TINY_OVERRIDES + [f"data.path={small_folder}", "data.augment_on=device", "run.deterministic=true",
+                               "run.epochs=2", "run.checkpoint_every_iters=1", "run.keep_last=10"]  # fmt: skip
+    full = tmp_path / "full"
+    train(load_config(None, common + [f"run.output_dir={full}"]))
+    assert len(records(full, "iter")) == 6
+    resumed = tmp_path / "resumed"
+    train(
+        load_config(None, common + [f"run.output_dir={resumed}"]),
+        resume=full / "checkpoints" / "last-000000004.pth",
+    )
+    a = torch.load(full / "teacher_backbone.pth", weights_only=True)
+    b = torch.load(resumed / "teacher_backbone.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -86,6 +86,10 @@ class DataConfig:
     local_crop_size: int = 96
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # Where the multi-crop augmentation runs: "workers" (PIL, image by image in loader processes),
+    # "device" (batched tensors on run.device; workers only read bytes, JPEGs decoded on the GPU), or
+    # "auto" (device on a GPU, workers on the CPU).
+    augment_on: str = "auto"
     num_workers: int = -1  # -1: one per CPU core, at most 8
     min_valid_fraction: float = 0.5  # stop before training when more files than this fail to decode
 
@@ -300,6 +304,11 @@ def validate(cfg: DINOConfig) -> None:
         len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
         "data.mean/std",
         "need 3 values each, std > 0",
+    )
+    _require(
+        d.augment_on in ("auto", "workers", "device"),
+        "data.augment_on",
+        f"must be auto, workers or device, got {d.augment_on!r}",
     )
     _require(
         d.num_workers >= -1, "data.num_workers", f"must be >= 0 (or -1 for automatic), got {d.num_workers}"

@@ -17,6 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dino.data.datasets import ImageFolderDataset, check_usable, collate_skipping_bad
+from dino.data.gpu_augment import BatchMultiCrop
+from dino.data.gpu_loader import DeviceMultiCropLoader, EncodedImageDataset, collate_encoded
 from dino.data.sample import sample_dataset
 from dino.data.transforms import MultiCropAugmentation
 from dino.train.config import ConfigError, DINOConfig
@@ -85,8 +87,14 @@ def _ignore_preemption_signals(worker_id: int) -> None:
 class TrainData:
     dataset: ImageFolderDataset
     sampler: ResumableSampler
-    loader: DataLoader
+    loader: DataLoader | DeviceMultiCropLoader  # both yield (crops, labels, number of unreadable files)
     iters_per_epoch: int
+
+    def set_epoch(self, epoch: int, step: int, batch_size: int) -> None:
+        """Start ``epoch`` at batch ``step`` (mid-epoch resume): same data order and same crops."""
+        self.sampler.set_epoch(epoch, start=step * batch_size)
+        if isinstance(self.loader, DeviceMultiCropLoader):
+            self.loader.set_epoch(epoch, step)
 
 
 def resolve_num_workers(requested: int) -> int:
@@ -95,11 +103,22 @@ def resolve_num_workers(requested: int) -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def build_train_data(cfg: DINOConfig, rank: int, world_size: int, pin_memory: bool) -> TrainData:
-    """Dataset + multi-crop augmentation + resumable sampler + loader, checked before any training."""
+def augment_on_device(cfg: DINOConfig, device: torch.device) -> bool:
+    if cfg.data.augment_on == "auto":
+        return device.type == "cuda"
+    return cfg.data.augment_on == "device"
+
+
+def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.device) -> TrainData:
+    """Dataset + multi-crop augmentation + resumable sampler + loader, checked before any training.
+
+    With augmentation on the device, loader workers only read file bytes; decoding (batched nvjpeg on a GPU)
+    and the multi-crop augmentation of the whole batch run on ``device``, with per-sample parameters
+    drawn from a generator seeded by (seed, epoch, step, rank).
+    """
     d = cfg.data
     root = d.path if d.path is not None else sample_dataset("train")
-    transform = MultiCropAugmentation(
+    crop_args = dict(
         global_crops_scale=tuple(d.global_crops_scale),
         local_crops_scale=tuple(d.local_crops_scale),
         local_crops_number=d.local_crops_number,
@@ -108,6 +127,8 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, pin_memory: bo
         mean=tuple(d.mean),
         std=tuple(d.std),
     )
+    on_device = augment_on_device(cfg, device)
+    transform = None if on_device else MultiCropAugmentation(**crop_args)
     dataset = ImageFolderDataset(root, transform=transform, min_valid_fraction=d.min_valid_fraction)
     check_usable(dataset)
     batch, total = cfg.run.batch_size, cfg.run.batch_size * world_size
@@ -119,15 +140,19 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, pin_memory: bo
     sampler = ResumableSampler(len(dataset), cfg.run.seed, rank, world_size)
     workers = resolve_num_workers(d.num_workers)
     loader = DataLoader(
-        SeededDataset(dataset),
+        SeededDataset(EncodedImageDataset(root, labelled=dataset.labelled) if on_device else dataset),
         batch_size=batch,
         sampler=sampler,
         num_workers=workers,
-        pin_memory=pin_memory,
+        pin_memory=device.type == "cuda" and not on_device,
         drop_last=True,
-        collate_fn=collate_skipping_bad,
+        collate_fn=collate_encoded if on_device else collate_skipping_bad,
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=_ignore_preemption_signals,
     )
+    if on_device:
+        augment = BatchMultiCrop(**crop_args)
+        device_loader = DeviceMultiCropLoader(loader, augment, device, seed=cfg.run.seed, rank=rank)
+        return TrainData(dataset, sampler, device_loader, sampler.per_rank() // batch)
     return TrainData(dataset, sampler, loader, sampler.per_rank() // batch)

@@ -63,7 +63,9 @@ def cleanup() -> None:
 
 def any_process(flag: bool | torch.Tensor, device: torch.device) -> bool:
     """True when ``flag`` is true on at least one process, so that all processes take the same branch."""
-    value = flag.detach().float().reshape(1) if isinstance(flag, torch.Tensor) else torch.tensor([float(flag)])
+    value = (
+        flag.detach().float().reshape(1) if isinstance(flag, torch.Tensor) else torch.tensor([float(flag)])
+    )
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         value = value.to(device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)

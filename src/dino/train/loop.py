@@ -83,7 +83,7 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=env.device.type != "cpu")
     run_dir = Path(cfg.run.output_dir).expanduser()
-    data = build_train_data(cfg, env.rank, env.world_size, pin_memory=env.device.type == "cuda")
+    data = build_train_data(cfg, env.rank, env.world_size, env.device)
     precision = resolve_precision(cfg.run.precision, env.device)
     student, teacher = build_student_teacher(cfg, env.device)
     dino_loss = DINOLoss(
@@ -158,7 +158,7 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
     with PreemptionGuard() as preemption:
         while state.epoch < cfg.run.epochs:
             epoch = state.epoch
-            data.sampler.set_epoch(epoch, start=state.step_in_epoch * cfg.run.batch_size)
+            data.set_epoch(epoch, state.step_in_epoch, cfg.run.batch_size)
             teacher_temp = float(schedules.teacher_temp[epoch])
             logger.start_epoch(epoch, data.iters_per_epoch, state.step_in_epoch)
             for crops, labels, n_bad in data.loader:
