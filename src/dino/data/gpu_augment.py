@@ -40,7 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _check_channels, _check_scale, _check_size
+from dino.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    _check_channels,
+    _check_probabilities,
+    _check_scale,
+    _check_size,
+)
 
 __all__ = [
     "LUMA_WEIGHTS",
@@ -521,6 +528,8 @@ class BatchMultiCrop(nn.Module):
         local_crop_size: int = 96,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        blur_probs: Sequence[float] = (1.0, 0.1, 0.5),
+        solarize_prob: float = 0.2,
         *,
         max_pixels_per_chunk: int = 2**26,
     ) -> None:
@@ -539,11 +548,14 @@ class BatchMultiCrop(nn.Module):
             )
         global_size = _check_size("global_crop_size", global_crop_size)
         local_size = _check_size("local_crop_size", local_crop_size)
+        blur1, blur2, blur_local = _check_probabilities("blur_probs", blur_probs, 3)
+        (solarize,) = _check_probabilities("solarize_prob", [solarize_prob], 1)
         self.views: tuple[ViewRecipe, ...] = (
-            ViewRecipe(global_size, global_scale, blur_p=1.0, solarize_p=0.0),
-            ViewRecipe(global_size, global_scale, blur_p=0.1, solarize_p=0.2),
+            ViewRecipe(global_size, global_scale, blur_p=blur1, solarize_p=0.0),
+            ViewRecipe(global_size, global_scale, blur_p=blur2, solarize_p=solarize),
         ) + tuple(
-            ViewRecipe(local_size, local_scale, blur_p=0.5, solarize_p=0.0) for _ in range(local_crops_number)
+            ViewRecipe(local_size, local_scale, blur_p=blur_local, solarize_p=0.0)
+            for _ in range(local_crops_number)
         )
         self.max_pixels_per_chunk = int(max_pixels_per_chunk)
         self.register_buffer(

@@ -56,6 +56,13 @@ def _check_size(name: str, value: object) -> int:
     return value
 
 
+def _check_probabilities(name: str, values: Sequence[float], n: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) != n or not all(0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"{name} must be {n} probabilities in [0, 1], got {list(values)}")
+    return values
+
+
 def _check_scale(name: str, value: Sequence[float]) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in value)
@@ -95,7 +102,11 @@ class MultiCropAugmentation:
         local_crop_size: int = 96,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        blur_probs: Sequence[float] = (1.0, 0.1, 0.5),
+        solarize_prob: float = 0.2,
     ) -> None:
+        self.blur_probs = _check_probabilities("blur_probs", blur_probs, 3)
+        self.solarize_prob = _check_probabilities("solarize_prob", [solarize_prob], 1)[0]
         self.global_crops_scale = _check_scale("global_crops_scale", global_crops_scale)
         self.local_crops_scale = _check_scale("local_crops_scale", local_crops_scale)
         if (
@@ -127,13 +138,16 @@ class MultiCropAugmentation:
                 ]
             )
 
-        self.global1 = pipeline(self.global_crop_size, self.global_crops_scale, [RandomGaussianBlur(p=1.0)])
+        blur1, blur2, blur_local = self.blur_probs
+        self.global1 = pipeline(self.global_crop_size, self.global_crops_scale, [RandomGaussianBlur(p=blur1)])
         self.global2 = pipeline(
             self.global_crop_size,
             self.global_crops_scale,
-            [RandomGaussianBlur(p=0.1), transforms.RandomSolarize(threshold=128, p=0.2)],
+            [RandomGaussianBlur(p=blur2), transforms.RandomSolarize(threshold=128, p=self.solarize_prob)],
         )
-        self.local = pipeline(self.local_crop_size, self.local_crops_scale, [RandomGaussianBlur(p=0.5)])
+        self.local = pipeline(
+            self.local_crop_size, self.local_crops_scale, [RandomGaussianBlur(p=blur_local)]
+        )
 
     def __call__(self, img: Image.Image) -> list[Tensor]:
         crops = [self.global1(img), self.global2(img)]

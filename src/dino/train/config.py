@@ -84,6 +84,11 @@ class DataConfig:
     local_crops_number: int = 8
     global_crop_size: int = 224
     local_crop_size: int = 96
+    # Gaussian blur (sigma 0.1-2 px) probability for global view 1, global view 2 and local views, and the
+    # solarization probability of global view 2. Blur of a few pixels erases 32x32 images: small-image
+    # recipes turn it off.
+    blur_probs: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])
+    solarize_prob: float = 0.2
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     # Where the multi-crop augmentation runs: "workers" (PIL, image by image in loader processes),
@@ -305,6 +310,12 @@ def validate(cfg: DINOConfig) -> None:
         "data.mean/std",
         "need 3 values each, std > 0",
     )
+    _require(
+        len(d.blur_probs) == 3 and all(0.0 <= p <= 1.0 for p in d.blur_probs),
+        "data.blur_probs",
+        f"must be 3 probabilities in [0, 1] (global 1, global 2, local), got {list(d.blur_probs)}",
+    )
+    _require(0.0 <= d.solarize_prob <= 1.0, "data.solarize_prob", f"must be in [0, 1], got {d.solarize_prob}")
     _require(
         d.augment_on in ("auto", "workers", "device"),
         "data.augment_on",

@@ -126,6 +126,8 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
         local_crop_size=d.local_crop_size,
         mean=tuple(d.mean),
         std=tuple(d.std),
+        blur_probs=tuple(d.blur_probs),
+        solarize_prob=d.solarize_prob,
     )
     on_device = augment_on_device(cfg, device)
     transform = None if on_device else MultiCropAugmentation(**crop_args)
