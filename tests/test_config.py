@@ -67,6 +67,9 @@ def test_overrides_and_round_trip(tmp_path):
         ("run.device=tpu", "run.device"),
         ("monitor.knn_every=1", "monitor.knn_val"),
         ("optim.warmup_epochs=-1", "optim.warmup_epochs"),
+        ("data.blur_probs=[1.0,0.1]", "data.blur_probs"),
+        ("data.solarize_prob=2", "data.solarize_prob"),
+        ("data.augment_on=gpu", "data.augment_on"),
     ],
 )
 def test_invalid_values_name_the_key(override, key):

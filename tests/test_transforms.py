@@ -132,3 +132,13 @@ def test_eval_transform(image: Image.Image) -> None:
         EvalTransform(resize=16, crop_size=20)
     with pytest.raises(ValueError, match="resize"):
         EvalTransform(resize=-1)
+
+
+def test_blur_and_solarize_probabilities_are_configurable() -> None:
+    aug = MultiCropAugmentation(local_crops_number=1, blur_probs=(0.0, 0.3, 0.7), solarize_prob=0.0)
+    assert [b.p for b in _find(aug.global1, RandomGaussianBlur)] == [0.0]
+    assert [b.p for b in _find(aug.global2, RandomGaussianBlur)] == [0.3]
+    assert [b.p for b in _find(aug.local, RandomGaussianBlur)] == [0.7]
+    assert [s.p for s in _find(aug.global2, transforms.RandomSolarize)] == [0.0]
+    with pytest.raises(ValueError, match="blur_probs"):
+        MultiCropAugmentation(blur_probs=(1.0, 0.1))
