@@ -67,8 +67,11 @@ class EncodedImageDataset(Dataset):
     :func:`collate_encoded` as the DataLoader's ``collate_fn``.
     """
 
-    def __init__(self, root: str | os.PathLike[str], labelled: bool | None = None) -> None:
-        folder = ImageFolderDataset(root, labelled=labelled)
+    def __init__(
+        self, root: str | os.PathLike[str] | ImageFolderDataset, labelled: bool | None = None
+    ) -> None:
+        # An already-scanned dataset is reused as is, so a large folder is listed only once.
+        folder = root if isinstance(root, ImageFolderDataset) else ImageFolderDataset(root, labelled=labelled)
         self.root: Path = folder.root
         self.samples: list[tuple[Path, int]] = folder.samples
         self.classes: list[str] = folder.classes

@@ -142,7 +142,7 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
     sampler = ResumableSampler(len(dataset), cfg.run.seed, rank, world_size)
     workers = resolve_num_workers(d.num_workers)
     loader = DataLoader(
-        SeededDataset(EncodedImageDataset(root, labelled=dataset.labelled) if on_device else dataset),
+        SeededDataset(EncodedImageDataset(dataset) if on_device else dataset),
         batch_size=batch,
         sampler=sampler,
         num_workers=workers,

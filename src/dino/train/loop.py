@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,7 +65,6 @@ class TrainState:
     iteration: int = 0  # global index of the next optimiser step
     step_in_epoch: int = 0  # batches of the current epoch already done
     bad_steps: int = 0  # consecutive non-finite losses
-    history: list[dict] = field(default_factory=list)
 
 
 def train(cfg: DINOConfig, resume: str | Path | bool = True) -> Path:
@@ -238,7 +237,6 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
                 backbone = teacher.backbone
                 summary.update(knn.evaluate(backbone, env.device, precision.autocast_dtype))
                 logger.event("knn", epoch=epoch, **{k: v for k, v in summary.items() if k.startswith("knn")})
-            state.history.append(summary)
             state.epoch += 1
             state.step_in_epoch = 0
             keeper = (
