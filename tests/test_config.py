@@ -77,6 +77,12 @@ def test_invalid_values_name_the_key(override, key):
         load_config(None, [override])
 
 
+def test_activation_checkpointing_is_refused_for_resnets_and_fractional_warmup_is_accepted():
+    with pytest.raises(ConfigError, match=r"model\.activation_checkpointing.*vit_"):
+        load_config("resnet50", ["model.activation_checkpointing=true"])
+    assert load_config(None, ["optim.warmup_epochs=0.25"]).optim.warmup_epochs == 0.25
+
+
 def test_unknown_key_and_wrong_type():
     with pytest.raises(ConfigError, match="model.archh"):
         load_config(None, ["model.archh=vit_small"])

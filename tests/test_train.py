@@ -149,3 +149,15 @@ def test_batched_augmentation_on_the_device_trains_and_resumes_exactly(small_fol
     a = torch.load(full / "teacher_backbone.pth", weights_only=True)
     b = torch.load(resumed / "teacher_backbone.pth", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_channels_last_for_convolutional_networks_on_gpus_only():
+    from torchvision.models import resnet18
+
+    from dino.models.vision_transformer import vit
+    from dino.train.setup import memory_format_for
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert memory_format_for(resnet18(), cuda) == torch.channels_last
+    assert memory_format_for(resnet18(), cpu) is None
+    assert memory_format_for(vit("tiny", 8, img_size=32), cuda) is None

@@ -107,3 +107,23 @@ def test_stochastic_depth_only_in_training():
 def test_input_smaller_than_patch_is_refused():
     with pytest.raises(ValueError, match="smaller than the patch"):
         tiny()(torch.randn(1, 3, 4, 4))
+
+
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    model = tiny(drop_path_rate=0.5, depth=4).train()  # stochastic depth: the recomputation must replay it
+    x = torch.randn(6, 3, 32, 32)
+    results = []
+    for recompute in (False, True):
+        model.activation_checkpointing = recompute
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = model(x)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (out_a, grads_a), (out_b, grads_b) = results
+    torch.testing.assert_close(out_a, out_b)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():  # no backward: nothing to recompute
+        torch.testing.assert_close(model.eval()(x), model(x))

@@ -124,10 +124,12 @@ class DINOLoss(nn.Module):
         return total / n_pairs, {"teacher_entropy": entropy, "kl": kl / n_pairs}
 
     @torch.no_grad()
-    def update_center(self, teacher_output: Tensor) -> None:
-        """c ← m·c + (1 − m)·mean(teacher outputs over the global batch)."""
+    def update_center(self, teacher_output: Tensor, skip: Tensor | None = None) -> None:
+        """c ← m·c + (1 − m)·mean(teacher outputs over the global batch); left as it is where the 0-dim
+        ``skip`` flag (on the device, so no host synchronisation) is set."""
         batch_center = _all_reduce_mean(teacher_output.detach().float().mean(dim=0, keepdim=True))
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        updated = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+        self.center.copy_(updated if skip is None else torch.where(skip.bool(), self.center, updated))
 
     @property
     def uniform_entropy(self) -> float:

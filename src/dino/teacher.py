@@ -27,15 +27,27 @@ def init_teacher(teacher: nn.Module, student: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """θ_t ← m·θ_t + (1 − m)·θ_s for every parameter (multi-tensor ops; buffers are copied)."""
+def ema_update(
+    teacher: nn.Module, student: nn.Module, momentum: float, skip: torch.Tensor | None = None
+) -> None:
+    """θ_t ← m·θ_t + (1 − m)·θ_s for every parameter (multi-tensor ops; buffers are copied).
+
+    ``skip``: a 0-dim 0/1 tensor on the device; where it is 1 the teacher is left as it is, decided
+    without a host synchronisation.
+    """
     t_params = [p for p in teacher.parameters()]
     s_params = [p.detach() for p in student.parameters()]
     if len(t_params) != len(s_params):
         raise ValueError("teacher and student have different parameter lists")
-    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+    if skip is None:
+        torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+    else:
+        torch._foreach_lerp_(t_params, s_params, (1.0 - momentum) * (1.0 - skip.float()))
     for t_buf, s_buf in zip(teacher.buffers(), student.buffers(), strict=True):
-        t_buf.copy_(s_buf)
+        if skip is None:
+            t_buf.copy_(s_buf)
+        else:
+            t_buf.copy_(torch.where(skip.bool(), t_buf, s_buf))
 
 
 @torch.no_grad()
@@ -57,9 +69,12 @@ class TeacherUpdater:
             self._snapshot = [p.detach().clone() for p in student.parameters()]
 
     @torch.no_grad()
-    def after_step(self, teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    def after_step(
+        self, teacher: nn.Module, student: nn.Module, momentum: float, skip: torch.Tensor | None = None
+    ) -> None:
+        """``skip`` (the momentum rule only): a device-side flag that leaves the teacher unchanged."""
         if self.mode == "momentum":
-            ema_update(teacher, student, momentum)
+            ema_update(teacher, student, momentum, skip)
         elif self.mode == "student":
             copy_weights(teacher, student)
         elif self.mode == "previous_iter" and self._snapshot is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
     # name: (embed_dim, depth, num_heads)
@@ -165,6 +166,7 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Identity()
+        self.activation_checkpointing = False  # recompute each block in the backward pass: less memory
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
@@ -198,8 +200,12 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """All tokens after the final norm: [B, 1 + num_patches, D]."""
         x = self.prepare_tokens(x)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x, _ = block(x)
+            if recompute:  # the random stochastic-depth draw is replayed, so the recomputation is exact
+                x = checkpoint(_block_tokens, block, x, use_reentrant=False)
+            else:
+                x, _ = block(x)
         return self.norm(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -225,6 +231,10 @@ class VisionTransformer(nn.Module):
             if i >= len(self.blocks) - n:
                 outputs.append(self.norm(x))
         return outputs
+
+
+def _block_tokens(block: Block, x: Tensor) -> Tensor:
+    return block(x)[0]
 
 
 def resample_pos_embed(pos_embed: Tensor, grid: Sequence[int]) -> Tensor:

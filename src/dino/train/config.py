@@ -34,6 +34,7 @@ class ModelConfig:
     depth: int = 0  # ViT blocks; 0 = the size's standard depth (12, or 24 for large)
     drop_path_rate: float = 0.1  # stochastic depth on the student only
     pretrained: str | None = None  # backbone weights to start from (a fresh head is trained on top)
+    activation_checkpointing: bool = False  # ViT: recompute blocks in the backward (less memory, ~30% slower)
 
 
 @dataclass
@@ -69,7 +70,7 @@ class OptimConfig:
     name: str = "adamw"  # adamw | sgd | lars
     lr: float = 0.0005  # for a total batch of 256; scaled linearly with the total batch size
     min_lr: float = 1e-6
-    warmup_epochs: int = 10
+    warmup_epochs: float = 10  # fractions allowed: short runs warm up over part of an epoch
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     momentum: float = 0.9  # sgd / lars
@@ -257,6 +258,11 @@ def validate(cfg: DINOConfig) -> None:
     _require(m.patch_size >= 1, "model.patch_size", f"must be a positive integer, got {m.patch_size}")
     _require(
         0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", f"must be in [0, 1), got {m.drop_path_rate}"
+    )
+    _require(
+        not m.activation_checkpointing or m.arch.startswith("vit_"),
+        "model.activation_checkpointing",
+        f"is available for the vit_* backbones only, not {m.arch!r}: set it to false",
     )
     _require(h.out_dim >= 2, "head.out_dim", f"K must be at least 2, got {h.out_dim}")
     for key in ("hidden_dim", "bottleneck_dim", "nlayers"):

@@ -30,6 +30,7 @@ from dino.train.checkpoint import CheckpointManager
 from dino.train.config import DINOConfig, save_config
 from dino.train.data import build_train_data
 from dino.train.distributed import DistEnv, any_process, cleanup, init_distributed
+from dino.train.guard import NonFiniteGuard, TrainingDiverged
 from dino.train.logger import RunLogger, peak_memory_gib
 from dino.train.monitors import CollapseMonitor
 from dino.train.optim import build_optimizer, cancel_last_layer_gradients, clip_gradients, set_schedules
@@ -48,10 +49,7 @@ from dino.train.signals import PreemptionGuard
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped on request; launch again to resume
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite losses."""
+PREEMPTION_POLL_STEPS = 10  # with several processes, how often they agree on a stop request
 
 
 class Preempted(SystemExit):
@@ -64,7 +62,6 @@ class TrainState:
     epoch: int = 0
     iteration: int = 0  # global index of the next optimiser step
     step_in_epoch: int = 0  # batches of the current epoch already done
-    bad_steps: int = 0  # consecutive non-finite losses
 
 
 def train(cfg: DINOConfig, resume: str | Path | bool = True) -> Path:
@@ -89,7 +86,7 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
         cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum, cfg.loss.teacher_norm
     )
     dino_loss = dino_loss.to(env.device)
-    optimizer = build_optimizer(student, cfg.optim.name, cfg.optim.momentum, fused=env.device.type == "cuda")
+    optimizer = build_optimizer(student, cfg.optim.name, cfg.optim.momentum)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision.use_scaler)
     schedules = Schedules.build(cfg, data.iters_per_epoch, env.world_size)
     teacher_rule = TeacherUpdater(cfg.teacher.mode)  # type: ignore[arg-type]
@@ -133,6 +130,15 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
         save_config(cfg, run_dir / "config.yaml")
         checkpoints.remove_stale_temporaries()
     logger = RunLogger(run_dir / "log.jsonl", enabled=env.is_main, progress=cfg.run.progress_bar)
+    guard = NonFiniteGuard(
+        optimizer,
+        env.device,
+        cfg.run.max_bad_steps,
+        on_bad_step=logger.bad_step,
+        divergence_message=lambda n: _divergence_message(cfg, precision.name, n),
+        grad_scaler_enabled=precision.use_scaler,
+        teacher_mode=cfg.teacher.mode,
+    )
     collapse = CollapseMonitor(cfg.head.out_dim) if cfg.monitor.collapse else None
     knn = build_knn_monitor(cfg, data.dataset) if env.is_main else None
     ddp_student = (
@@ -143,7 +149,7 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
 
     def save(epoch_keeper: int | None = None) -> None:
         # Never while non-finite losses are being skipped: the last good checkpoint must stay the newest.
-        if env.is_main and state.bad_steps == 0:
+        if guard.poll() == 0 and env.is_main:
             checkpoints.save(
                 run_state_dict(cfg, student, teacher, optimizer, dino_loss, scaler, state),
                 state.iteration,
@@ -179,15 +185,11 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
                     student_out = ddp_student(crops)
                     loss, stats = dino_loss(student_out, teacher_out, teacher_temp, update_center=False)
 
-                if any_process(~torch.isfinite(loss), env.device):  # every process skips the same steps
-                    state.bad_steps += 1
+                # A non-finite loss changes nothing; the guard decides on the device where it can.
+                if not guard.admit(it, loss):
                     optimizer.zero_grad(set_to_none=True)
-                    logger.bad_step(it, float(loss.detach()), state.bad_steps)
-                    if state.bad_steps > cfg.run.max_bad_steps:
-                        raise TrainingDiverged(_divergence_message(cfg, precision.name, state.bad_steps))
                 else:
-                    state.bad_steps = 0
-                    dino_loss.update_center(teacher_out)
+                    dino_loss.update_center(teacher_out, skip=guard.mask)
                     # Student update.
                     optimizer.zero_grad(set_to_none=True)
                     with out_of_memory_advice(cfg):
@@ -201,7 +203,7 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
                     scaler.step(optimizer)
                     scaler.update()
                     # Teacher update.
-                    teacher_rule.after_step(teacher, student, float(schedules.momentum[it]))
+                    teacher_rule.after_step(teacher, student, float(schedules.momentum[it]), guard.mask)
 
                 state.iteration += 1
                 state.step_in_epoch += 1
@@ -217,11 +219,18 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
                     teacher_temp=teacher_temp,
                     log_now=(it + 1) % cfg.run.log_every == 0,
                 )
+                if record is not None:
+                    guard.poll()  # the log point reads values anyway: report skipped steps here
                 if record is not None and collapse is not None:
                     for kind in collapse.check(record["teacher_entropy"], record["kl"]):
                         logger.event("collapse_warning", kind=kind, iteration=it)
 
-                if any_process(preemption.requested, env.device) if env.distributed else preemption.requested:
+                # Processes agree on stopping through a collective (a host sync): every few steps only.
+                if (
+                    any_process(preemption.requested, env.device)
+                    if env.distributed and (it + 1) % PREEMPTION_POLL_STEPS == 0
+                    else preemption.requested and not env.distributed
+                ):
                     save()
                     logger.event("preempted", iteration=state.iteration, signal=preemption.signal_name)
                     logger.close()
@@ -231,6 +240,7 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
                     last_save_time = time.monotonic()
 
             # End of epoch.
+            guard.poll()
             teacher_rule.end_of_epoch(teacher, student)
             summary = logger.end_epoch(epoch)
             if knn is not None and cfg.monitor.knn_every and (epoch + 1) % cfg.monitor.knn_every == 0:

