@@ -62,6 +62,7 @@ def test_flagged_steps_change_nothing(optimizer_name):
     recorded: list = []
     guard = make_guard(optimizer, recorded, max_bad_steps=5)
     assert guard.on_device == (optimizer_name != "lars")  # the fused kernels skip on a device flag
+
     def state():  # BN statistics move in the forward passes, before any decision: not compared
         weights = [p.detach().clone() for p in [*student.parameters(), *teacher.parameters()]]
         return weights + [dino_loss.center.clone()] + optimizer_state(optimizer)

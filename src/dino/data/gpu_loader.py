@@ -15,6 +15,7 @@ training loop counts them as skipped, exactly as with :func:`~dino.data.datasets
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
@@ -370,19 +371,33 @@ class DeviceMultiCropLoader:
         return ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + step * 4_099 + self.rank) % (2**63)
 
     def __iter__(self) -> Iterator[tuple[list[Tensor], Tensor, int]]:
+        # On a GPU the batch is prepared on a stream of its own: the decoder's and the augmentation's
+        # reads of sizes and counts then wait for this stream's work only, not for the training step
+        # still running on the main stream, so preparing batch t + 1 overlaps step t.
+        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         for step, (encoded, labels, unreadable) in enumerate(self.loader, start=self.start_step):
-            decoded = decode_batch(encoded, self.device, self.max_pixels)
-            if decoded.failed:
-                failed = set(decoded.failed)
-                keep = torch.tensor([i for i in range(len(encoded)) if i not in failed], dtype=torch.long)
-                labels = labels[keep]
-            skipped = unreadable + len(decoded.failed)
-            if not decoded.images:
-                yield [], labels, skipped
-                continue
-            self.generator.manual_seed(self.batch_seed(step))
-            crops = self.augment(decoded.images, self.generator)
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                crops, labels, skipped = self._prepare(step, encoded, labels, unreadable)
+            if side is not None:
+                main = torch.cuda.current_stream(self.device)
+                main.wait_stream(side)
+                for crop in crops:
+                    crop.record_stream(main)  # the allocator must not reuse it before the step is done
             yield crops, labels, skipped
+
+    def _prepare(
+        self, step: int, encoded: list[Tensor], labels: Tensor, unreadable: int
+    ) -> tuple[list[Tensor], Tensor, int]:
+        decoded = decode_batch(encoded, self.device, self.max_pixels)
+        if decoded.failed:
+            failed = set(decoded.failed)
+            keep = torch.tensor([i for i in range(len(encoded)) if i not in failed], dtype=torch.long)
+            labels = labels[keep]
+        skipped = unreadable + len(decoded.failed)
+        if not decoded.images:
+            return [], labels, skipped
+        self.generator.manual_seed(self.batch_seed(step))
+        return self.augment(decoded.images, self.generator), labels, skipped
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self.device}, augment={self.augment}, batches={len(self)})"

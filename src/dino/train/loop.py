@@ -30,7 +30,8 @@ from dino.train.checkpoint import CheckpointManager
 from dino.train.config import DINOConfig, save_config
 from dino.train.data import build_train_data
 from dino.train.distributed import DistEnv, any_process, cleanup, init_distributed
-from dino.train.guard import NonFiniteGuard, TrainingDiverged
+from dino.train.guard import NonFiniteGuard
+from dino.train.guard import TrainingDiverged as TrainingDiverged  # re-exported: callers catch it here
 from dino.train.logger import RunLogger, peak_memory_gib
 from dino.train.monitors import CollapseMonitor
 from dino.train.optim import build_optimizer, cancel_last_layer_gradients, clip_gradients, set_schedules
@@ -207,6 +208,7 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
 
                 state.iteration += 1
                 state.step_in_epoch += 1
+                log_point = (it + 1) % cfg.run.log_every == 0
                 record = logger.step(
                     it,
                     epoch,
@@ -217,9 +219,9 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
                     weight_decay=float(schedules.weight_decay[it]),
                     momentum=float(schedules.momentum[it]),
                     teacher_temp=teacher_temp,
-                    log_now=(it + 1) % cfg.run.log_every == 0,
+                    log_now=log_point,
                 )
-                if record is not None:
+                if log_point:  # every process, so that all stop together on divergence
                     guard.poll()  # the log point reads values anyway: report skipped steps here
                 if record is not None and collapse is not None:
                     for kind in collapse.check(record["teacher_entropy"], record["kl"]):

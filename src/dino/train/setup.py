@@ -95,9 +95,10 @@ def build_student_teacher(cfg: DINOConfig, device: torch.device) -> tuple[MultiC
     student = student.to(device, memory_format=memory_format)
     teacher = teacher.to(device, memory_format=memory_format)
     init_teacher(teacher, student)
+    # One static graph per crop resolution (global, local): no dynamic-shape kernels, no recompiles after.
     if cfg.run.compile:
-        student.backbone = torch.compile(student.backbone)  # type: ignore[assignment]
-        teacher.backbone = torch.compile(teacher.backbone)  # type: ignore[assignment]
+        student.backbone = torch.compile(student.backbone, dynamic=False)  # type: ignore[assignment]
+        teacher.backbone = torch.compile(teacher.backbone, dynamic=False)  # type: ignore[assignment]
     return student, teacher
 
 

@@ -5,8 +5,8 @@ Unpacks ``../shared/data/cifar10-train-jpeg.tar.gz`` once into a scratch folder,
 teacher's weighted k-NN accuracy (k = 20, T = 0.07) on the held-out images, next to the same network at
 random initialisation. The k-NN bank is ``--bank`` labelled training images per class.
 
-    python benchmarks/cifar_knn.py --minutes 15 --out results/cifar_knn_cpu.json
-    python benchmarks/cifar_knn.py --config cifar_small --minutes 10 -- run.batch_size=256   # on a GPU
+    python benchmarks/time_to_accuracy.py --minutes 15 --out results/time_to_accuracy_cpu.json
+    python benchmarks/time_to_accuracy.py --config cifar_small --minutes 10 -- run.batch_size=256   # GPU
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import CIFAR_TARBALL as TARBALL
 
 from dino.data.datasets import ImageFolderDataset
 from dino.data.transforms import EvalTransform
@@ -31,12 +32,10 @@ from dino.eval.knn import knn_accuracy
 from dino.hub import load_backbone
 from dino.train.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-TARBALL = ROOT.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 
-
-def prepare(scratch: Path, holdout: int, bank: int) -> tuple[Path, Path, Path]:
-    """train/ (all but the held-out), bank/ (a labelled subset of train/), test/ (held-out), as hard links."""
+def prepare(scratch: Path, holdout: int, bank: int, train_limit: int = 0) -> tuple[Path, Path, Path]:
+    """train/ (all but the held-out, or the first ``train_limit`` of them per class), bank/ (a labelled
+    subset of the training images), test/ (held-out), as hard links."""
     source = scratch / "all"
     if not (source / "train").is_dir():
         if not TARBALL.is_file():
@@ -44,14 +43,14 @@ def prepare(scratch: Path, holdout: int, bank: int) -> tuple[Path, Path, Path]:
         source.mkdir(parents=True, exist_ok=True)
         with tarfile.open(TARBALL) as tar:
             tar.extractall(source, filter="data")
-    split = scratch / f"split-h{holdout}-b{bank}"
+    split = scratch / (f"split-h{holdout}-b{bank}" + (f"-t{train_limit}" if train_limit else ""))
     if not (split / "test").is_dir():
         for class_dir in sorted((source / "train").iterdir()):
             files = sorted(class_dir.iterdir())
             random.Random(0).shuffle(files)
             parts = {
                 "test": files[:holdout],
-                "train": files[holdout:],
+                "train": files[holdout:][: train_limit or None],
                 "bank": files[holdout : holdout + bank],
             }
             for name, chosen in parts.items():
@@ -92,13 +91,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=0, help="fixed number of epochs instead of --minutes")
     parser.add_argument("--holdout", type=int, default=500, help="held-out test images per class")
     parser.add_argument("--bank", type=int, default=1000, help="k-NN bank images per class")
+    parser.add_argument(
+        "--train-per-class", type=int, default=0, help="train on this many images per class (0: all)"
+    )
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/dino-cifar10"))
     parser.add_argument("--run-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path)
     parser.add_argument("overrides", nargs="*", help="config overrides for dino train")
     args = parser.parse_args()
 
-    train_dir, bank_dir, test_dir = prepare(args.scratch, args.holdout, args.bank)
+    train_dir, bank_dir, test_dir = prepare(args.scratch, args.holdout, args.bank, args.train_per_class)
     cfg = load_config(args.config, args.overrides)
     n_train = sum(1 for _ in train_dir.rglob("*.jpg"))
     epochs = args.epochs
@@ -133,7 +135,7 @@ def main() -> None:
     trained = knn(run_dir, False, bank_dir, test_dir, d.global_crop_size, d.mean, d.std)
     baseline = knn(run_dir, True, bank_dir, test_dir, d.global_crop_size, d.mean, d.std)
     result = {
-        "benchmark": "cifar_knn",
+        "benchmark": "time_to_accuracy",
         "dataset": "CIFAR-10 (JPEG copy), train split; held-out = "
         f"{args.holdout}/class never trained on; bank = {args.bank}/class",
         "config": args.config,

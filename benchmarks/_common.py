@@ -1,0 +1,121 @@
+"""What every benchmark shares: the machine description, JSON + markdown output, and test data on disk."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import random
+import sys
+import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+# The project's shared data folder sits beside the checkout; elsewhere (a lent GPU machine) point
+# DINO_SHARED_DATA at a copy of it.
+SHARED_DATA = Path(os.environ.get("DINO_SHARED_DATA", ROOT.parent / "shared" / "data"))
+CIFAR_TARBALL = SHARED_DATA / "cifar10-train-jpeg.tar.gz"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def hardware(device: torch.device) -> dict:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def report(name: str, device: torch.device, body: dict, table: list[dict], out: Path | None) -> dict:
+    """Print the JSON and a markdown table of ``table`` rows; write the JSON to ``out``."""
+    result = {
+        "benchmark": name,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "hardware": hardware(device),
+        **body,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if table:
+        keys = list(table[0])
+        print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+        for row in table:
+            print("| " + " | ".join(_cell(row.get(k)) for k in keys) + " |")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    return result
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return "" if value is None else str(value)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cifar_members(limit: int | None = None) -> list[tuple[str, bytes]]:
+    """(class name, JPEG bytes) of the CIFAR-10 copy in ``../shared/data``, in a fixed shuffled order."""
+    if not CIFAR_TARBALL.is_file():
+        sys.exit(f"{CIFAR_TARBALL} not found: this benchmark needs the project's shared data folder")
+    members = []
+    with tarfile.open(CIFAR_TARBALL) as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".jpg"):
+                members.append((Path(member.name).parent.name, tar.extractfile(member).read()))
+    random.Random(0).shuffle(members)
+    return members[:limit] if limit else members
+
+
+def imagenet_sized_jpegs(dest: Path, count: int, size: tuple[int, int] = (500, 375)) -> Path:
+    """``count`` ImageNet-sized JPEGs (quality 90) in class folders under ``dest``, made once.
+
+    Real content: CIFAR-10 images (the only real photos in ``../shared/data``) upscaled bicubically to
+    ``size`` — ImageNet's typical 500×375. Upscaled images are smoother than camera photos, so they decode
+    somewhat faster than real ImageNet files of the same size; the pixel count is what dominates.
+    """
+    marker = dest / f".complete-{count}-{size[0]}x{size[1]}"
+    if marker.is_file():
+        return dest
+    jobs = [
+        (dest / label / f"{i:06d}.jpg", data, size) for i, (label, data) in enumerate(cifar_members(count))
+    ]
+    with ProcessPoolExecutor() as pool:
+        list(pool.map(_upscale, jobs, chunksize=64))
+    marker.touch()
+    return dest
+
+
+def _upscale(job: tuple[Path, bytes, tuple[int, int]]) -> None:
+    path, data, size = job
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(io.BytesIO(data)) as img:
+        img.convert("RGB").resize(size, Image.Resampling.BICUBIC).save(path, quality=90)

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Every speed benchmark of the project, on one lent GPU, in under 8 minutes (an H100/H200; ~7 min measured
+# budget below). Writes under $OUT: suite.json (all results, one key per benchmark) and suite.log (their
+# output). Each step has its own time limit, so one that fails or overruns does not stop the others.
+#
+#   OUT=/tmp/gpu bash benchmarks/gpu_suite.sh                 # on the GPU machine
+#   SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu_suite.sh       # tiny sizes on the CPU: checks the script runs
+#
+# Needs: the package importable (installed, or this checkout's src/ — added to PYTHONPATH here), its
+# dependencies, and the CIFAR-10 tarball: ../shared/data/ beside the checkout, or $DINO_SHARED_DATA.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu-$(date +%F)}
+PY=${PYTHON:-python3}
+SMOKE=${SMOKE:-0}
+mkdir -p "$OUT"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/dino-suite.XXXXXX")
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+LOG=$OUT/suite.log
+: > "$LOG"
+
+step() {  # step NAME SECONDS COMMAND...: runs it with a time limit, its output into the log
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$LOG"
+  timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+  local rc=$?
+  echo "=== $name: exit $rc" | tee -a "$LOG"
+}
+
+"$PY" - >> "$LOG" 2>&1 <<'EOF'
+import torch, platform
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor())
+EOF
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$LOG"
+
+if [ "$SMOKE" = 1 ]; then  # the same steps at sizes a laptop CPU finishes in a few minutes
+  VITS="--arch vit_tiny --patch 16 --batch 2 --local-crops 2 --out-dim 1024 --steps 2 --warmup 1"
+  VITB="--arch vit_tiny --patch 16 --batch 2 --local-crops 2 --out-dim 1024 --steps 2 --warmup 1"
+  VITB8="--arch vit_tiny --patch 16 --batch 2 --local-crops 2 --out-dim 1024 --steps 1 --warmup 1 --no-baseline"
+  JPEGS=256 E2E="--config cifar_small --images 256 --epochs 2 --batch 32 --workers 2 --log-every 2"
+  PIPE="--images 128 --batch 32 --workers 0,2 --seconds 2"
+  TTA="--epochs 1 --holdout 50 --bank 100 --train-per-class 50"
+  KNN="--bank 20000 --queries 200 --seconds 2"
+else
+  VITS="--arch vit_small --patch 16 --batch 64 --local-crops 8 --out-dim 65536 --steps 20 --warmup 5"
+  VITB="--arch vit_base --patch 16 --batch 64 --local-crops 10 --out-dim 65536 --steps 10 --warmup 3"
+  VITB8="--arch vit_base --patch 8 --batch 64 --local-crops 10 --out-dim 65536 --steps 3 --warmup 2 --no-baseline --activation-checkpointing"
+  JPEGS=4096 E2E="--images 4096 --epochs 2 --batch 64 --workers 16"
+  PIPE="--images 2048 --batch 64 --workers 8,16 --tensor-workers 8 --seconds 6" TTA="--minutes 2 -- run.batch_size=256 data.num_workers=8"
+  KNN="--bank 1000000 --queries 20000 --seconds 5"
+fi
+
+B=benchmarks
+step train_step_vits16 60 "$PY" $B/train_step.py $VITS --out "$WORK/train_step_vits16.json"
+step train_step_vitb16 60 "$PY" $B/train_step.py $VITB --out "$WORK/train_step_vitb16.json"
+step train_step_vitb8_ckpt 60 "$PY" $B/train_step.py $VITB8 --out "$WORK/train_step_vitb8_ckpt.json"
+step make_jpegs 60 "$PY" -c "import sys; sys.path.insert(0, '$B'); from pathlib import Path; from _common import imagenet_sized_jpegs; imagenet_sized_jpegs(Path('$WORK/jpegs'), $JPEGS)"
+step data_pipeline 60 "$PY" $B/data_pipeline.py --data "$WORK/jpegs" $PIPE --out "$WORK/data_pipeline.json"
+step end_to_end 120 "$PY" $B/end_to_end.py --data "$WORK/jpegs" --scratch "$WORK" $E2E --out "$WORK/end_to_end.json"
+step knn 60 "$PY" $B/knn.py $KNN --out "$WORK/knn.json"
+step time_to_accuracy 200 "$PY" $B/time_to_accuracy.py --scratch "$WORK/cifar" $TTA --out "$WORK/time_to_accuracy.json"
+step train_step_vits16_compile 120 "$PY" $B/train_step.py $VITS --compile --no-baseline --out "$WORK/train_step_vits16_compile.json"
+
+"$PY" - "$WORK" "$OUT/suite.json" <<'EOF'
+import json, sys
+from pathlib import Path
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+suite = {p.stem: json.loads(p.read_text()) for p in sorted(work.glob("*.json"))}
+out.write_text(json.dumps(suite, indent=2) + "\n")
+print(f"{len(suite)} results in {out}: {', '.join(suite)}")
+EOF
+rm -rf "$WORK"
