@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from _common import hardware, sync
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
@@ -34,23 +33,18 @@ from dino.data.gpu_augment import BatchMultiCrop
 from dino.data.gpu_loader import DeviceMultiCropLoader, EncodedImageDataset, collate_encoded, decode_batch
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _steady_rate(batches, device: torch.device, seconds: float) -> dict:
     """Iterate ``batches`` of (views, labels, skipped); images/s after the first batch, up to ``seconds``."""
     iterator = iter(batches)
     first = next(iterator)
-    _sync(device)
+    sync(device)
     start, images, steps = time.perf_counter(), 0, 0
     for _views, labels, _ in iterator:
         images += int(labels.numel())
         steps += 1
         if time.perf_counter() - start > seconds:
             break
-    _sync(device)
+    sync(device)
     elapsed = time.perf_counter() - start
     del first
     return {"images": images, "batches": steps, "seconds": elapsed, "images_per_s": images / elapsed}
@@ -120,25 +114,6 @@ def _describe_data(args: argparse.Namespace, root: Path, count: int) -> dict:
     return {"description": what, "root": str(root), "images_used": count, "example_sizes_wh": sizes}
 
 
-def _hardware(device: torch.device) -> dict:
-    cpu_name = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu_name,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "torch": torch.__version__,
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -203,7 +178,7 @@ def main() -> None:
             "crops": f"2x{args.global_size}^2 + {args.local_crops}x{args.local_size}^2",
             "seconds_per_measurement": args.seconds,
         },
-        "hardware": _hardware(device),
+        "hardware": hardware(device),
         "results": results,
     }
     text = json.dumps(report, indent=2)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 from _common import CIFAR_TARBALL as TARBALL
+from _common import hardware
 
 from dino.data.datasets import ImageFolderDataset
 from dino.data.transforms import EvalTransform
@@ -145,13 +145,7 @@ def main() -> None:
         "train_minutes": train_minutes,
         "knn_k20_trained": trained,
         "knn_k20_random_init": baseline,
-        "hardware": {
-            "device": torch.cuda.get_device_name()
-            if torch.cuda.is_available()
-            else platform.processor() or "cpu",
-            "cpu_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+        "hardware": hardware(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(sys.argv),
     }

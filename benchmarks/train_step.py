@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+from _common import hardware
 
 from dino.loss import DINOLoss
 from dino.models.backbones import build_backbone
@@ -128,13 +128,7 @@ def main() -> None:
     result = {
         "benchmark": "train_step",
         "config": vars(args) | {"out": str(args.out) if args.out else None},
-        "hardware": {
-            "device": torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else platform.processor() or "cpu",
-            "cpu_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+        "hardware": hardware(device),
         "date": time.strftime("%Y-%m-%d"),
         "ours": measure(args, device, plain=False),
     }
