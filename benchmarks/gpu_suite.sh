@@ -38,7 +38,7 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,dr
 if [ "$SMOKE" = 1 ]; then  # the same steps at sizes a laptop CPU finishes in a few minutes
   VITS="--arch vit_tiny --patch 16 --batch 2 --local-crops 2 --out-dim 1024 --steps 2 --warmup 1"
   VITB="--arch vit_tiny --patch 16 --batch 2 --local-crops 2 --out-dim 1024 --steps 2 --warmup 1"
-  VITB8="--arch vit_tiny --patch 16 --batch 2 --local-crops 2 --out-dim 1024 --steps 1 --warmup 1 --no-baseline"
+  VITB8="--arch vit_tiny --patch 16 --batch 2 --local-crops 2 --out-dim 1024 --steps 1 --warmup 1 --no-baseline --activation-checkpointing"
   JPEGS=256 E2E="--config cifar_small --images 256 --epochs 2 --batch 32 --workers 2 --log-every 2"
   PIPE="--images 128 --batch 32 --workers 0,2 --seconds 2"
   TTA="--epochs 1 --holdout 50 --bank 100 --train-per-class 50"
