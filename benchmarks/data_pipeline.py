@@ -17,14 +17,12 @@ each measurement stops after --seconds. Writes JSON (hardware, command, data use
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
-from _common import hardware, sync
+from _common import pick_device, report, sync
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
@@ -141,9 +139,7 @@ def main() -> None:
         parser.error(
             f"--images ({args.images}) must be at least two batches (2 x --batch = {2 * args.batch})"
         )
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = pick_device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     root = args.data if args.data is not None else sample_dataset("train")
@@ -168,29 +164,16 @@ def main() -> None:
             | measure_augment_only(root, indices, args, device)
         )
 
-    report = {
-        "benchmark": "data_pipeline",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "data": _describe_data(args, root, len(indices)),
-        "config": {
-            "batch": args.batch,
-            "crops": f"2x{args.global_size}^2 + {args.local_crops}x{args.local_size}^2",
-            "seconds_per_measurement": args.seconds,
-        },
-        "hardware": hardware(device),
-        "results": results,
-    }
-    text = json.dumps(report, indent=2)
-    print(text)
-    print(f"\nData: {report['data']['description']}; crops {report['config']['crops']}, batch {args.batch}\n")
-    print("| pipeline | device | workers | images/s |\n|---|---|---|---|")
-    for r in results:
-        workers = "-" if r["workers"] is None else r["workers"]
-        print(f"| {r['pipeline']} | {r['device']} | {workers} | {r['images_per_s']:.1f} |")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    data = _describe_data(args, root, len(indices))
+    crops = f"2x{args.global_size}^2 + {args.local_crops}x{args.local_size}^2"
+    print(f"Data: {data['description']}; crops {crops}, batch {args.batch}")
+    config = {"batch": args.batch, "crops": crops, "seconds_per_measurement": args.seconds}
+    table = [
+        {"pipeline": r["pipeline"], "device": r["device"], "workers": "-" if r["workers"] is None else r["workers"],
+         "images/s": r["images_per_s"]}
+        for r in results
+    ]  # fmt: skip
+    report("data_pipeline", device, {"data": data, "config": config, "results": results}, table, args.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from _common import CIFAR_TARBALL as TARBALL
-from _common import hardware
+from _common import pick_device, report
 
 from dino.data.datasets import ImageFolderDataset
 from dino.data.transforms import EvalTransform
@@ -66,7 +66,7 @@ def knn(weights: Path, random_init: bool, bank: Path, test: Path, crop: int, mea
     torch.manual_seed(0)
     loaded = load_backbone(weights, random_init=random_init)
     transform = EvalTransform(resize=crop, crop_size=crop, mean=mean, std=std)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     model = loaded.model.to(device)
     start = time.perf_counter()
     train_f, train_y = extract_features(
@@ -134,8 +134,7 @@ def main() -> None:
     d = cfg.data
     trained = knn(run_dir, False, bank_dir, test_dir, d.global_crop_size, d.mean, d.std)
     baseline = knn(run_dir, True, bank_dir, test_dir, d.global_crop_size, d.mean, d.std)
-    result = {
-        "benchmark": "time_to_accuracy",
+    body = {
         "dataset": "CIFAR-10 (JPEG copy), train split; held-out = "
         f"{args.holdout}/class never trained on; bank = {args.bank}/class",
         "config": args.config,
@@ -145,19 +144,12 @@ def main() -> None:
         "train_minutes": train_minutes,
         "knn_k20_trained": trained,
         "knn_k20_random_init": baseline,
-        "hardware": hardware(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(sys.argv),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    print(
-        f"\n| model | k-NN top-1 (k=20) |\n|---|---|\n| random init | {baseline['top1']:.2f} |\n"
-        f"| {args.config}, {epochs} epochs, {train_minutes:.1f} min | {trained['top1']:.2f} |"
-    )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    table = [
+        {"model": "random init", "k-NN top-1 (k=20)": baseline["top1"]},
+        {"model": f"{args.config}, {epochs} epochs, {train_minutes:.1f} min", "k-NN top-1 (k=20)": trained["top1"]},
+    ]  # fmt: skip
+    report("time_to_accuracy", pick_device("auto"), body, table, args.out)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ AdamW, fp16 + grad scaler on a GPU, a host sync per step) in the same process, s
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
-from _common import hardware
+from _common import pick_device, report
 
 from dino.loss import DINOLoss
 from dino.models.backbones import build_backbone
@@ -121,31 +120,18 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain reference configuration")
     parser.add_argument("--out", type=Path, help="JSON file to write")
     args = parser.parse_args()
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
-
-    result = {
-        "benchmark": "train_step",
-        "config": vars(args) | {"out": str(args.out) if args.out else None},
-        "hardware": hardware(device),
-        "date": time.strftime("%Y-%m-%d"),
-        "ours": measure(args, device, plain=False),
-    }
+    device = pick_device(args.device)
+    body = {"config": vars(args) | {"out": str(args.out) if args.out else None}}
+    body["ours"] = measure(args, device, plain=False)
     if not args.no_baseline:
-        result["plain"] = measure(args, device, plain=True)
-        result["speedup"] = result["ours"]["images_per_s"] / result["plain"]["images_per_s"]
-    text = json.dumps(result, indent=2)
-    print(text)
-    print("\n| variant | images/s | peak GiB |\n|---|---|---|")
-    for key in ("ours", "plain"):
-        if key in result:
-            r = result[key]
-            peak = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
-            print(f"| {key} | {r['images_per_s']:.2f} | {peak} |")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        body["plain"] = measure(args, device, plain=True)
+        body["speedup"] = body["ours"]["images_per_s"] / body["plain"]["images_per_s"]
+    table = [
+        {"variant": key, "images/s": body[key]["images_per_s"], "peak GiB": body[key]["peak_memory_gib"]}
+        for key in ("ours", "plain")
+        if key in body
+    ]
+    report("train_step", device, body, table, args.out)
 
 
 if __name__ == "__main__":
