@@ -39,10 +39,8 @@ def ema_update(
     s_params = [p.detach() for p in student.parameters()]
     if len(t_params) != len(s_params):
         raise ValueError("teacher and student have different parameter lists")
-    if skip is None:
-        torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
-    else:
-        torch._foreach_lerp_(t_params, s_params, (1.0 - momentum) * (1.0 - skip.float()))
+    weight = 1.0 - momentum if skip is None else (1.0 - momentum) * (1.0 - skip.float())
+    torch._foreach_lerp_(t_params, s_params, weight)
     for t_buf, s_buf in zip(teacher.buffers(), student.buffers(), strict=True):
         if skip is None:
             t_buf.copy_(s_buf)

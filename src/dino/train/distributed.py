@@ -61,12 +61,17 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def max_over_processes_(value: torch.Tensor) -> torch.Tensor:
+    """``value`` ← its maximum over all processes, in place (queued on its device: no host wait);
+    unchanged in a single process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
 def any_process(flag: bool | torch.Tensor, device: torch.device) -> bool:
     """True when ``flag`` is true on at least one process, so that all processes take the same branch."""
     value = (
         flag.detach().float().reshape(1) if isinstance(flag, torch.Tensor) else torch.tensor([float(flag)])
     )
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.to(device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    return bool(max_over_processes_(value.to(device)).item() > 0)

@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
-from dino.train.distributed import any_process
+from dino.train.distributed import any_process, max_over_processes_
 
 
 class TrainingDiverged(RuntimeError):
@@ -65,8 +64,7 @@ class NonFiniteGuard:
                 return False
             self.consecutive = 0
             return True
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # queued on the device: no host wait
+        max_over_processes_(bad)  # every process skips the same steps, decided on the device
         self.mask = bad
         self.optimizer.found_inf = bad  # read by the fused kernel: a flagged step changes nothing
         self._pending.append((iteration, bad, loss.detach()))

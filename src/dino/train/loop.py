@@ -227,12 +227,13 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
                     for kind in collapse.check(record["teacher_entropy"], record["kl"]):
                         logger.event("collapse_warning", kind=kind, iteration=it)
 
-                # Processes agree on stopping through a collective (a host sync): every few steps only.
-                if (
-                    any_process(preemption.requested, env.device)
-                    if env.distributed and (it + 1) % PREEMPTION_POLL_STEPS == 0
-                    else preemption.requested and not env.distributed
-                ):
+                if env.distributed:  # agreeing takes a collective and a host sync: every few steps only
+                    stop = (it + 1) % PREEMPTION_POLL_STEPS == 0 and any_process(
+                        preemption.requested, env.device
+                    )
+                else:
+                    stop = preemption.requested
+                if stop:
                     save()
                     logger.event("preempted", iteration=state.iteration, signal=preemption.signal_name)
                     logger.close()
