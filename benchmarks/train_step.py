@@ -3,16 +3,20 @@
 One step = teacher forward on the global crops, student forward/backward on all crops, the DINO loss,
 AdamW, the EMA teacher update — the same work the training loop does, without the data pipeline. Each
 configuration is measured next to a plain variant of our own code (explicit-softmax attention, unfused
-AdamW, fp16 + grad scaler on a GPU, a host sync per step) in the same process, so the ratio is a side-by-side measurement on the same machine.
+AdamW, fp16 + grad scaler on a GPU, a host sync per step) in the same process, so the ratio is a
+side-by-side measurement on the same machine. With ``--original PATH`` (a copy of the original DINO
+``vision_transformer.py``, which this project does not ship) the original architecture is measured too,
+with the original loop's habits (see ``measure``).
 
     python benchmarks/train_step.py --arch vit_small --patch 16 --batch 8 --out results/train_step.json
     python benchmarks/train_step.py --arch vit_tiny --patch 4 --global-size 32 --local-size 16 \\
-        --local-crops 6 --batch 64 --out-dim 4096
+        --local-crops 6 --batch 64 --out-dim 4096 --original /path/to/dino/vision_transformer.py
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 from pathlib import Path
 
@@ -24,7 +28,7 @@ from dino.models.backbones import build_backbone
 from dino.models.head import DINOHead
 from dino.models.multicrop import MultiCropWrapper
 from dino.teacher import ema_update, init_teacher
-from dino.train.optim import build_optimizer, clip_gradients, set_schedules
+from dino.train.optim import build_optimizer, clip_gradients, param_groups, set_schedules
 from dino.train.setup import resolve_precision
 
 
@@ -45,16 +49,59 @@ def build(args: argparse.Namespace, device: torch.device, plain: bool):
     return student, teacher
 
 
-def measure(args: argparse.Namespace, device: torch.device, plain: bool) -> dict:
+def build_original(args: argparse.Namespace, device: torch.device):
+    """Student and teacher from a copy of the original DINO ``vision_transformer.py`` (its ViT and head),
+    in our multi-crop wrapper (the same grouping of crops by resolution as the original's)."""
+    spec = importlib.util.spec_from_file_location("original_dino_vit", args.original)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--original {args.original}: not a Python file")
+    original = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(original)
+
+    def model(drop_path: float) -> MultiCropWrapper:
+        backbone = getattr(original, args.arch)(patch_size=args.patch, drop_path_rate=drop_path)
+        return MultiCropWrapper(backbone, original.DINOHead(backbone.embed_dim, args.out_dim))
+
+    student = model(0.1).to(device)
+    return student, init_teacher(model(0.0).to(device), student)
+
+
+def clip_each_tensor_checked(model: torch.nn.Module, max_norm: float) -> None:
+    """Per-tensor clipping as the original training loop does it: one norm and one host-side check each."""
+    for p in model.parameters():
+        if p.grad is not None:
+            coef = max_norm / (p.grad.norm(2) + 1e-6)
+            if coef < 1:
+                p.grad.mul_(coef)
+
+
+@torch.no_grad()
+def ema_each_tensor(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
+    """The EMA teacher update as the original loop does it: a Python loop over the parameters."""
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.mul_(momentum).add_((1 - momentum) * s.detach())
+
+
+def measure(args: argparse.Namespace, device: torch.device, variant: str) -> dict:
     """``plain``: our code the simple way — explicit-softmax attention, multi-tensor (unfused) AdamW, fp16
-    autocast with a grad scaler on a GPU (fp32 on the CPU), eager, the loss read every step."""
+    autocast with a grad scaler on a GPU (fp32 on the CPU), eager, the loss read every step.
+    ``original``: the original architecture (``--original``) with the original loop's habits — PyTorch's
+    default AdamW, per-tensor clipping and EMA in Python loops, fp16 + grad scaler on a GPU, the loss read
+    every step."""
     torch.manual_seed(0)
+    plain = variant != "ours"
     precision = resolve_precision(
         ("fp16" if device.type == "cuda" else "fp32") if plain else args.precision, device
     )
-    student, teacher = build(args, device, plain)
+    if variant == "original":
+        student, teacher = build_original(args, device)
+        optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, weight_decay=0.0)
+        clip, ema = clip_each_tensor_checked, ema_each_tensor
+    else:
+        student, teacher = build(args, device, plain)
+        optimizer = build_optimizer(student, "adamw", fused=not plain)
+        clip, ema = clip_gradients, ema_update
     loss_fn = DINOLoss(args.out_dim).to(device)
-    optimizer = build_optimizer(student, "adamw", fused=not plain)
     set_schedules(optimizer, 1e-4, 0.04)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
     b = args.batch
@@ -71,10 +118,10 @@ def measure(args: argparse.Namespace, device: torch.device, plain: bool) -> dict
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        clip_gradients(student, 3.0)
+        clip(student, 3.0)
         scaler.step(optimizer)
         scaler.update()
-        ema_update(teacher, student, 0.996)
+        ema(teacher, student, 0.996)
         if plain:
             float(loss)  # a host synchronisation every step, as a loop that checks the loss each time
         return loss
@@ -118,17 +165,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain reference configuration")
+    parser.add_argument(
+        "--original",
+        type=Path,
+        help="a copy of the original DINO vision_transformer.py (not shipped here): also measure the original "
+        "architecture with the original loop's habits",
+    )
     parser.add_argument("--out", type=Path, help="JSON file to write")
     args = parser.parse_args()
     device = pick_device(args.device)
-    body = {"config": vars(args) | {"out": str(args.out) if args.out else None}}
-    body["ours"] = measure(args, device, plain=False)
+    body = {"config": vars(args) | {"out": str(args.out) if args.out else None,
+                                    "original": str(args.original) if args.original else None}}  # fmt: skip
+    body["ours"] = measure(args, device, "ours")
     if not args.no_baseline:
-        body["plain"] = measure(args, device, plain=True)
+        body["plain"] = measure(args, device, "plain")
         body["speedup"] = body["ours"]["images_per_s"] / body["plain"]["images_per_s"]
+    if args.original:
+        body["original"] = measure(args, device, "original")
+        body["speedup_vs_original"] = body["ours"]["images_per_s"] / body["original"]["images_per_s"]
     table = [
         {"variant": key, "images/s": body[key]["images_per_s"], "peak GiB": body[key]["peak_memory_gib"]}
-        for key in ("ours", "plain")
+        for key in ("ours", "plain", "original")
         if key in body
     ]
     report("train_step", device, body, table, args.out)

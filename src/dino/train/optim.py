@@ -63,8 +63,9 @@ def build_optimizer(
     """lr and weight decay are set by the schedules at every iteration, so both start at 0 here.
 
     ``fused`` (AdamW, SGD): one kernel for all parameters — by default wherever PyTorch has it (CUDA and
-    the CPU: ~5x faster than the multi-tensor path for ViT-S on a CPU) — which can also skip a step on a
-    device-side flag (see :mod:`dino.train.guard`).
+    the CPU: ~6x faster than the multi-tensor path for ViT-S on 2 CPU cores, see
+    ``benchmarks/optimizer_step.py``) — which can also skip a step on a device-side flag
+    (see :mod:`dino.train.guard`).
     """
     groups = param_groups(model)
     if fused is None:

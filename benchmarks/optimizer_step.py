@@ -1,0 +1,62 @@
+"""Optimiser step time: fused AdamW (our default, CUDA and CPU) against PyTorch's multi-tensor AdamW.
+
+The parameters and gradients of a DINO student (backbone + head, random gradients); each variant's step
+is timed after one warm-up step.
+
+    python benchmarks/optimizer_step.py --arch vit_small --patch 16 --out-dim 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from _common import pick_device, report, sync
+
+from dino.models.backbones import build_backbone
+from dino.models.head import DINOHead
+from dino.models.multicrop import MultiCropWrapper
+from dino.train.optim import build_optimizer, set_schedules
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--arch", default="vit_small")
+    parser.add_argument("--patch", type=int, default=16)
+    parser.add_argument("--out-dim", type=int, default=65536)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    backbone, dim = build_backbone(args.arch, args.patch, 224, 0.0, 0)
+    model = MultiCropWrapper(backbone, DINOHead(dim, args.out_dim)).to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    rows = []
+    for fused in (True, False):
+        optimizer = build_optimizer(model, "adamw", fused=fused)
+        set_schedules(optimizer, 1e-4, 0.04)
+        optimizer.step()
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            optimizer.step()
+        sync(device)
+        rows.append({"adamw": "fused" if fused else "multi-tensor",
+                     "seconds_per_step": (time.perf_counter() - start) / args.steps})  # fmt: skip
+    body = {
+        "config": vars(args) | {"out": str(args.out)},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "results": rows,
+        "speedup": rows[1]["seconds_per_step"] / rows[0]["seconds_per_step"],
+    }
+    report("optimizer_step", device, body, rows, args.out)
+
+
+if __name__ == "__main__":
+    main()
