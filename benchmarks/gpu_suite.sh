@@ -5,6 +5,8 @@
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_suite.sh                 # on the GPU machine
 #   SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu_suite.sh       # tiny sizes on the CPU: checks the script runs
+#   STEPS="knn end_to_end" OUT=/tmp/gpu bash benchmarks/gpu_suite.sh   # only the steps named
+#   ORIGINAL=/path/to/dino/vision_transformer.py ...  # also the original architecture in train_step
 #
 # Needs: the package importable (installed, or this checkout's src/ — added to PYTHONPATH here), its
 # dependencies, and the CIFAR-10 tarball: ../shared/data/ beside the checkout, or $DINO_SHARED_DATA.
@@ -19,13 +21,30 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 LOG=$OUT/suite.log
 : > "$LOG"
 
+STEPS=${STEPS:-}
+ORIG=()
+[ -n "${ORIGINAL:-}" ] && ORIG=(--original "$ORIGINAL")
+
+merge() {  # all results so far into $OUT/suite.json (after every step: a killed suite keeps what it measured)
+  "$PY" - "$WORK" "$OUT/suite.json" <<'EOF'
+import json, sys
+from pathlib import Path
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+suite = {p.stem: json.loads(p.read_text()) for p in sorted(work.glob("*.json"))}
+out.write_text(json.dumps(suite, indent=2) + "\n")
+print(f"{len(suite)} results in {out}: {', '.join(suite)}")
+EOF
+}
+
 step() {  # step NAME SECONDS COMMAND...: runs it with a time limit, its output into the log
   local name=$1 limit=$2
   shift 2
+  if [ -n "$STEPS" ] && [[ " $STEPS " != *" $name "* ]]; then return; fi
   echo "=== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$LOG"
   timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
   local rc=$?
   echo "=== $name: exit $rc" | tee -a "$LOG"
+  merge >> "$LOG" 2>&1
 }
 
 "$PY" - >> "$LOG" 2>&1 <<'EOF'
@@ -44,31 +63,29 @@ if [ "$SMOKE" = 1 ]; then  # the same steps at sizes a laptop CPU finishes in a 
   TTA="--epochs 1 --holdout 50 --bank 100 --train-per-class 50"
   KNN="--bank 20000 --queries 200 --seconds 2"
 else
-  VITS="--arch vit_small --patch 16 --batch 64 --local-crops 8 --out-dim 65536 --steps 20 --warmup 5"
+  VITS="--arch vit_small --patch 16 --batch 64 --local-crops 8 --out-dim 65536 --steps 40 --warmup 8"
   VITB="--arch vit_base --patch 16 --batch 64 --local-crops 10 --out-dim 65536 --steps 10 --warmup 3"
   VITB8="--arch vit_base --patch 8 --batch 64 --local-crops 10 --out-dim 65536 --steps 3 --warmup 2 --no-baseline --activation-checkpointing"
   JPEGS=4096 E2E="--images 4096 --epochs 2 --batch 64 --workers 16"
-  PIPE="--images 2048 --batch 64 --workers 8,16 --tensor-workers 8 --seconds 6" TTA="--minutes 2 -- run.batch_size=256 data.num_workers=8"
+  PIPE="--images 2048 --batch 64 --workers 8,16 --tensor-workers 8 --seconds 6"
+  TTA=${TTA_ARGS:-"--minutes 2 -- run.batch_size=256 data.num_workers=8"}
   KNN="--bank 1000000 --queries 20000 --seconds 5"
 fi
 
 B=benchmarks
-step train_step_vits16 60 "$PY" $B/train_step.py $VITS --out "$WORK/train_step_vits16.json"
-step train_step_vitb16 60 "$PY" $B/train_step.py $VITB --out "$WORK/train_step_vitb16.json"
+step train_step_vits16 60 "$PY" $B/train_step.py $VITS "${ORIG[@]}" --out "$WORK/train_step_vits16.json"
+step train_step_vitb16 60 "$PY" $B/train_step.py $VITB "${ORIG[@]}" --out "$WORK/train_step_vitb16.json"
 step train_step_vitb8_ckpt 60 "$PY" $B/train_step.py $VITB8 --out "$WORK/train_step_vitb8_ckpt.json"
-step make_jpegs 60 "$PY" -c "import sys; sys.path.insert(0, '$B'); from pathlib import Path; from _common import imagenet_sized_jpegs; imagenet_sized_jpegs(Path('$WORK/jpegs'), $JPEGS)"
+if [ -z "$STEPS" ] || [[ " $STEPS " == *" gpu_checks "* ]] || [[ " $STEPS " == *" data_pipeline "* ]] \
+    || [[ " $STEPS " == *" end_to_end "* ]]; then  # the JPEG files these three read
+  STEPS="" step make_jpegs 60 "$PY" -c "import sys; sys.path.insert(0, '$B'); from pathlib import Path; from _common import imagenet_sized_jpegs; imagenet_sized_jpegs(Path('$WORK/jpegs'), $JPEGS)"
+fi
+step gpu_checks 90 "$PY" $B/gpu_checks.py --jpegs "$WORK/jpegs" --out "$WORK/gpu_checks.json"
 step data_pipeline 60 "$PY" $B/data_pipeline.py --data "$WORK/jpegs" $PIPE --out "$WORK/data_pipeline.json"
 step end_to_end 120 "$PY" $B/end_to_end.py --data "$WORK/jpegs" --scratch "$WORK" $E2E --out "$WORK/end_to_end.json"
 step knn 60 "$PY" $B/knn.py $KNN --out "$WORK/knn.json"
-step time_to_accuracy 200 "$PY" $B/time_to_accuracy.py --scratch "$WORK/cifar" $TTA --out "$WORK/time_to_accuracy.json"
 step train_step_vits16_compile 120 "$PY" $B/train_step.py $VITS --compile --no-baseline --out "$WORK/train_step_vits16_compile.json"
+step time_to_accuracy ${TTA_LIMIT:-200} "$PY" $B/time_to_accuracy.py --scratch "$WORK/cifar" $TTA --out "$WORK/time_to_accuracy.json"
 
-"$PY" - "$WORK" "$OUT/suite.json" <<'EOF'
-import json, sys
-from pathlib import Path
-work, out = Path(sys.argv[1]), Path(sys.argv[2])
-suite = {p.stem: json.loads(p.read_text()) for p in sorted(work.glob("*.json"))}
-out.write_text(json.dumps(suite, indent=2) + "\n")
-print(f"{len(suite)} results in {out}: {', '.join(suite)}")
-EOF
+merge
 rm -rf "$WORK"
