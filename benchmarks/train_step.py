@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -82,12 +83,14 @@ def ema_each_tensor(teacher: torch.nn.Module, student: torch.nn.Module, momentum
         t.mul_(momentum).add_((1 - momentum) * s.detach())
 
 
-def measure(args: argparse.Namespace, device: torch.device, variant: str) -> dict:
-    """``plain``: our code the simple way — explicit-softmax attention, multi-tensor (unfused) AdamW, fp16
-    autocast with a grad scaler on a GPU (fp32 on the CPU), eager, the loss read every step.
-    ``original``: the original architecture (``--original``) with the original loop's habits — PyTorch's
-    default AdamW, per-tensor clipping and EMA in Python loops, fp16 + grad scaler on a GPU, the loss read
-    every step."""
+def make_step(args: argparse.Namespace, device: torch.device, variant: str) -> Callable[[], torch.Tensor]:
+    """One training step of ``variant`` on fixed random crops, as a function returning the loss.
+
+    ``ours``: what ``dino train`` does. ``plain``: our code the simple way — explicit-softmax attention,
+    multi-tensor (unfused) AdamW, fp16 autocast with a grad scaler on a GPU (fp32 on the CPU), eager, the
+    loss read every step. ``original``: the original architecture (``--original``) with the original
+    loop's habits — PyTorch's default AdamW, per-tensor clipping and EMA in Python loops, fp16 + grad
+    scaler on a GPU, the loss read every step."""
     torch.manual_seed(0)
     plain = variant != "ours"
     precision = resolve_precision(
@@ -126,6 +129,12 @@ def measure(args: argparse.Namespace, device: torch.device, variant: str) -> dic
             float(loss)  # a host synchronisation every step, as a loop that checks the loss each time
         return loss
 
+    return step
+
+
+def measure(args: argparse.Namespace, device: torch.device, variant: str) -> dict:
+    """Images/s and peak memory of ``variant``'s step (see ``make_step``) after ``--warmup`` steps."""
+    step = make_step(args, device, variant)
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
@@ -138,7 +147,7 @@ def measure(args: argparse.Namespace, device: torch.device, variant: str) -> dic
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {
-        "images_per_s": args.steps * b / elapsed,
+        "images_per_s": args.steps * args.batch / elapsed,
         "seconds_per_step": elapsed / args.steps,
         "peak_memory_gib": peak,
     }

@@ -89,3 +89,43 @@ def test_sinkhorn_gives_equipartition():
 def test_unknown_variant_refused():
     with pytest.raises(ValueError, match="teacher_norm"):
         DINOLoss(4, teacher_norm="whiten")  # type: ignore[arg-type]
+
+
+def pairwise_reference(student, teacher, center, n_global, tau_s=0.1, tau_t=0.04):
+    """The loss, KL and entropy pair by pair with torch ops (differentiable), as the released code loops."""
+    batch = teacher.shape[0] // n_global
+    log_p = torch.log_softmax(student / tau_s, dim=-1).chunk(student.shape[0] // batch)
+    p_t = torch.softmax((teacher - center) / tau_t, dim=-1).chunk(n_global)
+    total, kl, pairs = 0.0, 0.0, 0
+    for t, p in enumerate(p_t):
+        for s, lp in enumerate(log_p):
+            if s != t:
+                ce = -(p * lp).sum(-1).mean()
+                total = total + ce
+                kl = kl + ce.detach() + (p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
+                pairs += 1
+    entropy = torch.stack([-(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean() for p in p_t]).mean()
+    return total / pairs, kl / pairs, entropy
+
+
+@pytest.mark.parametrize("n_views, n_global", [(10, 2), (3, 2), (1, 2), (2, 1)])
+def test_loss_kl_entropy_and_gradient_equal_the_pairwise_loop(n_views, n_global):
+    torch.manual_seed(1)
+    batch, k = 4, 7
+    student = torch.randn(n_views * batch, k, requires_grad=True)
+    teacher = torch.randn(n_global * batch, k)
+    loss_fn = DINOLoss(k)
+    loss_fn.center.copy_(torch.randn(1, k) * 0.1)
+    ref_loss, ref_kl, ref_entropy = pairwise_reference(student, teacher, loss_fn.center, n_global)
+    (ref_grad,) = torch.autograd.grad(ref_loss, student)
+    loss, stats = loss_fn(student, teacher, 0.04, n_global=n_global, update_center=False)
+    (grad,) = torch.autograd.grad(loss, student)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad, ref_grad)
+    torch.testing.assert_close(stats["kl"], ref_kl)
+    torch.testing.assert_close(stats["teacher_entropy"], ref_entropy)
+
+
+def test_single_view_refused():
+    with pytest.raises(ValueError, match="at least two views"):
+        DINOLoss(5)(torch.randn(2, 5), torch.randn(2, 5), 0.04, n_global=1)

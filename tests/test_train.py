@@ -161,3 +161,21 @@ def test_channels_last_for_convolutional_networks_on_gpus_only():
     assert memory_format_for(resnet18(), cuda) == torch.channels_last
     assert memory_format_for(resnet18(), cpu) is None
     assert memory_format_for(vit("tiny", 8, img_size=32), cuda) is None
+
+
+def test_gradient_clipping_is_per_tensor():
+    from dino.train.optim import clip_gradients
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    grads = [
+        torch.full_like(p, 2.0) if i % 2 else torch.full_like(p, 0.01)
+        for i, p in enumerate(model.parameters())
+    ]
+    for p, g in zip(model.parameters(), grads, strict=True):
+        p.grad = g.clone()
+    clip_gradients(model, 1.0)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        norm = float(g.norm())
+        expected = g * (1.0 / (norm + 1e-6)) if norm > 1.0 else g  # each tensor on its own
+        torch.testing.assert_close(p.grad, expected)
+    assert float(model[0].bias.grad.norm()) == pytest.approx(1.0, rel=1e-5)

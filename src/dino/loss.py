@@ -99,26 +99,29 @@ class DINOLoss(nn.Module):
         diagnostics: teacher entropy and KL(teacher ‖ student), averaged over the same pairs. With
         ``update_center=False`` the caller updates the center itself (e.g. only after a finite loss).
         """
-        n_views = student_output.shape[0] // (teacher_output.shape[0] // n_global)
-        student_log_probs = F.log_softmax(student_output.float() / self.student_temp, dim=-1).chunk(n_views)
-        teacher_probs = self.teacher_probs(teacher_output, teacher_temp).chunk(n_global)
-
-        total = student_output.new_zeros((), dtype=torch.float32)
-        kl = torch.zeros((), device=student_output.device)
-        n_pairs = 0
-        for t_idx, p_t in enumerate(teacher_probs):
-            for s_idx, log_p_s in enumerate(student_log_probs):
-                if s_idx == t_idx:
-                    continue
-                ce = -(p_t * log_p_s).sum(dim=-1).mean()
-                total = total + ce
-                with torch.no_grad():
-                    kl += ce.detach() - _entropy(p_t)
-                n_pairs += 1
+        batch = teacher_output.shape[0] // n_global
+        n_views = student_output.shape[0] // batch
+        log_p = F.log_softmax(student_output.float() / self.student_temp, dim=-1).view(n_views, batch, -1)
+        p_t = self.teacher_probs(teacher_output, teacher_temp).view(n_global, batch, -1)
+        # Teacher view t is paired with every student view s != t. Summing the student log-probabilities
+        # over the views once, then removing view t's own, gives all pairs of one teacher view in one
+        # product: -sum_{s != t} p_t . log p_s = -p_t . (sum_s log p_s - log p_t).
+        paired = min(n_global, n_views)  # teacher views that have a student view of their own to skip
+        n_pairs = n_global * n_views - paired
         if n_pairs == 0:
             raise ValueError("the DINO loss needs at least two views (no pair of distinct views was given)")
+        summed = log_p.sum(dim=0, keepdim=True)
+        others = summed - log_p[:paired]
+        if n_global > paired:
+            others = torch.cat([others, summed.expand(n_global - paired, -1, -1)])
+        cross_entropy = -(p_t * others).sum(dim=-1).mean(dim=-1)  # [n_global]: summed over its pairs
+        total = cross_entropy.sum()
         with torch.no_grad():
-            entropy = torch.stack([_entropy(p) for p in teacher_probs]).mean()
+            entropies = -(p_t * torch.log(p_t.clamp_min(1e-12))).sum(dim=-1).mean(dim=-1)  # [n_global]
+            pairs_of = torch.full_like(entropies, n_views)
+            pairs_of[:paired] -= 1
+            kl = cross_entropy.detach().sum() - (pairs_of * entropies).sum()
+            entropy = entropies.mean()
         if update_center:
             self.update_center(teacher_output)
         return total / n_pairs, {"teacher_entropy": entropy, "kl": kl / n_pairs}
@@ -135,7 +138,3 @@ class DINOLoss(nn.Module):
     def uniform_entropy(self) -> float:
         """ln K: the teacher entropy of a collapse to the uniform distribution."""
         return math.log(self.out_dim)
-
-
-def _entropy(p: Tensor) -> Tensor:
-    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=-1).mean()

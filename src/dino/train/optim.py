@@ -104,8 +104,11 @@ def clip_gradients(model: nn.Module, max_norm: float) -> None:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return
-    norms = torch._foreach_norm(grads)
-    coefs = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+    # coef = min(max_norm / (norm + 1e-6), 1) for every tensor, in a few multi-tensor kernels (no host sync).
+    coefs = torch._foreach_add(torch._foreach_norm(grads), 1e-6)
+    torch._foreach_reciprocal_(coefs)
+    torch._foreach_mul_(coefs, max_norm)
+    torch._foreach_clamp_max_(coefs, 1.0)
     torch._foreach_mul_(grads, coefs)
 
 

@@ -1,0 +1,115 @@
+"""Where the time of a training step and of the batched augmentation goes: torch.profiler tables.
+
+For each part (``step``: the model-only training step of ``train_step.py``'s "ours" variant; ``augment``:
+``BatchMultiCrop`` on a decoded batch) it reports the wall time per iteration, the time the device spent in
+kernels per iteration (busy fraction = kernel time / wall time: well below 1 means the host — Python,
+dispatch, synchronisations — sets the pace), the number of kernels launched and of host-device
+synchronisations, and the operators taking the most device and host time.
+
+    python benchmarks/profile_gpu.py --jpegs /path/to/jpegs --out results/profile.json   # writes .txt too
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import train_step
+from _common import pick_device, report, sync
+from torch.profiler import ProfilerActivity, profile
+
+from dino.data.gpu_augment import BatchMultiCrop
+from dino.data.gpu_loader import decode_with_pil
+
+
+def summarise(prof, iterations: int, wall: float, device: torch.device) -> tuple[dict, str]:
+    events = prof.key_averages()
+    on_device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_us = sum(e.device_time for e in on_device)  # kernels and copies on the device
+    syncs = sum(
+        e.count
+        for e in events
+        if "Synchronize" in e.key or e.key in ("aten::item", "aten::_local_scalar_dense")
+    )
+    body = {
+        "iterations": iterations,
+        "wall_ms_per_iteration": 1e3 * wall / iterations,
+        "device_ms_per_iteration": kernel_us / 1e3 / iterations,
+        "device_busy_fraction": (kernel_us / 1e6) / wall if wall else None,
+        "kernels_per_iteration": len(on_device) / iterations,
+        "host_syncs_per_iteration": syncs / iterations,
+        "aten_ops_per_iteration": sum(e.count for e in events if e.key.startswith("aten::")) / iterations,
+    }
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    text = (
+        events.table(sort_by=sort, row_limit=30)
+        + "\n"
+        + events.table(sort_by="self_cpu_time_total", row_limit=20)
+    )
+    return body, text
+
+
+def run_profiled(fn, iterations: int, device: torch.device):
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for _ in range(3):
+        fn()
+    sync(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(iterations):
+            fn()
+        sync(device)
+        wall = time.perf_counter() - start
+    return summarise(prof, iterations, wall, device)
+
+
+def profile_step(args: argparse.Namespace, device: torch.device) -> tuple[dict, str]:
+    ns = argparse.Namespace(
+        arch=args.arch, patch=args.patch, depth=0, global_size=224, local_size=96, local_crops=args.local_crops,
+        batch=args.batch, out_dim=args.out_dim, precision="auto", compile=False, activation_checkpointing=False,
+    )  # fmt: skip
+    step = train_step.make_step(ns, device, "ours")
+    return run_profiled(step, args.iterations, device)
+
+
+def profile_augment(args: argparse.Namespace, device: torch.device) -> tuple[dict, str]:
+    files = sorted(args.jpegs.rglob("*.jpg"))[: args.batch]
+    images = [decode_with_pil(p.read_bytes()).to(device) for p in files]
+    augment = BatchMultiCrop(local_crops_number=args.local_crops).to(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    return run_profiled(lambda: augment(images, generator), args.iterations, device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--parts", default="step,augment")
+    parser.add_argument("--jpegs", type=Path, help="a folder of JPEG files (for the augment part)")
+    parser.add_argument("--arch", default="vit_small")
+    parser.add_argument("--patch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--local-crops", type=int, default=8)
+    parser.add_argument("--out-dim", type=int, default=65536)
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    body, texts = {}, []
+    parts = {"step": profile_step, "augment": profile_augment}
+    for name in args.parts.split(","):
+        body[name], text = parts[name](args, device)
+        texts.append(f"## {name}\n{text}")
+        print(name, body[name], flush=True)
+    table = [{"part": name, **values} for name, values in body.items()]
+    report("profile_gpu", device, body, table, args.out)
+    print("\n".join(texts))
+    if args.out:
+        args.out.with_suffix(".txt").write_text("\n".join(texts))
+
+
+if __name__ == "__main__":
+    main()
