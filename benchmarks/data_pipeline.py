@@ -74,11 +74,21 @@ def measure_cpu_pil(root: Path, indices: list[int], args: argparse.Namespace, wo
     return _steady_rate(loader, torch.device("cpu"), args.seconds)
 
 
-def measure_tensor(root: Path, indices: list[int], args: argparse.Namespace, device: torch.device) -> dict:
+def measure_tensor(
+    root: Path,
+    indices: list[int],
+    args: argparse.Namespace,
+    device: torch.device,
+    prefetch: bool | None = None,
+) -> dict:
     dataset = Subset(EncodedImageDataset(root), indices)
     loader = _loader(dataset, args, args.tensor_workers, collate_encoded, pin_memory=device.type == "cuda")
-    pipeline = DeviceMultiCropLoader(loader, BatchMultiCrop(**_crop_kwargs(args)), device, seed=0)
-    return _steady_rate(pipeline, device, args.seconds) | {"workers": args.tensor_workers}
+    augment = BatchMultiCrop(**_crop_kwargs(args))
+    pipeline = DeviceMultiCropLoader(loader, augment, device, seed=0, prefetch=prefetch)
+    return _steady_rate(pipeline, device, args.seconds) | {
+        "workers": args.tensor_workers,
+        "prefetch": pipeline.prefetch,
+    }
 
 
 def measure_augment_only(
@@ -159,6 +169,11 @@ def main() -> None:
         results.append(
             {"pipeline": "tensor", "device": str(device)} | measure_tensor(root, indices, args, device)
         )
+        if device.type == "cuda":  # the same without the background thread that prepares a batch ahead
+            results.append(
+                {"pipeline": "tensor-no-prefetch", "device": str(device)}
+                | measure_tensor(root, indices, args, device, prefetch=False)
+            )
         results.append(
             {"pipeline": "tensor-augment-only", "device": str(device), "workers": None}
             | measure_augment_only(root, indices, args, device)

@@ -124,7 +124,7 @@ def test_safetensors_metadata_records_the_architecture(run_dir, tmp_path):
     assert metadata["which"] == "student"
 
 
-def test_timm_export_loads_strictly_into_timm_with_identical_outputs(run_dir, tmp_path):
+def test_timm_export_loads_strictly_into_timm_with_the_same_outputs(run_dir, tmp_path):
     timm = pytest.importorskip("timm")
     exported = export_backbone(run_dir, "timm", tmp_path / "t.pth")
     name, kwargs = timm_model_args(exported.weights)
@@ -134,7 +134,8 @@ def test_timm_export_loads_strictly_into_timm_with_identical_outputs(run_dir, tm
     )
     model = timm.create_model(name, pretrained=False, **kwargs)
     model.load_state_dict(torch.load(exported.path, weights_only=True), strict=True)
-    assert torch.equal(features(model), features(hub.load(run_dir).model))
+    # timm embeds patches with a convolution, ours with the same weights as one matrix product
+    torch.testing.assert_close(features(model), features(hub.load(run_dir).model), rtol=1e-5, atol=1e-5)
     assert f"timm.create_model('{name}', pretrained=False, num_classes=0" in exported.load_hint
 
 

@@ -625,3 +625,44 @@ def test_device_loader_yields_views_labels_and_skips_and_resumes_exactly(odd_fol
         first_resumed = next(iter(resumed))
     for a, b in zip(batches[2][0], first_resumed[0], strict=True):
         assert torch.equal(a, b)
+
+
+def test_device_loader_prefetching_in_a_thread_gives_the_same_batches(odd_folder: Path) -> None:
+    import threading
+
+    dataset = EncodedImageDataset(odd_folder)
+    aug = BatchMultiCrop(local_crops_number=1, global_crop_size=12, local_crop_size=6)
+
+    def batches(prefetch: bool, stop_after: int | None = None) -> list:
+        loader = DataLoader(dataset, batch_size=4, shuffle=False, collate_fn=collate_encoded)
+        out = []
+        for i, batch in enumerate(DeviceMultiCropLoader(loader, aug, "cpu", seed=3, prefetch=prefetch)):
+            out.append(batch)
+            if stop_after is not None and i + 1 == stop_after:
+                break
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedImageWarning)
+        plain, ahead = batches(False), batches(True)
+        assert len(plain) == len(ahead) == math.ceil(len(dataset) / 4)
+        for (crops_a, labels_a, skipped_a), (crops_b, labels_b, skipped_b) in zip(plain, ahead, strict=True):
+            assert skipped_a == skipped_b and torch.equal(labels_a, labels_b)
+            assert all(torch.equal(a, b) for a, b in zip(crops_a, crops_b, strict=True))
+        # Stopping early stops and joins the thread.
+        assert len(batches(True, stop_after=1)) == 1
+    assert not any(t.name == "dino-batch-prefetch" for t in threading.enumerate())
+
+
+def test_prefetch_thread_hands_errors_to_the_consumer() -> None:
+    from dino.data.gpu_loader import _in_background
+
+    def items():
+        yield 1
+        raise OSError("disk gone")
+
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in _in_background(items(), lambda: None):
+            got.append(item)
+    assert got == [1]

@@ -127,3 +127,16 @@ def test_activation_checkpointing_gives_the_same_outputs_and_gradients():
         torch.testing.assert_close(a, b)
     with torch.no_grad():  # no backward: nothing to recompute
         torch.testing.assert_close(model.eval()(x), model(x))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 224, 224), (1, 3, 100, 70), (3, 3, 96, 96)])
+def test_patch_embedding_equals_the_strided_convolution(shape):
+    from dino.models.vision_transformer import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(224, 16, 3, 64)
+    x = torch.randn(shape)
+    expected = embed.proj(x).flatten(2).transpose(1, 2)  # the released code's patch embedding
+    torch.testing.assert_close(embed(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="smaller than one"):
+        embed(torch.randn(1, 3, 8, 40))

@@ -65,8 +65,10 @@ __all__ = [
     "gaussian_kernels",
     "pil_gaussian_blur",
     "resampling_matrices",
+    "resized_crop_runs",
     "resized_crops",
     "rgb_to_grayscale",
+    "same_size_runs",
     "sample_crop_boxes",
     "separable_filter",
     "solarize",
@@ -221,6 +223,17 @@ def _as_padded_batch(images: Sequence[Tensor], indices: Sequence[int]) -> Tensor
     return batch
 
 
+def same_size_runs(keys: Sequence[object]) -> list[tuple[int, int]]:
+    """Index ranges ``[start, end)`` of consecutive equal ``keys`` (e.g. the output sizes of the views)."""
+    runs: list[tuple[int, int]] = []
+    for i, key in enumerate(keys):
+        if runs and keys[runs[-1][0]] == key:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
 def resized_crops(
     images: Sequence[Tensor] | Tensor,
     boxes: Sequence[CropBoxes],
@@ -232,9 +245,26 @@ def resized_crops(
 
     ``images`` are uint8 (or [0, 255] float) RGB images [3, H, W] of any sizes, or one [B, 3, H, W]
     batch; ``boxes[v]``, ``sizes[v]`` and ``flips[v]`` describe view ``v`` for all B images. Returns one
-    float32 [B, 3, size, size] batch per view with values in [0, 1]. The images are processed in chunks
-    of similar size holding at most ``max_pixels_per_chunk`` padded pixels, which bounds memory when a
-    batch mixes small and huge images; within a chunk all views share one horizontal matmul.
+    float32 [B, 3, size, size] batch per view with values in [0, 1] (see :func:`resized_crop_runs`).
+    """
+    runs = resized_crop_runs(images, boxes, sizes, flips, max_pixels_per_chunk)
+    return [view for run in runs for view in run.unbind(0)]
+
+
+def resized_crop_runs(
+    images: Sequence[Tensor] | Tensor,
+    boxes: Sequence[CropBoxes],
+    sizes: Sequence[int],
+    flips: Sequence[Tensor | None],
+    max_pixels_per_chunk: int = 2**26,
+) -> list[Tensor]:
+    """:func:`resized_crops` with the views of each run of equal sizes (:func:`same_size_runs`) stacked:
+    one float32 [views, B, 3, size, size] tensor per run.
+
+    The images are processed in chunks of similar size holding at most ``max_pixels_per_chunk`` padded
+    pixels, which bounds memory when a batch mixes small and huge images. Within a chunk all views share
+    one horizontal matmul and the views of a run one vertical matmul, so the number of kernels does not
+    grow with the number of views.
     """
     if isinstance(images, Tensor):
         if images.dim() != 4 or images.shape[1] != 3:
@@ -248,37 +278,47 @@ def resized_crops(
     if not shapes:
         raise ValueError("resized_crops needs at least one image")
     device = images.device if isinstance(images, Tensor) else images[0].device
-    offsets = [0]
-    for size in sizes:
-        offsets.append(offsets[-1] + size)
-    outputs: list[list[Tensor]] = [[] for _ in sizes]
+    runs = same_size_runs(sizes)
+    no_flip = torch.zeros(len(shapes), dtype=torch.bool, device=device)
+    flip_all = [no_flip if f is None else f for f in flips]
+    outputs: list[list[Tensor]] = [[] for _ in runs]
     order: list[int] = []
     for chunk in _chunks_by_size(shapes, max_pixels_per_chunk):
-        index = torch.tensor(chunk, device=device)
+        index = torch.tensor(chunk).to(device, non_blocking=True)
         batch = images[index] if isinstance(images, Tensor) else _as_padded_batch(images, chunk)
         n, _, height, width = batch.shape
         pixels = batch.to(torch.float32)
+
+        def per_run(a: int, b: int, field: str, index: Tensor = index) -> Tensor:  # views one after another
+            return torch.cat([getattr(boxes[v], field)[index] for v in range(a, b)])
+
         # Horizontal pass for every view at once: [n, 3H, W] @ [n, W, sum(sizes)]; 1/255 folded in.
-        horizontal = torch.cat(
-            [
-                resampling_matrices(b.left[index], b.width[index], width, s, None if f is None else f[index])
-                for b, s, f in zip(boxes, sizes, flips, strict=True)
-            ],
-            dim=1,
-        )
-        rows = torch.matmul(pixels.reshape(n, 3 * height, width), horizontal.transpose(1, 2) / 255.0)
-        rows = rows.clamp_(0.0, 1.0).reshape(n, 3, height, offsets[-1])
-        for v, (b, s) in enumerate(zip(boxes, sizes, strict=True)):
-            vertical = resampling_matrices(b.top[index], b.height[index], height, s)  # [n, s, H]
-            view = torch.matmul(vertical[:, None], rows[..., offsets[v] : offsets[v + 1]])
-            outputs[v].append(view.clamp_(0.0, 1.0))
+        horizontal = []
+        for a, b in runs:
+            flip = torch.cat([flip_all[v][index] for v in range(a, b)])
+            weights = resampling_matrices(
+                per_run(a, b, "left"), per_run(a, b, "width"), width, sizes[a], flip
+            )
+            horizontal.append(weights.view(b - a, n, sizes[a], width).transpose(0, 1).flatten(1, 2))
+        across = torch.cat(horizontal, dim=1)  # [n, sum(sizes), W]
+        rows = torch.matmul(pixels.reshape(n, 3 * height, width), across.transpose(1, 2) / 255.0)
+        rows = rows.clamp_(0.0, 1.0).reshape(n, 3, height, -1)
+        offset = 0
+        for r, (a, b) in enumerate(runs):
+            views, size = b - a, sizes[a]
+            vertical = resampling_matrices(per_run(a, b, "top"), per_run(a, b, "height"), height, size)
+            vertical = vertical.view(views, n, 1, size, height)  # [G, n, 1, s, H]
+            part = rows[..., offset : offset + views * size].unflatten(-1, (views, size))  # [n, 3, H, G, s]
+            crops = torch.matmul(vertical, part.permute(3, 0, 1, 2, 4))  # [G, n, 3, s, s]
+            outputs[r].append(crops.clamp_(0.0, 1.0))
+            offset += views * size
         order.extend(chunk)
     if order == list(range(len(order))):
-        return [torch.cat(parts) for parts in outputs]
+        return [torch.cat(parts, dim=1) for parts in outputs]
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
-    inverse = inverse.to(device)
-    return [torch.cat(parts)[inverse] for parts in outputs]
+    inverse = inverse.to(device, non_blocking=True)
+    return [torch.cat(parts, dim=1)[:, inverse] for parts in outputs]
 
 
 # ------------------------------------------------------------------------------------------ colour ops
@@ -498,6 +538,22 @@ class ViewParameters(NamedTuple):
     solarize: Tensor
 
 
+def _join_parameters(params: Sequence[ViewParameters]) -> ViewParameters:
+    """Several views' parameters as one, their samples one view after the other."""
+    if len(params) == 1:
+        return params[0]
+    boxes = CropBoxes(*(torch.cat(field) for field in zip(*(p.boxes for p in params), strict=True)))
+    rest = (torch.cat(field) for field in zip(*(p[1:] for p in params), strict=True))
+    return ViewParameters(boxes, *rest)
+
+
+def _split_parameters(params: ViewParameters, views: int) -> list[ViewParameters]:
+    """The inverse of :func:`_join_parameters` for ``views`` views of equal batch size."""
+    boxes = [CropBoxes(*parts) for parts in zip(*(field.chunk(views) for field in params.boxes), strict=True)]
+    rest = zip(*(field.chunk(views) for field in params[1:]), strict=True)
+    return [ViewParameters(b, *fields) for b, fields in zip(boxes, rest, strict=True)]
+
+
 class BatchMultiCrop(nn.Module):
     """DINO's multi-crop augmentation for a whole batch of uint8 images, on their device.
 
@@ -558,6 +614,8 @@ class BatchMultiCrop(nn.Module):
             for _ in range(local_crops_number)
         )
         self.max_pixels_per_chunk = int(max_pixels_per_chunk)
+        # Consecutive views drawn together: same size and crop scale (they may differ in blur/solarize p).
+        self._runs = same_size_runs([(v.size, v.scale) for v in self.views])
         self.register_buffer(
             "mean", torch.tensor(_check_channels("mean", mean, positive=False)).view(1, 3, 1, 1)
         )
@@ -566,57 +624,73 @@ class BatchMultiCrop(nn.Module):
     def sample_parameters(
         self, heights: Tensor, widths: Tensor, generator: torch.Generator | None = None
     ) -> list[ViewParameters]:
-        """Draw every view's random parameters for images of the given sizes ([B] integer tensors)."""
+        """Draw every view's random parameters for images of the given sizes ([B] integer tensors).
+
+        Views of the same size and scale range are drawn together (one set of draws for all of their
+        samples), so the number of kernels does not grow with the number of local crops."""
         n, device = heights.numel(), heights.device
-        params = []
-        for view in self.views:
-            boxes = sample_crop_boxes(heights, widths, view.scale, _RATIO, generator)
-            u = torch.rand(n, 10, generator=generator, device=device)
-            jitter = self.JITTER
-            sigma_lo, sigma_hi = self.BLUR_SIGMA
-            blurred = u[:, 9] < view.blur_p
-            params.append(
-                ViewParameters(
-                    boxes=boxes,
-                    flip=u[:, 0] < self.FLIP_P,
-                    jitter=u[:, 1] < self.JITTER_P,
-                    order=torch.rand(n, 4, generator=generator, device=device).argsort(dim=1),
-                    brightness=1.0 + jitter["brightness"] * (2.0 * u[:, 2] - 1.0),
-                    contrast=1.0 + jitter["contrast"] * (2.0 * u[:, 3] - 1.0),
-                    saturation=1.0 + jitter["saturation"] * (2.0 * u[:, 4] - 1.0),
-                    hue=jitter["hue"] * (2.0 * u[:, 5] - 1.0),
-                    grayscale=u[:, 6] < self.GRAYSCALE_P,
-                    blur_sigma=torch.where(blurred, sigma_lo + (sigma_hi - sigma_lo) * u[:, 7], 0.0),
-                    solarize=u[:, 8] < view.solarize_p,
-                )
+        jitter = self.JITTER
+        sigma_lo, sigma_hi = self.BLUR_SIGMA
+        params: list[ViewParameters] = []
+        for a, b in self._runs:
+            views = self.views[a:b]
+            count = b - a
+            boxes = sample_crop_boxes(
+                heights.repeat(count), widths.repeat(count), views[0].scale, _RATIO, generator
             )
+            u = torch.rand(count * n, 10, generator=generator, device=device)
+            order = torch.rand(count * n, 4, generator=generator, device=device).argsort(dim=1)
+            blur_p = (
+                torch.tensor([v.blur_p for v in views]).repeat_interleave(n).to(device, non_blocking=True)
+            )
+            solarize_p = (
+                torch.tensor([v.solarize_p for v in views]).repeat_interleave(n).to(device, non_blocking=True)
+            )
+            blurred = u[:, 9] < blur_p
+            drawn = ViewParameters(
+                boxes=boxes,
+                flip=u[:, 0] < self.FLIP_P,
+                jitter=u[:, 1] < self.JITTER_P,
+                order=order,
+                brightness=1.0 + jitter["brightness"] * (2.0 * u[:, 2] - 1.0),
+                contrast=1.0 + jitter["contrast"] * (2.0 * u[:, 3] - 1.0),
+                saturation=1.0 + jitter["saturation"] * (2.0 * u[:, 4] - 1.0),
+                hue=jitter["hue"] * (2.0 * u[:, 5] - 1.0),
+                grayscale=u[:, 6] < self.GRAYSCALE_P,
+                blur_sigma=torch.where(blurred, sigma_lo + (sigma_hi - sigma_lo) * u[:, 7], 0.0),
+                solarize=u[:, 8] < solarize_p,
+            )
+            params.extend(_split_parameters(drawn, count))
         return params
 
     def augment(self, images: Sequence[Tensor] | Tensor, params: Sequence[ViewParameters]) -> list[Tensor]:
         """Render every view from ``params`` as float [B, 3, size, size] batches in [0, 1] (not normalised).
 
-        The two costly operations, hue and blur, run only on the samples that drew them: the samples are
-        ranked by the step at which they need each (one device-to-host read of the counts per batch), and
-        each step gathers its contiguous block of that ranking.
+        Views of the same size are rendered together, as one batch of views × B samples. The two costly
+        operations, hue and blur, run only on the samples that drew them: the samples are ranked by the
+        step at which they need each (one device-to-host read of the counts per batch), and each step
+        gathers its contiguous block of that ranking.
         """
-        crops = resized_crops(
-            images,
-            [p.boxes for p in params],
-            [v.size for v in self.views],
-            [p.flip for p in params],
-            self.max_pixels_per_chunk,
+        sizes = [v.size for v in self.views]
+        runs = same_size_runs(sizes)
+        crops = resized_crop_runs(
+            images, [p.boxes for p in params], sizes, [p.flip for p in params], self.max_pixels_per_chunk
         )
+        joined = [_join_parameters(params[a:b]) for a, b in runs]
         # Jitter position (0-3) of the hue per sample, 4 where the view has no jitter.
-        hue_slots = [torch.where(p.jitter, (p.order == 3).to(torch.uint8).argmax(dim=1), 4) for p in params]
-        blurred = [p.blur_sigma > 0 for p in params]
+        hue_slots = [torch.where(p.jitter, (p.order == 3).to(torch.uint8).argmax(dim=1), 4) for p in joined]
+        blurred = [p.blur_sigma > 0 for p in joined]
+        positions = torch.arange(4, device=hue_slots[0].device)
         counts = torch.stack(
             [
-                torch.cat([torch.bincount(slot, minlength=5)[:4], b.sum().view(1)])
+                torch.cat([(slot[:, None] == positions).sum(dim=0), b.sum().view(1)])
                 for slot, b in zip(hue_slots, blurred, strict=True)
             ]
-        ).tolist()
-        views = []
-        for x, p, slot, b, n in zip(crops, params, hue_slots, blurred, counts, strict=True):
+        ).tolist()  # the one host synchronisation of a batch
+        views: list[Tensor] = []
+        for x, p, slot, b, n in zip(crops, joined, hue_slots, blurred, counts, strict=True):
+            count = x.shape[0]
+            x = x.flatten(0, 1)  # [views * B, 3, s, s]
             x = self._colour_jitter(x, p, torch.argsort(slot, stable=True), n[:4])
             x = torch.where(p.grayscale[:, None, None, None], rgb_to_grayscale(x).expand_as(x), x)
             if n[4] > 0:
@@ -624,7 +698,7 @@ class BatchMultiCrop(nn.Module):
                 # index_put (not index_copy): deterministic on CUDA under torch.use_deterministic_algorithms
                 x[index] = pil_gaussian_blur(x[index], p.blur_sigma[index], self.BLUR_SIGMA[1])
             x = torch.where(p.solarize[:, None, None, None], solarize(x), x)
-            views.append(x)
+            views.extend(x.unflatten(0, (count, -1)).unbind(0))
         return views
 
     @staticmethod

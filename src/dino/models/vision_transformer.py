@@ -28,11 +28,17 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {
 
 def drop_path(x: Tensor, drop_prob: float, training: bool) -> Tensor:
     """Stochastic depth: zero whole residual branches per sample, rescale the survivors."""
+    scale = _branch_scale(x, drop_prob, training)
+    return x if scale is None else x * scale
+
+
+def _branch_scale(x: Tensor, drop_prob: float, training: bool) -> Tensor | None:
+    """Per-sample factor of a residual branch under stochastic depth: 0 (dropped) or 1 / (1 - p), shaped
+    to broadcast over ``x``; None when nothing is dropped."""
     if drop_prob == 0.0 or not training:
-        return x
+        return None
     keep = 1.0 - drop_prob
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask / keep
+    return x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=torch.float32).bernoulli_(keep) / keep
 
 
 class DropPath(nn.Module):
@@ -42,6 +48,11 @@ class DropPath(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return drop_path(x, self.drop_prob, self.training)
+
+    def add_to(self, residual: Tensor, branch: Tensor) -> Tensor:
+        """``residual + self(branch)`` in one kernel (the scaled add), rather than three."""
+        scale = _branch_scale(branch, self.drop_prob, self.training)
+        return residual + branch if scale is None else torch.addcmul(residual, branch, scale)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
@@ -104,13 +115,19 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
         y, attn = self.attn(self.norm1(x), return_attention)
-        x = x + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.drop_path.add_to(x, y)
+        x = self.drop_path.add_to(x, self.mlp(self.norm2(x)))
         return x, attn
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches projected by a strided convolution."""
+    """Non-overlapping patches, each projected linearly: a convolution with kernel = stride = patch size.
+
+    The weights are a ``Conv2d`` (``proj``, as in the released files), but the forward cuts the image into
+    patches and runs one matrix product: the same arithmetic, which on GPUs is far faster than the
+    strided convolution kernels picked for it in half precision. As with the convolution, pixels past
+    the last whole patch are ignored.
+    """
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
@@ -120,7 +137,14 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        batch, channels, height, width = x.shape
+        p = self.patch_size
+        rows, cols = height // p, width // p
+        if rows == 0 or cols == 0:
+            raise ValueError(f"the image ({height}x{width}) is smaller than one {p}x{p} patch")
+        patches = x[:, :, : rows * p, : cols * p].reshape(batch, channels, rows, p, cols, p)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, rows * cols, channels * p * p)
+        return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
 @dataclass(frozen=True)
