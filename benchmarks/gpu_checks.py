@@ -159,6 +159,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--jpegs", type=Path, required=True, help="a folder of JPEG files")
+    parser.add_argument(
+        "--checks", default="decode,augment,precision,guard,compile", help="which checks to run"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -172,8 +175,13 @@ def main() -> None:
         "guard": lambda: check_guard(device),
         "compile": lambda: check_compile(device),
     }
+    unknown = set(args.checks.split(",")) - set(checks)
+    if unknown:
+        parser.error(f"unknown checks {sorted(unknown)}; choose from {', '.join(checks)}")
     body: dict = {}
     for name, check in checks.items():
+        if name not in args.checks.split(","):
+            continue
         try:
             body[name] = check()
         except Exception as exc:  # report and go on: one broken check must not hide the others

@@ -7,6 +7,7 @@
 #   SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu_suite.sh       # tiny sizes on the CPU: checks the script runs
 #   STEPS="knn end_to_end" OUT=/tmp/gpu bash benchmarks/gpu_suite.sh   # only the steps named
 #   ORIGINAL=/path/to/dino/vision_transformer.py ...  # also the original architecture in train_step
+#   CHECKS=decode,augment TTA_ARGS="--minutes 1 -- ..." TTA_LIMIT=120 PIPE_ARGS="..."   # other sizes
 #
 # Needs: the package importable (installed, or this checkout's src/ — added to PYTHONPATH here), its
 # dependencies, and the CIFAR-10 tarball: ../shared/data/ beside the checkout, or $DINO_SHARED_DATA.
@@ -67,8 +68,8 @@ else
   VITB="--arch vit_base --patch 16 --batch 64 --local-crops 10 --out-dim 65536 --steps 10 --warmup 3"
   VITB8="--arch vit_base --patch 8 --batch 64 --local-crops 10 --out-dim 65536 --steps 3 --warmup 2 --no-baseline --activation-checkpointing"
   JPEGS=4096 E2E="--images 4096 --epochs 2 --batch 64 --workers 16"
-  PIPE="--images 2048 --batch 64 --workers 8,16 --tensor-workers 8 --seconds 6"
-  TTA=${TTA_ARGS:-"--minutes 2 -- run.batch_size=256 data.num_workers=8"}
+  PIPE=${PIPE_ARGS:-"--images 2048 --batch 64 --workers 8,16 --tensor-workers 8 --seconds 6"}
+  TTA=${TTA_ARGS:-"--minutes 2 -- run.batch_size=256 optim.lr=0.001 data.num_workers=8"}
   KNN="--bank 1000000 --queries 20000 --seconds 5"
 fi
 
@@ -80,9 +81,9 @@ if [ -z "$STEPS" ] || [[ " $STEPS " == *" gpu_checks "* ]] || [[ " $STEPS " == *
     || [[ " $STEPS " == *" end_to_end "* ]]; then  # the JPEG files these three read
   STEPS="" step make_jpegs 60 "$PY" -c "import sys; sys.path.insert(0, '$B'); from pathlib import Path; from _common import imagenet_sized_jpegs; imagenet_sized_jpegs(Path('$WORK/jpegs'), $JPEGS)"
 fi
-step gpu_checks 90 "$PY" $B/gpu_checks.py --jpegs "$WORK/jpegs" --out "$WORK/gpu_checks.json"
+step gpu_checks 90 "$PY" $B/gpu_checks.py --jpegs "$WORK/jpegs" --checks "${CHECKS:-decode,augment,precision,guard,compile}" --out "$WORK/gpu_checks.json"
 step data_pipeline 60 "$PY" $B/data_pipeline.py --data "$WORK/jpegs" $PIPE --out "$WORK/data_pipeline.json"
-step end_to_end 120 "$PY" $B/end_to_end.py --data "$WORK/jpegs" --scratch "$WORK" $E2E --out "$WORK/end_to_end.json"
+step end_to_end 100 "$PY" $B/end_to_end.py --data "$WORK/jpegs" --scratch "$WORK" $E2E --out "$WORK/end_to_end.json"
 step knn 60 "$PY" $B/knn.py $KNN --out "$WORK/knn.json"
 step train_step_vits16_compile 120 "$PY" $B/train_step.py $VITS --compile --no-baseline --out "$WORK/train_step_vits16_compile.json"
 step time_to_accuracy ${TTA_LIMIT:-200} "$PY" $B/time_to_accuracy.py --scratch "$WORK/cifar" $TTA --out "$WORK/time_to_accuracy.json"

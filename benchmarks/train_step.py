@@ -143,7 +143,7 @@ def measure(args: argparse.Namespace, device: torch.device, variant: str) -> dic
     start = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
-    float(loss)  # wait for the device
+    float(loss.detach())  # wait for the device
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {

@@ -43,6 +43,7 @@ from dino.data.gpu_augment import (
     gaussian_blur,
     gaussian_kernels,
     pil_gaussian_blur,
+    resized_crop_runs,
     resized_crops,
     rgb_to_grayscale,
     sample_crop_boxes,
@@ -666,3 +667,31 @@ def test_prefetch_thread_hands_errors_to_the_consumer() -> None:
         for item in _in_background(items(), lambda: None):
             got.append(item)
     assert got == [1]
+
+
+def test_views_rendered_together_equal_views_rendered_one_by_one() -> None:
+    torch.manual_seed(0)
+    images = [
+        (torch.rand(3, h, w) * 255).to(torch.uint8) for h, w in [(60, 80), (90, 50), (64, 64), (33, 100)]
+    ]
+    aug = BatchMultiCrop(
+        local_crops_number=3,
+        global_crop_size=32,
+        local_crop_size=16,
+        blur_probs=(1.0, 0.5, 0.5),
+        solarize_prob=0.5,
+    )
+    heights = torch.tensor([img.shape[1] for img in images])
+    widths = torch.tensor([img.shape[2] for img in images])
+    params = aug.sample_parameters(heights, widths, torch.Generator().manual_seed(5))
+    together = aug.augment(images, params, group_views=True)
+    one_by_one = aug.augment(images, params, group_views=False)
+    assert [tuple(v.shape) for v in together] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
+    for a, b in zip(together, one_by_one, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    boxes, sizes, flips = [p.boxes for p in params], [32, 32, 16, 16, 16], [p.flip for p in params]
+    runs = resized_crop_runs(images, boxes, sizes, flips, max_pixels_per_chunk=4000)  # several chunks
+    assert [tuple(r.shape) for r in runs] == [(2, 4, 3, 32, 32), (3, 4, 3, 16, 16)]
+    singles = resized_crops(images, boxes, sizes, flips)
+    for a, b in zip([v for r in runs for v in r.unbind(0)], singles, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

@@ -223,11 +223,12 @@ def _as_padded_batch(images: Sequence[Tensor], indices: Sequence[int]) -> Tensor
     return batch
 
 
-def same_size_runs(keys: Sequence[object]) -> list[tuple[int, int]]:
-    """Index ranges ``[start, end)`` of consecutive equal ``keys`` (e.g. the output sizes of the views)."""
+def same_size_runs(keys: Sequence[object], longest: int | None = None) -> list[tuple[int, int]]:
+    """Index ranges ``[start, end)`` of consecutive equal ``keys`` (e.g. the output sizes of the views),
+    each at most ``longest`` long (None: no limit)."""
     runs: list[tuple[int, int]] = []
     for i, key in enumerate(keys):
-        if runs and keys[runs[-1][0]] == key:
+        if runs and keys[runs[-1][0]] == key and (longest is None or i - runs[-1][0] < longest):
             runs[-1] = (runs[-1][0], i + 1)
         else:
             runs.append((i, i + 1))
@@ -247,7 +248,7 @@ def resized_crops(
     batch; ``boxes[v]``, ``sizes[v]`` and ``flips[v]`` describe view ``v`` for all B images. Returns one
     float32 [B, 3, size, size] batch per view with values in [0, 1] (see :func:`resized_crop_runs`).
     """
-    runs = resized_crop_runs(images, boxes, sizes, flips, max_pixels_per_chunk)
+    runs = resized_crop_runs(images, boxes, sizes, flips, max_pixels_per_chunk, views_per_run=1)
     return [view for run in runs for view in run.unbind(0)]
 
 
@@ -257,9 +258,10 @@ def resized_crop_runs(
     sizes: Sequence[int],
     flips: Sequence[Tensor | None],
     max_pixels_per_chunk: int = 2**26,
+    views_per_run: int | None = None,
 ) -> list[Tensor]:
-    """:func:`resized_crops` with the views of each run of equal sizes (:func:`same_size_runs`) stacked:
-    one float32 [views, B, 3, size, size] tensor per run.
+    """:func:`resized_crops` with the views of each run of equal sizes (:func:`same_size_runs`, at most
+    ``views_per_run`` views per run) stacked: one float32 [views, B, 3, size, size] tensor per run.
 
     The images are processed in chunks of similar size holding at most ``max_pixels_per_chunk`` padded
     pixels, which bounds memory when a batch mixes small and huge images. Within a chunk all views share
@@ -278,7 +280,7 @@ def resized_crop_runs(
     if not shapes:
         raise ValueError("resized_crops needs at least one image")
     device = images.device if isinstance(images, Tensor) else images[0].device
-    runs = same_size_runs(sizes)
+    runs = same_size_runs(sizes, views_per_run)
     no_flip = torch.zeros(len(shapes), dtype=torch.bool, device=device)
     flip_all = [no_flip if f is None else f for f in flips]
     outputs: list[list[Tensor]] = [[] for _ in runs]
@@ -663,18 +665,35 @@ class BatchMultiCrop(nn.Module):
             params.extend(_split_parameters(drawn, count))
         return params
 
-    def augment(self, images: Sequence[Tensor] | Tensor, params: Sequence[ViewParameters]) -> list[Tensor]:
+    def augment(
+        self,
+        images: Sequence[Tensor] | Tensor,
+        params: Sequence[ViewParameters],
+        group_views: bool | None = None,
+    ) -> list[Tensor]:
         """Render every view from ``params`` as float [B, 3, size, size] batches in [0, 1] (not normalised).
 
-        Views of the same size are rendered together, as one batch of views × B samples. The two costly
+        On a GPU the views of the same size are rendered together, as one batch of views × B samples
+        (on a CPU one view at a time, which keeps each pass in cache; ``group_views`` overrides the choice,
+        the result is the same). The two costly
         operations, hue and blur, run only on the samples that drew them: the samples are ranked by the
         step at which they need each (one device-to-host read of the counts per batch), and each step
         gathers its contiguous block of that ranking.
         """
         sizes = [v.size for v in self.views]
-        runs = same_size_runs(sizes)
+        device = images.device if isinstance(images, Tensor) else images[0].device
+        # A GPU is kept busy by few large kernels; a CPU is faster on one view at a time (cache-sized).
+        if group_views is None:
+            group_views = device.type == "cuda"
+        views_per_run = None if group_views else 1
+        runs = same_size_runs(sizes, views_per_run)
         crops = resized_crop_runs(
-            images, [p.boxes for p in params], sizes, [p.flip for p in params], self.max_pixels_per_chunk
+            images,
+            [p.boxes for p in params],
+            sizes,
+            [p.flip for p in params],
+            self.max_pixels_per_chunk,
+            views_per_run,
         )
         joined = [_join_parameters(params[a:b]) for a, b in runs]
         # Jitter position (0-3) of the hue per sample, 4 where the view has no jitter.
