@@ -3,8 +3,9 @@
 (a) ``cpu-pil``: ImageFolderDataset + MultiCropAugmentation in DataLoader workers (decode and augment per
     image with PIL), for each requested worker count.
 (b) ``tensor``: EncodedImageDataset workers only read bytes; decode_batch decodes the batch on the device
-    (nvjpeg on CUDA) and BatchMultiCrop augments the whole batch there. ``tensor-augment-only`` times the
-    augmentation alone on batches already decoded on the device.
+    (nvjpeg on CUDA) and BatchMultiCrop augments the whole batch there; on a GPU ``tensor`` prepares a batch
+    ahead in a background thread and ``tensor-no-prefetch`` is the same without it.
+    ``tensor-augment-only`` times the augmentation alone on batches already decoded on the device.
 
 Images/s are measured in steady state (the first batch, which pays for worker start-up, is not timed) and
 each measurement stops after --seconds. Writes JSON (hardware, command, data used) and prints a table.

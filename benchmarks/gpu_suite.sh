@@ -61,7 +61,7 @@ if [ "$SMOKE" = 1 ]; then  # the same steps at sizes a laptop CPU finishes in a 
   VITB8="--arch vit_tiny --patch 16 --batch 2 --local-crops 2 --out-dim 1024 --steps 1 --warmup 1 --no-baseline --activation-checkpointing"
   JPEGS=256 E2E="--config cifar_small --images 256 --epochs 2 --batch 32 --workers 2 --log-every 2"
   PIPE="--images 128 --batch 32 --workers 0,2 --seconds 2"
-  TTA="--epochs 1 --holdout 50 --bank 100 --train-per-class 50"
+  TTA="--epochs 1 --holdout 50 --bank 100 --train-per-class 50 -- run.batch_size=32"
   KNN="--bank 20000 --queries 200 --seconds 2"
 else
   VITS="--arch vit_small --patch 16 --batch 64 --local-crops 8 --out-dim 65536 --steps 40 --warmup 8"
@@ -86,7 +86,7 @@ step data_pipeline 60 "$PY" $B/data_pipeline.py --data "$WORK/jpegs" $PIPE --out
 step end_to_end 100 "$PY" $B/end_to_end.py --data "$WORK/jpegs" --scratch "$WORK" $E2E --out "$WORK/end_to_end.json"
 step knn 60 "$PY" $B/knn.py $KNN --out "$WORK/knn.json"
 step train_step_vits16_compile 120 "$PY" $B/train_step.py $VITS --compile --no-baseline --out "$WORK/train_step_vits16_compile.json"
-step time_to_accuracy ${TTA_LIMIT:-200} "$PY" $B/time_to_accuracy.py --scratch "$WORK/cifar" $TTA --out "$WORK/time_to_accuracy.json"
+step time_to_accuracy ${TTA_LIMIT:-200} "$PY" $B/time_to_accuracy.py --scratch "$WORK/cifar" --out "$WORK/time_to_accuracy.json" $TTA
 
 merge
 rm -rf "$WORK"
