@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -75,6 +76,24 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
     return "" if value is None else str(value)
+
+
+def benchmark_parser(doc: str | None, device: bool = True) -> argparse.ArgumentParser:
+    """The argument parser every benchmark starts from: its docstring as help, ``--out`` (the JSON file to
+    write) and, unless ``device`` is False, ``--device``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if device:
+        parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--out", type=Path, help="JSON file to write")
+    return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, head: bool = True) -> None:
+    """``--arch``, ``--patch`` and, with ``head``, ``--out-dim`` (the DINO head's K): the paper's ViT-S/16."""
+    parser.add_argument("--arch", default="vit_small")
+    parser.add_argument("--patch", type=int, default=16)
+    if head:
+        parser.add_argument("--out-dim", type=int, default=65536, help="prototypes K of the DINO head")
 
 
 def sync(device: torch.device) -> None:

@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from _common import pick_device, report, sync
+from _common import benchmark_parser, pick_device, report, sync
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
@@ -124,9 +124,7 @@ def _describe_data(args: argparse.Namespace, root: Path, count: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--data", type=Path, help="image folder (default: the bundled 32x32 CIFAR-10 sample)")
     parser.add_argument("--images", type=int, default=192, help="images used, spread evenly over the folder")
     parser.add_argument("--batch", type=int, default=32)
@@ -139,12 +137,8 @@ def main() -> None:
     parser.add_argument(
         "--tensor-workers", type=int, default=1, help="byte-reading workers of the tensor path"
     )
-    parser.add_argument(
-        "--device", default="auto", help="device of the tensor pipeline: auto | cpu | cuda[:N]"
-    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seconds", type=float, default=3.0, help="time limit of each measurement")
-    parser.add_argument("--out", type=Path, help="JSON file to write")
     args = parser.parse_args()
     if args.images < 2 * args.batch:
         parser.error(

@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import imagenet_sized_jpegs, pick_device, report
+from _common import benchmark_parser, imagenet_sized_jpegs, pick_device, report
 
 VARIANTS = {
     "ours": lambda gpu: ["data.augment_on=device", "run.precision=auto"],
@@ -79,9 +79,7 @@ def run_variant(args: argparse.Namespace, name: str, data: Path, gpu: bool, work
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--config", default="vit_small_100ep")
     parser.add_argument("--data", type=Path, help="JPEG folder (default: ImageNet-sized JPEGs made once)")
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "dino-bench")
@@ -90,9 +88,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--log-every", type=int, default=8)
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--variants", default="ours,plain")
-    parser.add_argument("--out", type=Path)
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every variant")
     args = parser.parse_args()
     device = pick_device(args.device)

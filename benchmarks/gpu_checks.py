@@ -18,12 +18,11 @@ its error and the others still run.
 
 from __future__ import annotations
 
-import argparse
 import traceback
 from pathlib import Path
 
 import torch
-from _common import pick_device, report
+from _common import benchmark_parser, pick_device, report
 
 from dino.data.gpu_augment import BatchMultiCrop
 from dino.data.gpu_loader import decode_batch, decode_with_pil
@@ -155,15 +154,11 @@ def check_guard(device: torch.device) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--jpegs", type=Path, required=True, help="a folder of JPEG files")
     parser.add_argument(
         "--checks", default="decode,augment,precision,guard,compile", help="which checks to run"
     )
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = pick_device(args.device)
     if device.type != "cuda":  # the comparisons are then CPU against CPU: only checks that the script runs

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
-from _common import pick_device, report, sync
+from _common import add_model_arguments, benchmark_parser, pick_device, report, sync
 
 from dino.eval.knn import knn_predict
 from dino.models.backbones import build_backbone
@@ -61,18 +60,13 @@ def measure_classify(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--arch", default="vit_small")
-    parser.add_argument("--patch", type=int, default=16)
+    parser = benchmark_parser(__doc__)
+    add_model_arguments(parser, head=False)
     parser.add_argument("--extract-batch", type=int, default=0, help="0: 256 on a GPU, 16 on the CPU")
     parser.add_argument("--bank", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--queries", type=int, default=0, help="0: 20,000 on a GPU, 1,000 on the CPU")
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--seconds", type=float, default=5.0, help="time of each extraction measurement")
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = pick_device(args.device)
     gpu = device.type == "cuda"

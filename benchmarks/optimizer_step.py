@@ -8,12 +8,10 @@ is timed after one warm-up step.
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import torch
-from _common import pick_device, report, sync
+from _common import add_model_arguments, benchmark_parser, pick_device, report, sync
 
 from dino.models.backbones import build_backbone
 from dino.models.head import DINOHead
@@ -22,15 +20,9 @@ from dino.train.optim import build_optimizer, set_schedules
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--arch", default="vit_small")
-    parser.add_argument("--patch", type=int, default=16)
-    parser.add_argument("--out-dim", type=int, default=65536)
+    parser = benchmark_parser(__doc__)
+    add_model_arguments(parser)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = pick_device(args.device)
     backbone, dim = build_backbone(args.arch, args.patch, 224, 0.0, 0)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import train_step
-from _common import pick_device, report, sync
+from _common import benchmark_parser, pick_device, report, sync
 from torch.profiler import ProfilerActivity, profile
 
 from dino.data.gpu_augment import BatchMultiCrop
@@ -66,12 +66,7 @@ def run_profiled(fn, iterations: int, device: torch.device):
 
 
 def profile_step(args: argparse.Namespace, device: torch.device) -> tuple[dict, str]:
-    ns = argparse.Namespace(
-        arch=args.arch, patch=args.patch, depth=0, global_size=224, local_size=96, local_crops=args.local_crops,
-        batch=args.batch, out_dim=args.out_dim, precision="auto", compile=False, activation_checkpointing=False,
-    )  # fmt: skip
-    step = train_step.make_step(ns, device, "ours")
-    return run_profiled(step, args.iterations, device)
+    return run_profiled(train_step.make_step(args, device, "ours"), args.iterations, device)
 
 
 def profile_augment(args: argparse.Namespace, device: torch.device) -> tuple[dict, str]:
@@ -83,19 +78,11 @@ def profile_augment(args: argparse.Namespace, device: torch.device) -> tuple[dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--parts", default="step,augment")
     parser.add_argument("--jpegs", type=Path, help="a folder of JPEG files (for the augment part)")
-    parser.add_argument("--arch", default="vit_small")
-    parser.add_argument("--patch", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--local-crops", type=int, default=8)
-    parser.add_argument("--out-dim", type=int, default=65536)
+    train_step.add_step_arguments(parser, batch=64)
     parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = pick_device(args.device)
     body, texts = {}, []

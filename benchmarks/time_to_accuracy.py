@@ -11,7 +11,6 @@ random initialisation. The k-NN bank is ``--bank`` labelled training images per 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 from _common import CIFAR_TARBALL as TARBALL
-from _common import pick_device, report
+from _common import benchmark_parser, pick_device, report
 
 from dino.data.datasets import ImageFolderDataset
 from dino.data.transforms import EvalTransform
@@ -81,9 +80,7 @@ def knn(weights: Path, random_init: bool, bank: Path, test: Path, crop: int, mea
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, device=False)
     parser.add_argument("--config", default="cifar_small")
     parser.add_argument(
         "--minutes", type=float, default=15.0, help="training budget; sets run.epochs from a probe"
@@ -96,7 +93,6 @@ def main() -> None:
     )
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/dino-cifar10"))
     parser.add_argument("--run-dir", type=Path, default=None)
-    parser.add_argument("--out", type=Path)
     parser.add_argument("overrides", nargs="*", help="config overrides for dino train")
     args = parser.parse_args()
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import pick_device, report
+from _common import add_model_arguments, benchmark_parser, pick_device, report
 
 from dino.loss import DINOLoss
 from dino.models.backbones import build_backbone
@@ -153,24 +153,24 @@ def measure(args: argparse.Namespace, device: torch.device, variant: str) -> dic
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--arch", default="vit_small")
-    parser.add_argument("--patch", type=int, default=16)
+def add_step_arguments(parser: argparse.ArgumentParser, batch: int = 8) -> None:
+    """What defines the measured step: model, crops, batch, precision, compile, activation checkpointing."""
+    add_model_arguments(parser)
     parser.add_argument("--depth", type=int, default=0, help="ViT blocks (0: the size's standard depth)")
     parser.add_argument("--global-size", type=int, default=224)
     parser.add_argument("--local-size", type=int, default=96)
     parser.add_argument("--local-crops", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--out-dim", type=int, default=65536)
+    parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true")
     parser.add_argument(
         "--activation-checkpointing", action="store_true", help="recompute the student's ViT blocks"
     )
-    parser.add_argument("--device", default="auto")
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__)
+    add_step_arguments(parser)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain reference configuration")
@@ -180,7 +180,6 @@ def main() -> None:
         help="a copy of the original DINO vision_transformer.py (not shipped here): also measure the original "
         "architecture with the original loop's habits",
     )
-    parser.add_argument("--out", type=Path, help="JSON file to write")
     args = parser.parse_args()
     device = pick_device(args.device)
     body = {"config": vars(args) | {"out": str(args.out) if args.out else None,
