@@ -179,3 +179,35 @@ def test_gradient_clipping_is_per_tensor():
         expected = g * (1.0 / (norm + 1e-6)) if norm > 1.0 else g  # each tensor on its own
         torch.testing.assert_close(p.grad, expected)
     assert float(model[0].bias.grad.norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+def _first_losses(small_folder, out, extra: list[str]) -> list[float]:
+    overrides = TINY_OVERRIDES + [f"data.path={small_folder}", f"run.output_dir={out}", "run.epochs=1"]
+    train(load_config(None, overrides + ["model.drop_path_rate=0.0"] + extra))  # no random drop: comparable
+    return [r["loss"] for r in records(out, "iter")]
+
+
+@pytest.mark.slow
+def test_compiled_and_eager_training_steps_give_the_same_losses(small_folder, tmp_path):
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on the CPU needs a C compiler")
+    from torch._dynamo.utils import counters
+
+    eager = _first_losses(small_folder, tmp_path / "eager", [])
+    counters.clear()
+    compiled = _first_losses(small_folder, tmp_path / "compiled", ["run.compile=true"])
+    assert counters["stats"]["unique_graphs"] >= 2  # the backbones really ran compiled (teacher, student)
+    assert len(eager) == len(compiled) == 3
+    # Same weights, same crops: the first loss agrees to float rounding, the later ones after updates too.
+    assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_bf16_and_fp32_training_steps_agree_within_tolerance(small_folder, tmp_path):
+    fp32 = _first_losses(small_folder, tmp_path / "fp32", ["run.precision=fp32"])
+    bf16 = _first_losses(small_folder, tmp_path / "bf16", ["run.precision=bf16"])
+    assert len(fp32) == len(bf16) == 3
+    assert bf16 == pytest.approx(fp32, rel=2e-2)  # bf16 keeps 8 bits of mantissa
+    assert bf16 != fp32  # the precision setting took effect
