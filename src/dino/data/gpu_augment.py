@@ -268,6 +268,25 @@ def resized_crop_runs(
     one horizontal matmul and the views of a run one vertical matmul, so the number of kernels does not
     grow with the number of views.
     """
+    runs = same_size_runs(sizes, views_per_run)
+    joined = []
+    for a, b in runs:
+        flip = [
+            torch.zeros_like(boxes[v].top, dtype=torch.bool) if flips[v] is None else flips[v]
+            for v in range(a, b)
+        ]
+        run_boxes = CropBoxes(*(torch.cat(field) for field in zip(*boxes[a:b], strict=True)))
+        joined.append((sizes[a], b - a, run_boxes, torch.cat(flip)))
+    return _render_crop_runs(images, joined, max_pixels_per_chunk)
+
+
+def _render_crop_runs(
+    images: Sequence[Tensor] | Tensor,
+    runs: Sequence[tuple[int, int, CropBoxes, Tensor]],
+    max_pixels_per_chunk: int,
+) -> list[Tensor]:
+    """The work of :func:`resized_crop_runs` for runs given as ``(size, views, boxes, flip)`` with the
+    boxes and flips of the run's views one after the other ([views * B] tensors)."""
     if isinstance(images, Tensor):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"a batch of images must have shape [B, 3, H, W], got {tuple(images.shape)}")
@@ -280,35 +299,34 @@ def resized_crop_runs(
     if not shapes:
         raise ValueError("resized_crops needs at least one image")
     device = images.device if isinstance(images, Tensor) else images[0].device
-    runs = same_size_runs(sizes, views_per_run)
-    no_flip = torch.zeros(len(shapes), dtype=torch.bool, device=device)
-    flip_all = [no_flip if f is None else f for f in flips]
+    total = len(shapes)
     outputs: list[list[Tensor]] = [[] for _ in runs]
     order: list[int] = []
     for chunk in _chunks_by_size(shapes, max_pixels_per_chunk):
-        index = torch.tensor(chunk).to(device, non_blocking=True)
-        batch = images[index] if isinstance(images, Tensor) else _as_padded_batch(images, chunk)
+        whole = len(chunk) == total and chunk == list(range(total))
+        index = None if whole else torch.tensor(chunk).to(device, non_blocking=True)
+        batch = images[index] if isinstance(images, Tensor) and index is not None else images
+        if not isinstance(images, Tensor):
+            batch = _as_padded_batch(images, chunk)
         n, _, height, width = batch.shape
         pixels = batch.to(torch.float32)
 
-        def per_run(a: int, b: int, field: str, index: Tensor = index) -> Tensor:  # views one after another
-            return torch.cat([getattr(boxes[v], field)[index] for v in range(a, b)])
+        def pick(values: Tensor, views: int, index: Tensor | None = index) -> Tensor:  # this chunk's samples
+            return values if index is None else values.view(views, total)[:, index].flatten()
 
         # Horizontal pass for every view at once: [n, 3H, W] @ [n, W, sum(sizes)]; 1/255 folded in.
         horizontal = []
-        for a, b in runs:
-            flip = torch.cat([flip_all[v][index] for v in range(a, b)])
+        for size, views, boxes, flip in runs:
             weights = resampling_matrices(
-                per_run(a, b, "left"), per_run(a, b, "width"), width, sizes[a], flip
+                pick(boxes.left, views), pick(boxes.width, views), width, size, pick(flip, views)
             )
-            horizontal.append(weights.view(b - a, n, sizes[a], width).transpose(0, 1).flatten(1, 2))
-        across = torch.cat(horizontal, dim=1)  # [n, sum(sizes), W]
+            horizontal.append(weights.view(views, n, size, width).transpose(0, 1).flatten(1, 2))
+        across = torch.cat(horizontal, dim=1) if len(horizontal) > 1 else horizontal[0]  # [n, sum(sizes), W]
         rows = torch.matmul(pixels.reshape(n, 3 * height, width), across.transpose(1, 2) / 255.0)
         rows = rows.clamp_(0.0, 1.0).reshape(n, 3, height, -1)
         offset = 0
-        for r, (a, b) in enumerate(runs):
-            views, size = b - a, sizes[a]
-            vertical = resampling_matrices(per_run(a, b, "top"), per_run(a, b, "height"), height, size)
+        for r, (size, views, boxes, _) in enumerate(runs):
+            vertical = resampling_matrices(pick(boxes.top, views), pick(boxes.height, views), height, size)
             vertical = vertical.view(views, n, 1, size, height)  # [G, n, 1, s, H]
             part = rows[..., offset : offset + views * size].unflatten(-1, (views, size))  # [n, 3, H, G, s]
             crops = torch.matmul(vertical, part.permute(3, 0, 1, 2, 4))  # [G, n, 3, s, s]
@@ -316,7 +334,7 @@ def resized_crop_runs(
             offset += views * size
         order.extend(chunk)
     if order == list(range(len(order))):
-        return [torch.cat(parts, dim=1) for parts in outputs]
+        return [torch.cat(parts, dim=1) if len(parts) > 1 else parts[0] for parts in outputs]
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
     inverse = inverse.to(device, non_blocking=True)
@@ -331,10 +349,21 @@ def _per_sample(factor: Tensor | float, x: Tensor) -> Tensor:
     return torch.as_tensor(factor, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
 
 
+_CONSTANTS: dict[tuple[tuple[float, ...], torch.device, torch.dtype], Tensor] = {}
+
+
+def _constant(values: tuple[float, ...], like: Tensor) -> Tensor:
+    """``values`` as a [len, 1, 1] tensor on ``like``'s device and dtype, made once per device and dtype
+    (a copy to a GPU each call would be a host-device transfer per batch)."""
+    key = (values, like.device, like.dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=like.dtype).view(-1, 1, 1).to(like.device)
+    return _CONSTANTS[key]
+
+
 def rgb_to_grayscale(images: Tensor) -> Tensor:
     """ITU-R 601-2 luma of RGB images [..., 3, H, W] in [0, 1], as [..., 1, H, W]."""
-    r, g, b = images.unbind(dim=-3)
-    return (LUMA_WEIGHTS[0] * r + LUMA_WEIGHTS[1] * g + LUMA_WEIGHTS[2] * b).unsqueeze(-3)
+    return (images * _constant(LUMA_WEIGHTS, images)).sum(dim=-3, keepdim=True)
 
 
 def _blend(images: Tensor, other: Tensor, factor: Tensor | float) -> Tensor:
@@ -374,11 +403,8 @@ def adjust_hue(images: Tensor, shift: Tensor | float) -> Tensor:
         value == r, (g - b) / safe, torch.where(value == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe)
     )
     hue = torch.remainder(sextant / 6.0 + _per_sample(shift, images)[:, 0], 1.0)
-    channels = []
-    for n in (5.0, 3.0, 1.0):
-        k = torch.remainder(n + 6.0 * hue, 6.0)
-        channels.append(value - chroma * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
-    return torch.stack(channels, dim=-3)
+    k = torch.remainder(_constant((5.0, 3.0, 1.0), images) + 6.0 * hue.unsqueeze(-3), 6.0)  # R, G, B at once
+    return value.unsqueeze(-3) - chroma.unsqueeze(-3) * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
 def solarize(images: Tensor, threshold: float = 0.5) -> Tensor:
@@ -519,6 +545,10 @@ class ViewRecipe:
     solarize_p: float
 
 
+def _device_of(images: Sequence[Tensor] | Tensor) -> torch.device:
+    return images.device if isinstance(images, Tensor) else images[0].device
+
+
 class ViewParameters(NamedTuple):
     """Every random choice made for one view of a batch (tensors of shape [B] unless noted).
 
@@ -618,6 +648,10 @@ class BatchMultiCrop(nn.Module):
         self.max_pixels_per_chunk = int(max_pixels_per_chunk)
         # Consecutive views drawn together: same size and crop scale (they may differ in blur/solarize p).
         self._runs = same_size_runs([(v.size, v.scale) for v in self.views])
+        self.register_buffer("view_blur_p", torch.tensor([v.blur_p for v in self.views]), persistent=False)
+        self.register_buffer(
+            "view_solarize_p", torch.tensor([v.solarize_p for v in self.views]), persistent=False
+        )
         self.register_buffer(
             "mean", torch.tensor(_check_channels("mean", mean, positive=False)).view(1, 3, 1, 1)
         )
@@ -630,40 +664,46 @@ class BatchMultiCrop(nn.Module):
 
         Views of the same size and scale range are drawn together (one set of draws for all of their
         samples), so the number of kernels does not grow with the number of local crops."""
+        drawn = self._draw_runs(heights, widths, generator)
+        return [
+            view
+            for (a, b), run in zip(self._runs, drawn, strict=True)
+            for view in _split_parameters(run, b - a)
+        ]
+
+    def _draw_runs(
+        self, heights: Tensor, widths: Tensor, generator: torch.Generator | None
+    ) -> list[ViewParameters]:
+        """The parameters of each run of ``self._runs``, its views' samples one view after the other."""
         n, device = heights.numel(), heights.device
         jitter = self.JITTER
         sigma_lo, sigma_hi = self.BLUR_SIGMA
-        params: list[ViewParameters] = []
+        drawn: list[ViewParameters] = []
         for a, b in self._runs:
-            views = self.views[a:b]
             count = b - a
             boxes = sample_crop_boxes(
-                heights.repeat(count), widths.repeat(count), views[0].scale, _RATIO, generator
+                heights.repeat(count), widths.repeat(count), self.views[a].scale, _RATIO, generator
             )
             u = torch.rand(count * n, 10, generator=generator, device=device)
             order = torch.rand(count * n, 4, generator=generator, device=device).argsort(dim=1)
-            blur_p = (
-                torch.tensor([v.blur_p for v in views]).repeat_interleave(n).to(device, non_blocking=True)
+            blur_p = self.view_blur_p[a:b].to(device).repeat_interleave(n)
+            solarize_p = self.view_solarize_p[a:b].to(device).repeat_interleave(n)
+            drawn.append(
+                ViewParameters(
+                    boxes=boxes,
+                    flip=u[:, 0] < self.FLIP_P,
+                    jitter=u[:, 1] < self.JITTER_P,
+                    order=order,
+                    brightness=1.0 + jitter["brightness"] * (2.0 * u[:, 2] - 1.0),
+                    contrast=1.0 + jitter["contrast"] * (2.0 * u[:, 3] - 1.0),
+                    saturation=1.0 + jitter["saturation"] * (2.0 * u[:, 4] - 1.0),
+                    hue=jitter["hue"] * (2.0 * u[:, 5] - 1.0),
+                    grayscale=u[:, 6] < self.GRAYSCALE_P,
+                    blur_sigma=torch.where(u[:, 9] < blur_p, sigma_lo + (sigma_hi - sigma_lo) * u[:, 7], 0.0),
+                    solarize=u[:, 8] < solarize_p,
+                )
             )
-            solarize_p = (
-                torch.tensor([v.solarize_p for v in views]).repeat_interleave(n).to(device, non_blocking=True)
-            )
-            blurred = u[:, 9] < blur_p
-            drawn = ViewParameters(
-                boxes=boxes,
-                flip=u[:, 0] < self.FLIP_P,
-                jitter=u[:, 1] < self.JITTER_P,
-                order=order,
-                brightness=1.0 + jitter["brightness"] * (2.0 * u[:, 2] - 1.0),
-                contrast=1.0 + jitter["contrast"] * (2.0 * u[:, 3] - 1.0),
-                saturation=1.0 + jitter["saturation"] * (2.0 * u[:, 4] - 1.0),
-                hue=jitter["hue"] * (2.0 * u[:, 5] - 1.0),
-                grayscale=u[:, 6] < self.GRAYSCALE_P,
-                blur_sigma=torch.where(blurred, sigma_lo + (sigma_hi - sigma_lo) * u[:, 7], 0.0),
-                solarize=u[:, 8] < solarize_p,
-            )
-            params.extend(_split_parameters(drawn, count))
-        return params
+        return drawn
 
     def augment(
         self,
@@ -674,31 +714,42 @@ class BatchMultiCrop(nn.Module):
         """Render every view from ``params`` as float [B, 3, size, size] batches in [0, 1] (not normalised).
 
         On a GPU the views of the same size are rendered together, as one batch of views × B samples
-        (on a CPU one view at a time, which keeps each pass in cache; ``group_views`` overrides the choice,
-        the result is the same). The two costly
-        operations, hue and blur, run only on the samples that drew them: the samples are ranked by the
-        step at which they need each (one device-to-host read of the counts per batch), and each step
-        gathers its contiguous block of that ranking.
+        (on a CPU one view at a time, which keeps each pass in cache; ``group_views`` overrides the
+        choice, the result is the same).
         """
         sizes = [v.size for v in self.views]
-        device = images.device if isinstance(images, Tensor) else images[0].device
-        # A GPU is kept busy by few large kernels; a CPU is faster on one view at a time (cache-sized).
         if group_views is None:
-            group_views = device.type == "cuda"
-        views_per_run = None if group_views else 1
-        runs = same_size_runs(sizes, views_per_run)
-        crops = resized_crop_runs(
-            images,
-            [p.boxes for p in params],
-            sizes,
-            [p.flip for p in params],
-            self.max_pixels_per_chunk,
-            views_per_run,
-        )
+            group_views = _device_of(images).type == "cuda"
+        runs = same_size_runs(sizes, None if group_views else 1)
         joined = [_join_parameters(params[a:b]) for a, b in runs]
+        rendered = self._render(images, [(sizes[a], b - a) for a, b in runs], joined)
+        return [
+            view
+            for x, (a, b) in zip(rendered, runs, strict=True)
+            for view in x.unflatten(0, (b - a, -1)).unbind(0)
+        ]
+
+    def _render(
+        self,
+        images: Sequence[Tensor] | Tensor,
+        runs: Sequence[tuple[int, int]],
+        params: Sequence[ViewParameters],
+    ) -> list[Tensor]:
+        """Render runs of views given as ``(size, views)`` with their joined parameters: one float
+        [views * B, 3, size, size] tensor in [0, 1] per run.
+
+        The two costly operations, hue and blur, run only on the samples that drew them: the samples are
+        ranked by the step at which they need each (one device-to-host read of the counts per batch), and
+        each step gathers its contiguous block of that ranking.
+        """
+        crops = _render_crop_runs(
+            images,
+            [(size, views, p.boxes, p.flip) for (size, views), p in zip(runs, params, strict=True)],
+            self.max_pixels_per_chunk,
+        )
         # Jitter position (0-3) of the hue per sample, 4 where the view has no jitter.
-        hue_slots = [torch.where(p.jitter, (p.order == 3).to(torch.uint8).argmax(dim=1), 4) for p in joined]
-        blurred = [p.blur_sigma > 0 for p in joined]
+        hue_slots = [torch.where(p.jitter, (p.order == 3).to(torch.uint8).argmax(dim=1), 4) for p in params]
+        blurred = [p.blur_sigma > 0 for p in params]
         positions = torch.arange(4, device=hue_slots[0].device)
         counts = torch.stack(
             [
@@ -706,9 +757,8 @@ class BatchMultiCrop(nn.Module):
                 for slot, b in zip(hue_slots, blurred, strict=True)
             ]
         ).tolist()  # the one host synchronisation of a batch
-        views: list[Tensor] = []
-        for x, p, slot, b, n in zip(crops, joined, hue_slots, blurred, counts, strict=True):
-            count = x.shape[0]
+        rendered: list[Tensor] = []
+        for x, p, slot, b, n in zip(crops, params, hue_slots, blurred, counts, strict=True):
             x = x.flatten(0, 1)  # [views * B, 3, s, s]
             x = self._colour_jitter(x, p, torch.argsort(slot, stable=True), n[:4])
             x = torch.where(p.grayscale[:, None, None, None], rgb_to_grayscale(x).expand_as(x), x)
@@ -716,9 +766,8 @@ class BatchMultiCrop(nn.Module):
                 index = torch.argsort((~b).to(torch.uint8), stable=True)[: n[4]]
                 # index_put (not index_copy): deterministic on CUDA under torch.use_deterministic_algorithms
                 x[index] = pil_gaussian_blur(x[index], p.blur_sigma[index], self.BLUR_SIGMA[1])
-            x = torch.where(p.solarize[:, None, None, None], solarize(x), x)
-            views.extend(x.unflatten(0, (count, -1)).unbind(0))
-        return views
+            rendered.append(torch.where(p.solarize[:, None, None, None], solarize(x), x))
+        return rendered
 
     @staticmethod
     def _colour_jitter(x: Tensor, p: ViewParameters, by_hue_slot: Tensor, hue_counts: list[int]) -> Tensor:
@@ -760,10 +809,14 @@ class BatchMultiCrop(nn.Module):
         return [(v - self.mean.to(v.device)) / self.std.to(v.device) for v in views]
 
     def forward(
-        self, images: Sequence[Tensor] | Tensor, generator: torch.Generator | None = None
+        self,
+        images: Sequence[Tensor] | Tensor,
+        generator: torch.Generator | None = None,
+        group_views: bool | None = None,
     ) -> list[Tensor]:
         """Views of a batch: ``images`` is a list of uint8 [3, H, W] tensors (any sizes) or a uint8
-        [B, 3, H, W] batch, all on one device; ``generator`` must live on that device."""
+        [B, 3, H, W] batch, all on one device; ``generator`` must live on that device. ``group_views``
+        (default: on GPUs) renders same-size views together; the views are the same either way."""
         if isinstance(images, Tensor):
             if images.dim() != 4 or images.shape[1] != 3:
                 raise ValueError(f"a batch of images must have shape [B, 3, H, W], got {tuple(images.shape)}")
@@ -785,8 +838,24 @@ class BatchMultiCrop(nn.Module):
                 f"the generator is on {generator.device} but the images are on {device}; "
                 "create it with torch.Generator(device=...)"
             )
-        params = self.sample_parameters(heights, widths, generator)
-        return self.normalize(self.augment(images, params))
+        if group_views is None:
+            group_views = device.type == "cuda"
+        if not group_views:
+            return self.normalize(
+                self.augment(images, self.sample_parameters(heights, widths, generator), False)
+            )
+        # On a GPU: draw, render and normalise whole runs of same-size views, then split them into views.
+        rendered = self._render(
+            images,
+            [(self.views[a].size, b - a) for a, b in self._runs],
+            self._draw_runs(heights, widths, generator),
+        )
+        mean, std = self.mean.to(device), self.std.to(device)
+        return [
+            view
+            for x, (a, b) in zip(rendered, self._runs, strict=True)
+            for view in ((x - mean) / std).unflatten(0, (b - a, -1)).unbind(0)
+        ]
 
     def extra_repr(self) -> str:
         g, local = self.views[0], self.views[2:]
