@@ -85,7 +85,10 @@ class Attention(nn.Module):
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
+        # unbind, not qkv[0], qkv[1], qkv[2]: its backward stacks the three gradients once, where three
+        # selects would each write a zero-filled full-size gradient and add them up.
+        q, k, v = qkv.unbind(0)
+        return q, k, v
 
     def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
         b, n, c = x.shape
