@@ -780,22 +780,23 @@ class BatchMultiCrop(nn.Module):
         hue is at this position: block ``position`` of ``by_hue_slot`` (samples ranked by hue
         position), of length ``hue_counts[position]``.
         """
+        # Per sample and position: the blend factor (1 for the hue and for skipped jitter) and which
+        # reference it blends with (black: neither weight; mean gray: contrast; gray: saturation).
+        op = torch.where(p.jitter[:, None], p.order, -1).t()  # [4, N]
+        shape = (4, -1, 1, 1, 1)
+        factor = torch.where(
+            op == 0,
+            p.brightness,
+            torch.where(op == 1, p.contrast, torch.where(op == 2, p.saturation, 1.0)),
+        ).to(x.dtype)
+        keep, rest = factor.view(shape), (1.0 - factor).view(shape)
+        with_gray, with_mean = (op == 2).to(x.dtype).view(shape), (op == 1).to(x.dtype).view(shape)
         start = 0
         for position in range(4):
-            op = torch.where(p.jitter, p.order[:, position], -1)
             gray = rgb_to_grayscale(x)
             mean_gray = gray.mean(dim=(-3, -2, -1), keepdim=True)
-            reference = torch.where(
-                (op == 0)[:, None, None, None],
-                torch.zeros_like(gray),
-                torch.where((op == 1)[:, None, None, None], mean_gray.expand_as(gray), gray),
-            )
-            factor = torch.where(
-                op == 0,
-                p.brightness,
-                torch.where(op == 1, p.contrast, torch.where(op == 2, p.saturation, 1.0)),
-            )
-            x = _blend(x, reference, factor)
+            reference = torch.addcmul(mean_gray * with_mean[position], gray, with_gray[position])
+            x = torch.addcmul(rest[position] * reference, keep[position], x).clamp_(0.0, 1.0)
             count = hue_counts[position]
             if count > 0:
                 index = by_hue_slot[start : start + count]
