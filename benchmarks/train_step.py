@@ -6,7 +6,8 @@ configuration is measured next to a plain variant of our own code (explicit-soft
 AdamW, fp16 + grad scaler on a GPU, a host sync per step) in the same process, so the ratio is a
 side-by-side measurement on the same machine. With ``--original PATH`` (a copy of the original DINO
 ``vision_transformer.py``, which this project does not ship) the original architecture is measured too,
-with the original loop's habits (see ``measure``).
+with the original loop's habits (see ``make_step``). ``--rounds N`` measures every variant N times,
+interleaved and in alternating order, and reports medians (a CPU shared with other work drifts by ±10 %).
 
     python benchmarks/train_step.py --arch vit_small --patch 16 --batch 8 --out results/train_step.json
     python benchmarks/train_step.py --arch vit_tiny --patch 4 --global-size 32 --local-size 16 \\
@@ -126,7 +127,9 @@ def make_step(args: argparse.Namespace, device: torch.device, variant: str) -> C
         scaler.update()
         ema(teacher, student, 0.996)
         if plain:
-            float(loss)  # a host synchronisation every step, as a loop that checks the loss each time
+            float(
+                loss.detach()
+            )  # a host synchronisation every step, as a loop that checks the loss each time
         return loss
 
     return step
@@ -175,6 +178,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain reference configuration")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every variant this many times, interleaved; report medians",
+    )
+    parser.add_argument(
         "--original",
         type=Path,
         help="a copy of the original DINO vision_transformer.py (not shipped here): also measure the original "
@@ -184,12 +193,17 @@ def main() -> None:
     device = pick_device(args.device)
     body = {"config": vars(args) | {"out": str(args.out) if args.out else None,
                                     "original": str(args.original) if args.original else None}}  # fmt: skip
-    body["ours"] = measure(args, device, "ours")
-    if not args.no_baseline:
-        body["plain"] = measure(args, device, "plain")
+    variants = ["ours"] + ([] if args.no_baseline else ["plain"]) + (["original"] if args.original else [])
+    rounds: dict[str, list[dict]] = {name: [] for name in variants}
+    for r in range(args.rounds):  # every other round in reverse order: no variant always runs first
+        for name in variants if r % 2 == 0 else variants[::-1]:
+            rounds[name].append(measure(args, device, name))
+    for name, results in rounds.items():
+        median = sorted(results, key=lambda m: m["images_per_s"])[(len(results) - 1) // 2]
+        body[name] = median | {"rounds_images_per_s": [m["images_per_s"] for m in results]}
+    if "plain" in body:
         body["speedup"] = body["ours"]["images_per_s"] / body["plain"]["images_per_s"]
-    if args.original:
-        body["original"] = measure(args, device, "original")
+    if "original" in body:
         body["speedup_vs_original"] = body["ours"]["images_per_s"] / body["original"]["images_per_s"]
     table = [
         {"variant": key, "images/s": body[key]["images_per_s"], "peak GiB": body[key]["peak_memory_gib"]}
