@@ -138,5 +138,5 @@ def test_patch_embedding_equals_the_strided_convolution(shape):
     x = torch.randn(shape)
     expected = embed.proj(x).flatten(2).transpose(1, 2)  # the released code's patch embedding
     torch.testing.assert_close(embed(x), expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="smaller than one"):
+    with pytest.raises(ValueError, match="smaller than the patch size 16"):
         embed(torch.randn(1, 3, 8, 40))

@@ -298,15 +298,16 @@ def _render_crop_runs(
         shapes = [(img.shape[-2], img.shape[-1]) for img in images]
     if not shapes:
         raise ValueError("resized_crops needs at least one image")
-    device = images.device if isinstance(images, Tensor) else images[0].device
+    device = _device_of(images)
     total = len(shapes)
     outputs: list[list[Tensor]] = [[] for _ in runs]
     order: list[int] = []
     for chunk in _chunks_by_size(shapes, max_pixels_per_chunk):
-        whole = len(chunk) == total and chunk == list(range(total))
-        index = None if whole else torch.tensor(chunk).to(device, non_blocking=True)
-        batch = images[index] if isinstance(images, Tensor) and index is not None else images
-        if not isinstance(images, Tensor):
+        # The whole batch in its own order (the usual case) needs no gather of images and parameters.
+        index = None if chunk == list(range(total)) else torch.tensor(chunk).to(device, non_blocking=True)
+        if isinstance(images, Tensor):
+            batch = images if index is None else images[index]
+        else:
             batch = _as_padded_batch(images, chunk)
         n, _, height, width = batch.shape
         pixels = batch.to(torch.float32)
@@ -570,6 +571,15 @@ class ViewParameters(NamedTuple):
     solarize: Tensor
 
 
+def _as_views(rendered: Sequence[Tensor], runs: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """Split each run's [views * B, ...] tensor into its views' [B, ...] batches, in view order."""
+    return [
+        view
+        for x, (a, b) in zip(rendered, runs, strict=True)
+        for view in x.unflatten(0, (b - a, -1)).unbind(0)
+    ]
+
+
 def _join_parameters(params: Sequence[ViewParameters]) -> ViewParameters:
     """Several views' parameters as one, their samples one view after the other."""
     if len(params) == 1:
@@ -722,12 +732,7 @@ class BatchMultiCrop(nn.Module):
             group_views = _device_of(images).type == "cuda"
         runs = same_size_runs(sizes, None if group_views else 1)
         joined = [_join_parameters(params[a:b]) for a, b in runs]
-        rendered = self._render(images, [(sizes[a], b - a) for a, b in runs], joined)
-        return [
-            view
-            for x, (a, b) in zip(rendered, runs, strict=True)
-            for view in x.unflatten(0, (b - a, -1)).unbind(0)
-        ]
+        return _as_views(self._render(images, runs, joined), runs)
 
     def _render(
         self,
@@ -735,7 +740,7 @@ class BatchMultiCrop(nn.Module):
         runs: Sequence[tuple[int, int]],
         params: Sequence[ViewParameters],
     ) -> list[Tensor]:
-        """Render runs of views given as ``(size, views)`` with their joined parameters: one float
+        """Render runs ``[start, end)`` of same-size views with their joined parameters: one float
         [views * B, 3, size, size] tensor in [0, 1] per run.
 
         The two costly operations, hue and blur, run only on the samples that drew them: the samples are
@@ -744,7 +749,7 @@ class BatchMultiCrop(nn.Module):
         """
         crops = _render_crop_runs(
             images,
-            [(size, views, p.boxes, p.flip) for (size, views), p in zip(runs, params, strict=True)],
+            [(self.views[a].size, b - a, p.boxes, p.flip) for (a, b), p in zip(runs, params, strict=True)],
             self.max_pixels_per_chunk,
         )
         # Jitter position (0-3) of the hue per sample, 4 where the view has no jitter.
@@ -846,17 +851,8 @@ class BatchMultiCrop(nn.Module):
                 self.augment(images, self.sample_parameters(heights, widths, generator), False)
             )
         # On a GPU: draw, render and normalise whole runs of same-size views, then split them into views.
-        rendered = self._render(
-            images,
-            [(self.views[a].size, b - a) for a, b in self._runs],
-            self._draw_runs(heights, widths, generator),
-        )
-        mean, std = self.mean.to(device), self.std.to(device)
-        return [
-            view
-            for x, (a, b) in zip(rendered, self._runs, strict=True)
-            for view in ((x - mean) / std).unflatten(0, (b - a, -1)).unbind(0)
-        ]
+        rendered = self._render(images, self._runs, self._draw_runs(heights, widths, generator))
+        return _as_views(self.normalize(rendered), self._runs)
 
     def extra_repr(self) -> str:
         g, local = self.views[0], self.views[2:]

@@ -144,7 +144,7 @@ class PatchEmbed(nn.Module):
         p = self.patch_size
         rows, cols = height // p, width // p
         if rows == 0 or cols == 0:
-            raise ValueError(f"the image ({height}x{width}) is smaller than one {p}x{p} patch")
+            raise ValueError(f"input {height}x{width} is smaller than the patch size {p}")
         patches = x[:, :, : rows * p, : cols * p].reshape(batch, channels, rows, p, cols, p)
         patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, rows * cols, channels * p * p)
         return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
@@ -217,9 +217,7 @@ class VisionTransformer(nn.Module):
 
     def prepare_tokens(self, x: Tensor) -> Tensor:
         _, _, h, w = x.shape
-        if h < self.patch_size or w < self.patch_size:
-            raise ValueError(f"input {h}x{w} is smaller than the patch size {self.patch_size}")
-        tokens = self.patch_embed(x)
+        tokens = self.patch_embed(x)  # refuses inputs smaller than one patch
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         tokens = torch.cat((cls, tokens), dim=1)
         return tokens + self.interpolate_pos_encoding(h, w).to(tokens.dtype)
