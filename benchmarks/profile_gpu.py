@@ -4,7 +4,10 @@ For each part (``step``: the model-only training step of ``train_step.py``'s "ou
 ``BatchMultiCrop`` on a decoded batch) it reports the wall time per iteration, the time the device spent in
 kernels per iteration (busy fraction = kernel time / wall time: well below 1 means the host — Python,
 dispatch, synchronisations — sets the pace), the number of kernels launched and of host-device
-synchronisations, and the operators taking the most device and host time.
+synchronisations, the operators dispatched per iteration (counted at the dispatcher, one per call from
+Python or autograd: the host work a GPU waits on when it is not busy), and the operators taking the most
+device and host time. ``--group-views`` renders the augmentation's same-size views together (the GPU path)
+also on a CPU.
 
     python benchmarks/profile_gpu.py --jpegs /path/to/jpegs --out results/profile.json   # writes .txt too
 """
@@ -19,6 +22,7 @@ import torch
 import train_step
 from _common import benchmark_parser, pick_device, report, sync
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dino.data.gpu_augment import BatchMultiCrop
 from dino.data.gpu_loader import decode_with_pil
@@ -51,6 +55,18 @@ def summarise(prof, iterations: int, wall: float, device: torch.device) -> tuple
     return body, text
 
 
+class _CountOps(TorchDispatchMode):
+    """Counts the operators that reach the dispatcher (after autograd, before the backends)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def run_profiled(fn, iterations: int, device: torch.device):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for _ in range(3):
@@ -62,7 +78,10 @@ def run_profiled(fn, iterations: int, device: torch.device):
             fn()
         sync(device)
         wall = time.perf_counter() - start
-    return summarise(prof, iterations, wall, device)
+    body, text = summarise(prof, iterations, wall, device)
+    with _CountOps() as counter:
+        fn()
+    return body | {"dispatched_ops_per_iteration": counter.count}, text
 
 
 def profile_step(args: argparse.Namespace, device: torch.device) -> tuple[dict, str]:
@@ -74,6 +93,8 @@ def profile_augment(args: argparse.Namespace, device: torch.device) -> tuple[dic
     images = [decode_with_pil(p.read_bytes()).to(device) for p in files]
     augment = BatchMultiCrop(local_crops_number=args.local_crops).to(device)
     generator = torch.Generator(device=device).manual_seed(0)
+    if args.group_views:
+        return run_profiled(lambda: augment(images, generator, group_views=True), args.iterations, device)
     return run_profiled(lambda: augment(images, generator), args.iterations, device)
 
 
@@ -83,6 +104,11 @@ def main() -> None:
     parser.add_argument("--jpegs", type=Path, help="a folder of JPEG files (for the augment part)")
     train_step.add_step_arguments(parser, batch=64)
     parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument(
+        "--group-views",
+        action="store_true",
+        help="augmentation: render same-size views together (the GPU path)",
+    )
     args = parser.parse_args()
     device = pick_device(args.device)
     body, texts = {}, []
