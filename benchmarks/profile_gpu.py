@@ -1,6 +1,6 @@
 """Where the time of a training step and of the batched augmentation goes: torch.profiler tables.
 
-For each part (``step``: the model-only training step of ``train_step.py``'s "ours" variant; ``augment``:
+For each part (``step``: the model-only training step of a ``train_step.py`` variant; ``augment``:
 ``BatchMultiCrop`` on a decoded batch) it reports the wall time per iteration, the time the device spent in
 kernels per iteration (busy fraction = kernel time / wall time: well below 1 means the host — Python,
 dispatch, synchronisations — sets the pace), the number of kernels launched and of host-device
@@ -85,7 +85,7 @@ def run_profiled(fn, iterations: int, device: torch.device):
 
 
 def profile_step(args: argparse.Namespace, device: torch.device) -> tuple[dict, str]:
-    return run_profiled(train_step.make_step(args, device, "ours"), args.iterations, device)
+    return run_profiled(train_step.make_step(args, device, args.variant), args.iterations, device)
 
 
 def profile_augment(args: argparse.Namespace, device: torch.device) -> tuple[dict, str]:
@@ -103,6 +103,9 @@ def main() -> None:
     parser.add_argument("--parts", default="step,augment")
     parser.add_argument("--jpegs", type=Path, help="a folder of JPEG files (for the augment part)")
     train_step.add_step_arguments(parser, batch=64)
+    parser.add_argument(
+        "--variant", default="ours", choices=["ours", "compiled", "plain"], help="step variant"
+    )
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument(
         "--group-views",

@@ -1,17 +1,25 @@
 """Model-only DINO training step: images/s and peak memory on synthetic tensors.
 
 One step = teacher forward on the global crops, student forward/backward on all crops, the DINO loss,
-AdamW, the EMA teacher update — the same work the training loop does, without the data pipeline. Each
-configuration is measured next to a plain variant of our own code (explicit-softmax attention, unfused
-AdamW, fp16 + grad scaler on a GPU, a host sync per step) in the same process, so the ratio is a
-side-by-side measurement on the same machine. With ``--original PATH`` (a copy of the original DINO
-``vision_transformer.py``, which this project does not ship) the original architecture is measured too,
-with the original loop's habits (see ``make_step``). ``--rounds N`` measures every variant N times,
+AdamW, the EMA teacher update — the same work the training loop does, without the data pipeline.
+``--variants`` picks what is measured, side by side in one process (see ``make_step``):
+
+- ``ours``: what ``dino train`` does by default (eager);
+- ``compiled``: ``ours`` with ``torch.compile`` (``--compile-mode``, ``--compile-scope``), as
+  ``run.compile=true`` (``run.compile_mode=reduce-overhead`` adds CUDA graphs);
+- ``plain``: our code the simple way (explicit-softmax attention, unfused AdamW, fp16 + grad scaler on a
+  GPU, a host sync per step);
+- ``original``: the original DINO architecture, from a copy of its ``vision_transformer.py`` given with
+  ``--original PATH`` (this project does not ship it), with the original loop's habits.
+
+Speed-ups are reported against ``plain`` and ``original``. ``--rounds N`` measures every variant N times,
 interleaved and in alternating order, and reports medians (a CPU shared with other work drifts by ±10 %).
+Peak memory counts everything the step holds from the models' creation on, CUDA-graph pools included.
 
     python benchmarks/train_step.py --arch vit_small --patch 16 --batch 8 --out results/train_step.json
+    python benchmarks/train_step.py --variants compiled,ours,plain --compile-mode reduce-overhead  # GPU
     python benchmarks/train_step.py --arch vit_tiny --patch 4 --global-size 32 --local-size 16 \\
-        --local-crops 6 --batch 64 --out-dim 4096 --original /path/to/dino/vision_transformer.py
+        --local-crops 6 --batch 64 --out-dim 4096 --variants ours,original --original /path/to/vision_transformer.py
 """
 
 from __future__ import annotations
@@ -30,11 +38,12 @@ from dino.models.backbones import build_backbone
 from dino.models.head import DINOHead
 from dino.models.multicrop import MultiCropWrapper
 from dino.teacher import ema_update, init_teacher
+from dino.train.config import COMPILE_MODES
 from dino.train.optim import build_optimizer, clip_gradients, param_groups, set_schedules
-from dino.train.setup import resolve_precision
+from dino.train.setup import compile_backbones, resolve_precision, uses_cuda_graphs
 
 
-def build(args: argparse.Namespace, device: torch.device, plain: bool):
+def build(args: argparse.Namespace, device: torch.device, plain: bool, compiled: bool = False):
     def model(drop_path: float) -> MultiCropWrapper:
         backbone, dim = build_backbone(args.arch, args.patch, args.global_size, drop_path, args.depth)
         if hasattr(backbone, "set_fused_attention"):
@@ -45,9 +54,11 @@ def build(args: argparse.Namespace, device: torch.device, plain: bool):
     teacher = init_teacher(model(0.0).to(device), student)
     if args.activation_checkpointing:  # in both variants: the memory saving is what is measured
         student.backbone.activation_checkpointing = True
-    if args.compile and not plain:
-        student.backbone = torch.compile(student.backbone, dynamic=False)
-        teacher.backbone = torch.compile(teacher.backbone, dynamic=False)
+    if compiled and args.compile_scope == "model":
+        for wrapper in (student, teacher):  # in place: the modules and their state-dict keys stay the same
+            wrapper.compile(dynamic=False, mode=args.compile_mode)
+    elif compiled:
+        compile_backbones(student, teacher, args.compile_mode)
     return student, teacher
 
 
@@ -87,13 +98,14 @@ def ema_each_tensor(teacher: torch.nn.Module, student: torch.nn.Module, momentum
 def make_step(args: argparse.Namespace, device: torch.device, variant: str) -> Callable[[], torch.Tensor]:
     """One training step of ``variant`` on fixed random crops, as a function returning the loss.
 
-    ``ours``: what ``dino train`` does. ``plain``: our code the simple way — explicit-softmax attention,
+    ``ours``: what ``dino train`` does; ``compiled``: the same with ``torch.compile``. ``plain``: our code
+    the simple way — explicit-softmax attention,
     multi-tensor (unfused) AdamW, fp16 autocast with a grad scaler on a GPU (fp32 on the CPU), eager, the
     loss read every step. ``original``: the original architecture (``--original``) with the original
     loop's habits — PyTorch's default AdamW, per-tensor clipping and EMA in Python loops, fp16 + grad
     scaler on a GPU, the loss read every step."""
     torch.manual_seed(0)
-    plain = variant != "ours"
+    plain = variant in ("plain", "original")
     precision = resolve_precision(
         ("fp16" if device.type == "cuda" else "fp32") if plain else args.precision, device
     )
@@ -102,7 +114,7 @@ def make_step(args: argparse.Namespace, device: torch.device, variant: str) -> C
         optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, weight_decay=0.0)
         clip, ema = clip_each_tensor_checked, ema_each_tensor
     else:
-        student, teacher = build(args, device, plain)
+        student, teacher = build(args, device, plain, compiled=variant == "compiled")
         optimizer = build_optimizer(student, "adamw", fused=not plain)
         clip, ema = clip_gradients, ema_update
     loss_fn = DINOLoss(args.out_dim).to(device)
@@ -114,7 +126,11 @@ def make_step(args: argparse.Namespace, device: torch.device, variant: str) -> C
         torch.randn(b, 3, args.local_size, args.local_size, device=device) for _ in range(args.local_crops)
     ]
 
+    graphs = variant == "compiled" and uses_cuda_graphs(args.compile_mode)
+
     def step() -> torch.Tensor:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # one training step = one CUDA-graph generation
         with torch.autocast(device.type, dtype=precision.autocast_dtype, enabled=precision.autocast):
             with torch.no_grad():
                 t_out = teacher(crops[:2])
@@ -136,24 +152,38 @@ def make_step(args: argparse.Namespace, device: torch.device, variant: str) -> C
 
 
 def measure(args: argparse.Namespace, device: torch.device, variant: str) -> dict:
-    """Images/s and peak memory of ``variant``'s step (see ``make_step``) after ``--warmup`` steps."""
+    """Images/s of ``variant``'s step (see ``make_step``) after ``--warmup`` steps, and its peak memory.
+
+    The peak is counted from before the models are built, not after the warm-up: CUDA graphs allocate
+    their memory pool while they are recorded and never again, so a peak reset after the warm-up would
+    miss it. ``peak_reserved_gib`` is what the caching allocator held (pools and cached blocks)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     step = make_step(args, device, variant)
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
     float(loss.detach())  # wait for the device
     elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {
+    gpu = device.type == "cuda"
+    result = {
         "images_per_s": args.steps * args.batch / elapsed,
         "seconds_per_step": elapsed / args.steps,
-        "peak_memory_gib": peak,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if gpu else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if gpu else None,
     }
+    del step, loss
+    torch._dynamo.reset()  # compiled graphs and their CUDA-graph pools go with the variant
+    return result
+
+
+VARIANTS = ("ours", "compiled", "plain", "original")
 
 
 def add_step_arguments(parser: argparse.ArgumentParser, batch: int = 8) -> None:
@@ -165,7 +195,18 @@ def add_step_arguments(parser: argparse.ArgumentParser, batch: int = 8) -> None:
     parser.add_argument("--local-crops", type=int, default=8)
     parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=COMPILE_MODES,
+        help="torch.compile mode of the compiled variant (reduce-overhead: CUDA graphs)",
+    )
+    parser.add_argument(
+        "--compile-scope",
+        default="backbone",
+        choices=["backbone", "model"],
+        help="compile the backbones (as dino train does) or backbone + head over all crops",
+    )
     parser.add_argument(
         "--activation-checkpointing", action="store_true", help="recompute the student's ViT blocks"
     )
@@ -176,7 +217,9 @@ def main() -> None:
     add_step_arguments(parser)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--no-baseline", action="store_true", help="skip the plain reference configuration")
+    parser.add_argument(
+        "--variants", default="ours,plain", help="comma-separated: ours, compiled, plain, original"
+    )
     parser.add_argument(
         "--rounds",
         type=int,
@@ -186,14 +229,18 @@ def main() -> None:
     parser.add_argument(
         "--original",
         type=Path,
-        help="a copy of the original DINO vision_transformer.py (not shipped here): also measure the original "
-        "architecture with the original loop's habits",
+        help="a copy of the original DINO vision_transformer.py (not shipped here), for the original variant",
     )
     args = parser.parse_args()
     device = pick_device(args.device)
     body = {"config": vars(args) | {"out": str(args.out) if args.out else None,
                                     "original": str(args.original) if args.original else None}}  # fmt: skip
-    variants = ["ours"] + ([] if args.no_baseline else ["plain"]) + (["original"] if args.original else [])
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    if "original" in variants and args.original is None:
+        parser.error("the original variant needs --original PATH (a copy of DINO's vision_transformer.py)")
     rounds: dict[str, list[dict]] = {name: [] for name in variants}
     for r in range(args.rounds):  # every other round in reverse order: no variant always runs first
         for name in variants if r % 2 == 0 else variants[::-1]:
@@ -201,15 +248,18 @@ def main() -> None:
     for name, results in rounds.items():
         median = sorted(results, key=lambda m: m["images_per_s"])[(len(results) - 1) // 2]
         body[name] = median | {"rounds_images_per_s": [m["images_per_s"] for m in results]}
-    if "plain" in body:
-        body["speedup"] = body["ours"]["images_per_s"] / body["plain"]["images_per_s"]
-    if "original" in body:
-        body["speedup_vs_original"] = body["ours"]["images_per_s"] / body["original"]["images_per_s"]
+    for reference in ("plain", "original"):
+        if reference in body:
+            body[f"speedup_vs_{reference}"] = {
+                name: body[name]["images_per_s"] / body[reference]["images_per_s"]
+                for name in ("ours", "compiled")
+                if name in body
+            }
     table = [
-        {"variant": key, "images/s": body[key]["images_per_s"], "peak GiB": body[key]["peak_memory_gib"]}
-        for key in ("ours", "plain", "original")
-        if key in body
-    ]
+        {"variant": key, "images/s": body[key]["images_per_s"], "peak GiB": body[key]["peak_memory_gib"],
+         "reserved GiB": body[key]["peak_reserved_gib"]}
+        for key in variants
+    ]  # fmt: skip
     report("train_step", device, body, table, args.out)
 
 

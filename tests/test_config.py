@@ -70,6 +70,7 @@ def test_overrides_and_round_trip(tmp_path):
         ("data.blur_probs=[1.0,0.1]", "data.blur_probs"),
         ("data.solarize_prob=2", "data.solarize_prob"),
         ("data.augment_on=gpu", "data.augment_on"),
+        ("run.compile_mode=cudagraphs", "run.compile_mode"),
     ],
 )
 def test_invalid_values_name_the_key(override, key):

@@ -20,6 +20,8 @@ from dino.models.backbones import RESNETS, available_archs
 from dino.models.vision_transformer import VIT_SIZES
 from dino.teacher import TEACHER_MODES
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 CONFIG_VERSION = 1
 
 
@@ -115,7 +117,10 @@ class RunConfig:
     checkpoint_every_minutes: float = 0.0  # mid-epoch checkpoints by wall time; 0 disables
     max_bad_steps: int = 5  # consecutive non-finite losses tolerated (skipped) before stopping
     progress_bar: str = "auto"  # auto (on a terminal) | always | never
-    compile: bool = False  # torch.compile the student and teacher
+    compile: bool = False  # torch.compile the student's and teacher's backbones
+    # torch.compile mode: default | reduce-overhead (adds CUDA graphs: the fastest on GPUs) | max-autotune
+    # | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     deterministic: bool = False  # deterministic algorithms (bit-exact resume on CPU)
 
 
@@ -353,6 +358,11 @@ def validate(cfg: DINOConfig) -> None:
         _require(getattr(r, key) >= 1, f"run.{key}", f"must be >= 1, got {getattr(r, key)}")
     for key in ("save_every_epochs", "checkpoint_every_iters", "checkpoint_every_minutes", "max_bad_steps"):
         _require(getattr(r, key) >= 0, f"run.{key}", f"must be >= 0, got {getattr(r, key)}")
+    _require(
+        r.compile_mode in COMPILE_MODES,
+        "run.compile_mode",
+        f"must be one of {', '.join(COMPILE_MODES)}, got {r.compile_mode!r}",
+    )
     _require(
         r.progress_bar in ("auto", "always", "never"),
         "run.progress_bar",

@@ -44,6 +44,8 @@ from dino.train.setup import (
     restore_rng,
     run_state_dict,
     save_backbone,
+    unwrap_compiled,
+    uses_cuda_graphs,
 )
 from dino.train.signals import PreemptionGuard
 
@@ -158,9 +160,15 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
             )
 
     logger.start(cfg, env, len(data.dataset), data.iters_per_epoch)
+    # The k-NN monitor runs the teacher's backbone uncompiled: its eval mode and batch sizes would each
+    # be a new graph.
+    eval_backbone = unwrap_compiled(teacher.backbone)
     if knn is not None and restored is None:  # the random-initialisation baseline, logged as epoch -1
-        logger.event("knn", epoch=-1, **knn.evaluate(teacher.backbone, env.device, precision.autocast_dtype))
+        logger.event("knn", epoch=-1, **knn.evaluate(eval_backbone, env.device, precision.autocast_dtype))
     last_save_time = time.monotonic()
+    # CUDA graphs (run.compile_mode=reduce-overhead) are told where a step starts: the previous step's
+    # graph outputs are dead by then and their memory can be replayed into.
+    graph_steps = cfg.run.compile and uses_cuda_graphs(cfg.run.compile_mode)
     with PreemptionGuard() as preemption:
         while state.epoch < cfg.run.epochs:
             epoch = state.epoch
@@ -175,6 +183,8 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
                 it = state.iteration
                 set_schedules(optimizer, float(schedules.lr[it]), float(schedules.weight_decay[it]))
                 crops = [c.to(env.device, non_blocking=True) for c in crops]
+                if graph_steps:
+                    torch.compiler.cudagraph_mark_step_begin()
 
                 # Teacher on the global views, student on all views; cross-entropy over distinct-view pairs.
                 autocast = torch.autocast(
@@ -247,8 +257,7 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
             teacher_rule.end_of_epoch(teacher, student)
             summary = logger.end_epoch(epoch)
             if knn is not None and cfg.monitor.knn_every and (epoch + 1) % cfg.monitor.knn_every == 0:
-                backbone = teacher.backbone
-                summary.update(knn.evaluate(backbone, env.device, precision.autocast_dtype))
+                summary.update(knn.evaluate(eval_backbone, env.device, precision.autocast_dtype))
                 logger.event("knn", epoch=epoch, **{k: v for k, v in summary.items() if k.startswith("knn")})
             state.epoch += 1
             state.step_in_epoch = 0

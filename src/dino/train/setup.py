@@ -17,7 +17,7 @@ from dino.models.head import DINOHead
 from dino.models.multicrop import MultiCropWrapper
 from dino.teacher import init_teacher
 from dino.train.checkpoint import atomic_save
-from dino.train.config import DINOConfig, config_to_dict
+from dino.train.config import COMPILE_MODES, DINOConfig, config_to_dict
 from dino.train.schedules import cosine_schedule, teacher_temperature_schedule
 
 if TYPE_CHECKING:
@@ -95,11 +95,30 @@ def build_student_teacher(cfg: DINOConfig, device: torch.device) -> tuple[MultiC
     student = student.to(device, memory_format=memory_format)
     teacher = teacher.to(device, memory_format=memory_format)
     init_teacher(teacher, student)
-    # One static graph per crop resolution (global, local): no dynamic-shape kernels, no recompiles after.
     if cfg.run.compile:
-        student.backbone = torch.compile(student.backbone, dynamic=False)  # type: ignore[assignment]
-        teacher.backbone = torch.compile(teacher.backbone, dynamic=False)  # type: ignore[assignment]
+        compile_backbones(student, teacher, cfg.run.compile_mode)
     return student, teacher
+
+
+def uses_cuda_graphs(mode: str) -> bool:
+    """Whether ``torch.compile``'s ``mode`` records CUDA graphs (on CUDA devices)."""
+    return mode in ("reduce-overhead", "max-autotune")
+
+
+def compile_backbones(student: MultiCropWrapper, teacher: MultiCropWrapper, mode: str = "default") -> None:
+    """``torch.compile`` the student's and the teacher's backbones with static shapes: one graph per crop
+    resolution (the student's global and local, the teacher's global), no dynamic-shape kernels, no
+    recompilation after the first step. The heads and the loss stay eager. With a CUDA-graph ``mode`` the
+    caller marks each training step's start (``torch.compiler.cudagraph_mark_step_begin``)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    student.backbone = torch.compile(student.backbone, dynamic=False, mode=mode)  # type: ignore[assignment]
+    teacher.backbone = torch.compile(teacher.backbone, dynamic=False, mode=mode)  # type: ignore[assignment]
+
+
+def unwrap_compiled(module: nn.Module) -> nn.Module:
+    """The module itself, under its ``torch.compile`` wrapper if it has one."""
+    return getattr(module, "_orig_mod", module)
 
 
 def memory_format_for(model: nn.Module, device: torch.device) -> torch.memory_format | None:
@@ -157,13 +176,9 @@ def restore_rng(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    return getattr(module, "_orig_mod", module)
-
-
 def model_state_dict(model: MultiCropWrapper) -> dict[str, torch.Tensor]:
     """``backbone.*`` / ``head.*`` keys, whether or not the backbone was compiled."""
-    state = {f"backbone.{k}": v for k, v in _unwrap(model.backbone).state_dict().items()}
+    state = {f"backbone.{k}": v for k, v in unwrap_compiled(model.backbone).state_dict().items()}
     state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
     return state
 
@@ -171,7 +186,7 @@ def model_state_dict(model: MultiCropWrapper) -> dict[str, torch.Tensor]:
 def load_model_state_dict(model: MultiCropWrapper, state: dict[str, torch.Tensor]) -> None:
     backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-    _unwrap(model.backbone).load_state_dict(backbone)
+    unwrap_compiled(model.backbone).load_state_dict(backbone)
     model.head.load_state_dict(head)
 
 
@@ -201,7 +216,7 @@ def run_state_dict(
 
 def save_backbone(backbone: nn.Module, path: Path) -> None:
     """Backbone weights alone, in the released key layout (``torch.load`` + ``load_state_dict`` strict)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(backbone).state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap_compiled(backbone).state_dict().items()}
     atomic_save(state, path)
 
 
