@@ -24,6 +24,32 @@ SHARED_DATA = Path(os.environ.get("DINO_SHARED_DATA", ROOT.parent / "shared" / "
 CIFAR_TARBALL = SHARED_DATA / "cifar10-train-jpeg.tar.gz"
 
 
+def student_teacher(
+    arch: str,
+    patch: int,
+    out_dim: int,
+    device: torch.device,
+    drop_path: float = 0.0,
+    depth: int = 0,
+    size: int = 224,
+    fused_attention: bool = True,
+):
+    """A DINO student (stochastic depth ``drop_path``) and its teacher (none), same weights, on ``device``."""
+    from dino.models.backbones import build_backbone
+    from dino.models.head import DINOHead
+    from dino.models.multicrop import MultiCropWrapper
+    from dino.teacher import init_teacher
+
+    def model(rate: float) -> MultiCropWrapper:
+        backbone, dim = build_backbone(arch, patch, size, rate, depth)
+        if hasattr(backbone, "set_fused_attention"):
+            backbone.set_fused_attention(fused_attention)
+        return MultiCropWrapper(backbone, DINOHead(dim, out_dim)).to(device)
+
+    student = model(drop_path)
+    return student, init_teacher(model(0.0), student)
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -23,29 +23,21 @@ import traceback
 from pathlib import Path
 
 import torch
-from _common import benchmark_parser, pick_device, report
+from _common import benchmark_parser, pick_device, report, student_teacher
 
 from dino.data.gpu_augment import BatchMultiCrop
 from dino.data.gpu_loader import decode_batch, decode_with_pil
 from dino.loss import DINOLoss
 from dino.models.backbones import build_backbone
-from dino.models.head import DINOHead
-from dino.models.multicrop import MultiCropWrapper
-from dino.teacher import ema_update, init_teacher
+from dino.teacher import ema_update
 from dino.train.guard import NonFiniteGuard
 from dino.train.optim import build_optimizer, set_schedules
 from dino.train.setup import compile_backbones, uses_cuda_graphs
 
 
 def pair(arch: str, patch: int, device: torch.device, out_dim: int = 4096, depth: int = 0):
-    torch.manual_seed(0)
-
-    def model(drop_path: float) -> MultiCropWrapper:
-        backbone, dim = build_backbone(arch, patch, 224, drop_path, depth)
-        return MultiCropWrapper(backbone, DINOHead(dim, out_dim))
-
-    student = model(0.0).to(device)  # no stochastic depth: the two runs must see the same network
-    return student, init_teacher(model(0.0).to(device), student)
+    torch.manual_seed(0)  # no stochastic depth: the runs compared must see the same network
+    return student_teacher(arch, patch, out_dim, device, depth=depth)
 
 
 def crops(device: torch.device, batch: int = 16, locals_: int = 4) -> list[torch.Tensor]:

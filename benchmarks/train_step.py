@@ -31,11 +31,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import add_model_arguments, benchmark_parser, pick_device, report
+from _common import add_model_arguments, benchmark_parser, pick_device, report, student_teacher
 
 from dino.loss import DINOLoss
-from dino.models.backbones import build_backbone
-from dino.models.head import DINOHead
 from dino.models.multicrop import MultiCropWrapper
 from dino.teacher import ema_update, init_teacher
 from dino.train.config import COMPILE_MODES
@@ -44,14 +42,9 @@ from dino.train.setup import compile_backbones, resolve_precision, uses_cuda_gra
 
 
 def build(args: argparse.Namespace, device: torch.device, plain: bool, compiled: bool = False):
-    def model(drop_path: float) -> MultiCropWrapper:
-        backbone, dim = build_backbone(args.arch, args.patch, args.global_size, drop_path, args.depth)
-        if hasattr(backbone, "set_fused_attention"):
-            backbone.set_fused_attention(not plain)
-        return MultiCropWrapper(backbone, DINOHead(dim, args.out_dim))
-
-    student = model(0.1).to(device)
-    teacher = init_teacher(model(0.0).to(device), student)
+    student, teacher = student_teacher(
+        args.arch, args.patch, args.out_dim, device, 0.1, args.depth, args.global_size, not plain
+    )
     if args.activation_checkpointing:  # in both variants: the memory saving is what is measured
         student.backbone.activation_checkpointing = True
     if compiled and args.compile_scope == "model":
