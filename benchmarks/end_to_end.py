@@ -3,6 +3,9 @@
 Each variant is a real ``dino train`` run (a subprocess) over ``--images`` JPEGs for ``--epochs`` epochs;
 the rate is read from its ``log.jsonl``: iterations between the first and the last log point of each epoch
 over the time between them, so start-up, worker start and the end-of-epoch checkpoint are left out.
+``--profile-steps N`` also profiles N steps of each run (``run.profile_steps``; their log intervals are left
+out of the rate) and reports where the time went: the device's busy fraction and its time per CUDA stream
+(the step's and the data path's), with the operator tables written next to ``--out``.
 
 - ``ours``: JPEG bytes read by workers, decoded on the device in batches (nvjpeg on a GPU) and augmented
   there (``data.augment_on=device``), bf16 on GPUs that have it, fused AdamW, no per-step host sync.
@@ -22,6 +25,7 @@ Without ``--data`` the images are ImageNet-sized JPEGs made once from the CIFAR-
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -31,6 +35,8 @@ import tempfile
 from pathlib import Path
 
 from _common import benchmark_parser, imagenet_sized_jpegs, pick_device, report
+
+from dino.train.profiling import PROFILE_SKIP
 
 VARIANTS = {
     "ours": lambda gpu: ["data.augment_on=device", "run.precision=auto"],
@@ -59,15 +65,19 @@ def subset(root: Path, count: int, dest: Path) -> Path:
     return dest
 
 
-def steady_rate(log_file: Path, images_per_step: int) -> dict:
+def steady_rate(log_file: Path, images_per_step: int, exclude: tuple[int, int] | None = None) -> dict:
+    """Images/s between consecutive log points of the same epoch (start-up, worker start and the epoch-end
+    checkpoint fall outside), leaving out intervals that overlap the iterations ``exclude`` = [a, b)."""
     records = [json.loads(line) for line in log_file.read_text().splitlines()]
     iters = [r for r in records if r["type"] == "iter"]
     steps = seconds = 0.0
-    for epoch in sorted({r["epoch"] for r in iters}):
-        mine = [r for r in iters if r["epoch"] == epoch]
-        if len(mine) >= 2:
-            steps += mine[-1]["iteration"] - mine[0]["iteration"]
-            seconds += mine[-1]["time"] - mine[0]["time"]
+    for before, after in itertools.pairwise(iters):
+        if before["epoch"] != after["epoch"]:
+            continue
+        if exclude and before["iteration"] < exclude[1] and after["iteration"] > exclude[0]:
+            continue
+        steps += after["iteration"] - before["iteration"]
+        seconds += after["time"] - before["time"]
     if not steps:
         raise RuntimeError(f"{log_file}: too few log points for a steady-state rate; raise --images")
     peak = max((r.get("peak_memory_gib") or 0.0) for r in iters)
@@ -81,9 +91,25 @@ def run_variant(args: argparse.Namespace, name: str, data: Path, gpu: bool, work
            "--output", str(out), "--no-resume", f"run.epochs={args.epochs}", f"run.batch_size={args.batch}",
            f"run.log_every={args.log_every}", "run.progress_bar=never", "run.save_every_epochs=0",
            f"data.num_workers={args.workers}", f"run.device={args.device}", "monitor.collapse=false",
-           *VARIANTS[name](gpu), *args.overrides]  # fmt: skip
+           f"run.profile_steps={args.profile_steps}", *VARIANTS[name](gpu), *args.overrides]  # fmt: skip
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return {"variant": name, "overrides": VARIANTS[name](gpu), **steady_rate(out / "log.jsonl", args.batch)}
+    # The profiled steps (iterations PROFILE_SKIP .. PROFILE_SKIP + N; the last one also pays for writing
+    # the profile) run slower: log intervals holding any of them are left out.
+    profiled = (PROFILE_SKIP - 1, PROFILE_SKIP + args.profile_steps) if args.profile_steps else None
+    row = {
+        "variant": name,
+        "overrides": VARIANTS[name](gpu),
+        **steady_rate(out / "log.jsonl", args.batch, profiled),
+    }
+    if args.profile_steps:
+        if not (out / "profile.json").is_file():
+            raise RuntimeError(
+                f"{name}: no profile written; the run had fewer than {PROFILE_SKIP + args.profile_steps} steps"
+            )
+        row["profile"] = json.loads((out / "profile.json").read_text())
+        if args.out:
+            shutil.copy(out / "profile.txt", args.out.with_name(f"{args.out.stem}.{name}.profile.txt"))
+    return row
 
 
 def main() -> None:
@@ -97,6 +123,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--log-every", type=int, default=8)
     parser.add_argument("--variants", default="ours,plain")
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="profile this many steps of each run (run.profile_steps): device busy fraction and time per "
+        "stream in the JSON, the tables next to --out",
+    )
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every variant")
     args = parser.parse_args()
     device = pick_device(args.device)

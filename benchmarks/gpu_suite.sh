@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Every speed benchmark of the project, on one lent GPU (an H100/H200). The whole suite has not yet been
 # timed since the compiled variants joined it: from single steps timed on an H200 (2026-11-27) it should
-# take 9-10 minutes, a third of it compiling (ViT-S/16, ViT-B/16, the checks' ViT-tiny). Writes under $OUT: suite.json (all results, one key per benchmark) and suite.log (their
-# output). Each step has its own time limit, so one that fails or overruns does not stop the others.
+# take 9-10 minutes, a third of it compiling (ViT-S/16, ViT-B/16, the checks' ViT-tiny). Writes under
+# $OUT: suite.json (all results, one key per benchmark), suite.log (their output) and end_to_end's
+# profile tables (end_to_end.VARIANT.profile.txt). Each step has its own time limit, so one that fails
+# or overruns does not stop the others.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_suite.sh                 # on the GPU machine
 #   SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu_suite.sh       # tiny sizes on the CPU: checks the script runs
@@ -61,7 +63,7 @@ if [ "$SMOKE" = 1 ]; then  # the same steps at sizes a laptop CPU finishes in a 
   VITS="--arch vit_tiny --patch 16 --batch 2 --local-crops 2 --out-dim 1024 --steps 2 --warmup 1"
   VITB="--arch vit_tiny --patch 16 --batch 2 --local-crops 2 --out-dim 1024 --steps 2 --warmup 1"
   VITB8="--arch vit_tiny --patch 16 --batch 2 --local-crops 2 --out-dim 1024 --steps 1 --warmup 1 --variants ours --activation-checkpointing"
-  JPEGS=256 E2E="--config cifar_small --images 256 --epochs 2 --batch 32 --workers 2 --log-every 2"
+  JPEGS=256 E2E="--config cifar_small --images 256 --epochs 2 --batch 32 --workers 2 --log-every 2 --profile-steps 3"
   PIPE="--images 128 --batch 32 --workers 0,2 --seconds 2"
   TTA="--epochs 1 --holdout 50 --bank 100 --train-per-class 50 -- run.batch_size=32"
   KNN="--bank 20000 --queries 200 --seconds 2"
@@ -69,7 +71,7 @@ else
   VITS="--arch vit_small --patch 16 --batch 64 --local-crops 8 --out-dim 65536 --steps 20 --warmup 6"
   VITB="--arch vit_base --patch 16 --batch 64 --local-crops 10 --out-dim 65536 --steps 8 --warmup 5"
   VITB8="--arch vit_base --patch 8 --batch 64 --local-crops 10 --out-dim 65536 --steps 3 --warmup 2 --variants ours --activation-checkpointing"
-  JPEGS=2048 E2E="--images 2048 --epochs 2 --batch 64 --workers 16 --variants compiled,ours,plain"
+  JPEGS=2048 E2E="--images 2048 --epochs 2 --batch 64 --workers 16 --variants compiled,ours,plain --profile-steps 5"
   PIPE=${PIPE_ARGS:-"--images 2048 --batch 64 --workers 8,16 --tensor-workers 8 --seconds 6"}
   TTA=${TTA_ARGS:-"--minutes 1 -- run.batch_size=256 optim.lr=0.001 data.num_workers=8"}
   KNN="--bank 1000000 --queries 20000 --seconds 5"
@@ -98,4 +100,5 @@ step knn 60 "$PY" $B/knn.py $KNN --out "$WORK/knn.json"
 step time_to_accuracy ${TTA_LIMIT:-200} "$PY" $B/time_to_accuracy.py --scratch "$WORK/cifar" --out "$WORK/time_to_accuracy.json" $TTA
 
 merge
+cp "$WORK"/*.profile.txt "$OUT"/ 2> /dev/null  # end_to_end's operator tables of the profiled steps
 rm -rf "$WORK"

@@ -215,3 +215,27 @@ def test_bf16_and_fp32_training_steps_agree_within_tolerance(small_folder, tmp_p
     assert len(fp32) == len(bf16) == 3
     assert bf16 == pytest.approx(fp32, rel=2e-2)  # bf16 keeps 8 bits of mantissa
     assert bf16 != fp32  # the precision setting took effect
+
+
+@pytest.mark.slow
+def test_profile_steps_writes_the_profile_of_a_real_run(small_folder, tmp_path):
+    out = tmp_path / "run"
+    overrides = TINY_OVERRIDES + [f"data.path={small_folder}", f"run.output_dir={out}", "run.epochs=2"]
+    # 48 images in batches of 4: 24 steps; the profile covers steps 11-13.
+    train(load_config(None, overrides + ["run.batch_size=4", "run.profile_steps=3"]))
+    summary = json.loads((out / "profile.json").read_text())
+    assert summary["steps"] == 3 and summary["skipped_steps"] == 10
+    assert summary["wall_ms_per_step"] > 0
+    assert summary["device_busy_fraction"] is None  # no kernels on a CPU
+    table = (out / "profile.txt").read_text()
+    assert "aten::mm" in table or "aten::addmm" in table  # the step's matrix products were recorded
+    assert json.loads((out / "profile_trace.json").read_text())["traceEvents"]
+    assert len(records(out, "iter")) > 0 and (out / "teacher_backbone.pth").is_file()  # training went on
+
+
+@pytest.mark.slow
+def test_a_run_shorter_than_the_profile_writes_no_profile(small_folder, tmp_path):
+    out = tmp_path / "run"
+    overrides = TINY_OVERRIDES + [f"data.path={small_folder}", f"run.output_dir={out}", "run.epochs=1"]
+    train(load_config(None, overrides + ["run.batch_size=16", "run.profile_steps=3"]))  # 3 steps only
+    assert not (out / "profile.json").exists() and (out / "teacher_backbone.pth").is_file()

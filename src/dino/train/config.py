@@ -121,6 +121,7 @@ class RunConfig:
     # torch.compile mode: default | reduce-overhead (adds CUDA graphs: the fastest on GPUs) | max-autotune
     # | max-autotune-no-cudagraphs
     compile_mode: str = "default"
+    profile_steps: int = 0  # profile this many steps after the first 10 (profile.* in the run dir); 0: off
     deterministic: bool = False  # deterministic algorithms (bit-exact resume on CPU)
 
 
@@ -356,7 +357,13 @@ def validate(cfg: DINOConfig) -> None:
     )
     for key in ("log_every", "keep_last"):
         _require(getattr(r, key) >= 1, f"run.{key}", f"must be >= 1, got {getattr(r, key)}")
-    for key in ("save_every_epochs", "checkpoint_every_iters", "checkpoint_every_minutes", "max_bad_steps"):
+    for key in (
+        "save_every_epochs",
+        "checkpoint_every_iters",
+        "checkpoint_every_minutes",
+        "max_bad_steps",
+        "profile_steps",
+    ):
         _require(getattr(r, key) >= 0, f"run.{key}", f"must be >= 0, got {getattr(r, key)}")
     _require(
         r.compile_mode in COMPILE_MODES,

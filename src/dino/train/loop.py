@@ -35,6 +35,7 @@ from dino.train.guard import TrainingDiverged as TrainingDiverged  # re-exported
 from dino.train.logger import RunLogger, peak_memory_gib
 from dino.train.monitors import CollapseMonitor
 from dino.train.optim import build_optimizer, cancel_last_layer_gradients, clip_gradients, set_schedules
+from dino.train.profiling import StepProfiler
 from dino.train.setup import (
     Schedules,
     build_knn_monitor,
@@ -169,6 +170,7 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
     # CUDA graphs (run.compile_mode=reduce-overhead) are told where a step starts: the previous step's
     # graph outputs are dead by then and their memory can be replayed into.
     graph_steps = cfg.run.compile and uses_cuda_graphs(cfg.run.compile_mode)
+    profiler = StepProfiler(cfg.run.profile_steps, run_dir, env.device, enabled=env.is_main)
     with PreemptionGuard() as preemption:
         while state.epoch < cfg.run.epochs:
             epoch = state.epoch
@@ -233,6 +235,7 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
                 )
                 if log_point:  # every process, so that all stop together on divergence
                     guard.poll()  # the log point reads values anyway: report skipped steps here
+                profiler.step()
                 if record is not None and collapse is not None:
                     for kind in collapse.check(record["teacher_entropy"], record["kl"]):
                         logger.event("collapse_warning", kind=kind, iteration=it)
@@ -269,6 +272,7 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
             save(keeper)
             last_save_time = time.monotonic()
 
+    profiler.close()
     if env.is_main:
         save_backbone(teacher.backbone, run_dir / "teacher_backbone.pth")
         logger.event(
