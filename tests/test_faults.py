@@ -17,6 +17,7 @@ import torch
 
 from dino.cli import main
 from dino.loss import DINOLoss
+from dino.models.multicrop import MultiCropWrapper
 from dino.train.checkpoint import CheckpointManager
 from dino.train.config import load_config
 from dino.train.loop import EXIT_PREEMPTED, TrainingDiverged, train
@@ -131,6 +132,31 @@ def test_isolated_nonfinite_losses_are_skipped(small_folder, tmp_path, monkeypat
     assert sum(e["skipped_steps"] for e in events(out, "epoch")) == 2
     state = torch.load(out / "teacher_backbone.pth", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+@pytest.mark.slow
+def test_a_nan_student_forward_leaves_no_nan_batchnorm_statistics(small_folder, tmp_path, monkeypatch):
+    # The student's forward updates its BatchNorm statistics (here the BN head's) before the loss is known
+    # to be NaN; the skipped step must put them back, or the teacher would copy NaN statistics.
+    original = MultiCropWrapper.forward
+    student_calls = {"n": 0}
+
+    def forward(self, crops):
+        if len(crops) > 2:  # the student: all views
+            student_calls["n"] += 1
+            if student_calls["n"] == 3:
+                crops = [crops[0].clone().fill_(float("nan"))] + list(crops[1:])
+        return original(self, crops)
+
+    monkeypatch.setattr(MultiCropWrapper, "forward", forward)
+    out = tmp_path / "bn"
+    overrides = [f"data.path={small_folder}", f"run.output_dir={out}", "run.epochs=2", "head.use_bn=true"]
+    train(load_config(None, TINY_OVERRIDES + overrides))
+    assert [e["iteration"] for e in events(out, "nonfinite_loss")] == [2]
+    state, _ = CheckpointManager(out).load_latest()
+    for network in ("student", "teacher"):
+        stats = {k: v for k, v in state[network].items() if "running_" in k}
+        assert stats and all(torch.isfinite(v).all() for v in stats.values()), network
 
 
 @pytest.mark.slow

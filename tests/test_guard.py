@@ -7,7 +7,7 @@ import torch
 
 from dino.loss import DINOLoss
 from dino.teacher import ema_update, init_teacher
-from dino.train.guard import NonFiniteGuard, TrainingDiverged
+from dino.train.guard import BatchNormStatsKeeper, NonFiniteGuard, TrainingDiverged
 from dino.train.optim import LARS, build_optimizer, set_schedules
 
 
@@ -30,17 +30,26 @@ def make_guard(optimizer, recorded, max_bad_steps=2, **kwargs):
 
 
 def one_step(student, teacher, optimizer, guard, dino_loss, iteration, poison):
+    """A training step as the loop runs it; ``poison`` makes the student's outputs (and so the loss and
+    the student's BatchNorm statistics) NaN."""
     x = torch.randn(16, 5)
+    bn_stats = BatchNormStatsKeeper(student, teacher)
+    bn_stats.save()
     with torch.no_grad():
         t_out = torch.cat([teacher(x), teacher(x + 0.1)])
-    s_out = torch.cat([student(x), student(x + 0.1)])
-    loss, _ = dino_loss(s_out, t_out, 0.04, update_center=False)
+    student_x = torch.cat([x, x + 0.1])
     if poison:
-        loss = loss * float("nan")
+        student_x[0, 0] = float("nan")
+    s_out = student(student_x)
+    loss, _ = dino_loss(s_out, t_out, 0.04, update_center=False)
     optimizer.zero_grad(set_to_none=True)
-    if guard.admit(iteration, loss):
+    if not guard.admit(iteration, loss):
+        bn_stats.restore()
+    else:
         dino_loss.update_center(t_out, skip=guard.mask)
         loss.backward()
+        if guard.on_device:
+            bn_stats.restore(skip=guard.mask)
         optimizer.step()
         ema_update(teacher, student, 0.9, guard.mask)
 
@@ -63,9 +72,8 @@ def test_flagged_steps_change_nothing(optimizer_name):
     guard = make_guard(optimizer, recorded, max_bad_steps=5)
     assert guard.on_device == (optimizer_name != "lars")  # the fused kernels skip on a device flag
 
-    def state():  # BN statistics move in the forward passes, before any decision: not compared
-        weights = [p.detach().clone() for p in [*student.parameters(), *teacher.parameters()]]
-        return weights + [dino_loss.center.clone()] + optimizer_state(optimizer)
+    def state():  # weights and BatchNorm statistics of both networks, the center, the optimiser state
+        return snapshot(student, teacher) + [dino_loss.center.clone()] + optimizer_state(optimizer)
 
     one_step(student, teacher, optimizer, guard, dino_loss, 0, False)
     for it in range(1, 5):

@@ -88,3 +88,48 @@ class NonFiniteGuard:
         self.on_bad_step(iteration, loss, self.consecutive)
         if self.consecutive > self.max_bad_steps:
             raise TrainingDiverged(self.divergence_message(self.consecutive))
+
+
+class BatchNormStatsKeeper:
+    """Puts back the BatchNorm running statistics of a skipped step.
+
+    The forward pass updates them before the loss is known to be finite, so a step whose student output
+    is NaN would leave NaN statistics behind (and the teacher copies the student's at its next step).
+    :meth:`save` before the forward passes; :meth:`restore` after the guard's decision: unconditionally
+    when the host decided to skip, or where the device flag says so (no host synchronisation). Each
+    costs a few kernels: the statistics are gathered into one flat tensor per dtype.
+    """
+
+    def __init__(self, *models: torch.nn.Module) -> None:
+        buffers = [
+            b
+            for model in models
+            for m in model.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+            if b is not None
+        ]
+        self._groups = [
+            [b for b in buffers if b.dtype == dtype] for dtype in dict.fromkeys(b.dtype for b in buffers)
+        ]
+        self._saved: list[torch.Tensor] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._groups)
+
+    def save(self) -> None:
+        self._saved = [torch.cat([b.reshape(-1) for b in group]) for group in self._groups]
+
+    def restore(self, skip: torch.Tensor | None = None) -> None:
+        """Back to the saved values: all of them (``skip`` None), or where the 0-dim flag ``skip`` is 1."""
+        for group, saved in zip(self._groups, self._saved, strict=True):
+            if skip is not None:
+                current = torch.cat([b.reshape(-1) for b in group])
+                saved = torch.where(skip.bool(), saved, current)
+            torch._foreach_copy_(
+                group,
+                [
+                    part.view_as(b)
+                    for part, b in zip(saved.split([b.numel() for b in group]), group, strict=True)
+                ],
+            )

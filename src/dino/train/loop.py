@@ -30,7 +30,7 @@ from dino.train.checkpoint import CheckpointManager
 from dino.train.config import DINOConfig, save_config
 from dino.train.data import build_train_data
 from dino.train.distributed import DistEnv, any_process, cleanup, init_distributed
-from dino.train.guard import NonFiniteGuard
+from dino.train.guard import BatchNormStatsKeeper, NonFiniteGuard
 from dino.train.guard import TrainingDiverged as TrainingDiverged  # re-exported: callers catch it here
 from dino.train.logger import RunLogger, peak_memory_gib
 from dino.train.monitors import CollapseMonitor
@@ -171,6 +171,7 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
     # graph outputs are dead by then and their memory can be replayed into.
     graph_steps = cfg.run.compile and uses_cuda_graphs(cfg.run.compile_mode)
     profiler = StepProfiler(cfg.run.profile_steps, run_dir, env.device, enabled=env.is_main)
+    bn_stats = BatchNormStatsKeeper(student, teacher)  # empty (and skipped) for models without BatchNorm
     with PreemptionGuard() as preemption:
         while state.epoch < cfg.run.epochs:
             epoch = state.epoch
@@ -192,6 +193,8 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
                 autocast = torch.autocast(
                     env.device.type, dtype=precision.autocast_dtype, enabled=precision.autocast
                 )
+                if bn_stats:
+                    bn_stats.save()
                 with out_of_memory_advice(cfg), autocast:
                     with torch.no_grad():
                         teacher_out = teacher(crops[:2])
@@ -201,12 +204,16 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
                 # A non-finite loss changes nothing; the guard decides on the device where it can.
                 if not guard.admit(it, loss):
                     optimizer.zero_grad(set_to_none=True)
+                    if bn_stats:
+                        bn_stats.restore()
                 else:
                     dino_loss.update_center(teacher_out, skip=guard.mask)
                     # Student update.
                     optimizer.zero_grad(set_to_none=True)
                     with out_of_memory_advice(cfg):
                         scaler.scale(loss).backward()
+                    if bn_stats and guard.on_device:  # after the backward pass, which checks their versions
+                        bn_stats.restore(skip=guard.mask)
                     if cfg.optim.clip_grad > 0:
                         scaler.unscale_(optimizer)
                         clip_gradients(student, cfg.optim.clip_grad)
