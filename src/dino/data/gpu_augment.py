@@ -434,20 +434,20 @@ def gaussian_kernels(sigma: Tensor, radius: int) -> Tensor:
     return kernels / kernels.sum(dim=1, keepdim=True)
 
 
-def _box_split(sigma: Tensor | float, passes: int) -> tuple[Tensor, Tensor]:
+def _box_split(sigma: Tensor, passes: int) -> tuple[Tensor, Tensor]:
     """Integer part ``l`` and full radius ``r`` of the extended box whose ``passes``-fold repetition has
     variance sigma² (Gwosdek et al. 2011, the formula of PIL's ``GaussianBlur``)."""
-    var = torch.as_tensor(sigma, dtype=torch.float64) ** 2 / passes
-    length = torch.sqrt(12.0 * var + 1.0)
-    whole = torch.floor((length - 1.0) / 2.0)
+    var = sigma**2 / passes
+    whole = torch.floor((torch.sqrt(12.0 * var + 1.0) - 1.0) / 2.0)
     frac = (2.0 * whole + 1.0) * (whole * (whole + 1.0) - 3.0 * var) / (6.0 * (var - (whole + 1.0) ** 2))
     return whole, whole + frac
 
 
 def box_blur_reach(max_sigma: float, passes: int = 3) -> int:
-    """Half-width in pixels of one extended-box pass for every sigma up to ``max_sigma``."""
-    whole, _ = _box_split(float(max_sigma), passes)
-    return int(whole) + 1
+    """Half-width in pixels of one extended-box pass for every sigma up to ``max_sigma``: the integer part
+    of :func:`_box_split`'s box, plus one, computed on the host (no tensor, no device read)."""
+    var = float(max_sigma) ** 2 / passes
+    return math.floor((math.sqrt(12.0 * var + 1.0) - 1.0) / 2.0) + 1
 
 
 def extended_box_kernels(sigma: Tensor, reach: int, passes: int = 3) -> Tensor:
