@@ -4,9 +4,10 @@ The profile starts after ``skip`` steps (compilation, CUDA-graph recording and t
 happen in the first ones) and covers the data path as it runs in the loop — loader workers, decoding and
 augmentation in the background thread on a GPU — together with the step. It writes into the run directory:
 
-- ``profile.json``: wall and device (kernel) milliseconds per step, the device's busy fraction (well
-  below 1: the host or the data path sets the pace), kernels per step, and the device time per CUDA
-  stream (on a GPU the step and the data path run on streams of their own);
+- ``profile.json``: wall and device (kernel) milliseconds per step, the device's busy fraction (kernel
+  time summed over all streams / wall time: well below 1, the host or the data path sets the pace; it
+  can exceed 1 where streams overlap), kernels per step, and the device time per CUDA stream (on a GPU
+  the step and the data path run on streams of their own);
 - ``profile.txt``: the operators and kernels taking the most device time and the most host time;
 - ``profile_trace.json``: the timeline, for Perfetto (https://ui.perfetto.dev) or chrome://tracing.
 """
