@@ -115,22 +115,49 @@ def test_batch_larger_than_dataset(small_folder, tmp_path, capsys):
     assert code == 2 and "run.batch_size" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_two_processes_with_torchrun(small_folder, tmp_path):
-    """DDP on the CPU (gloo): the data is split, gradients and the center are averaged across processes."""
+def skip_without_c_compiler() -> None:
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on the CPU needs a C compiler")
+
+
+def _torchrun(small_folder, out, extra, port, env=None):
+    import os
     import subprocess
     import sys
 
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            "-m", "dino.cli", "train", "--data", str(small_folder), "--output", str(out), *TINY_OVERRIDES,
-           "run.batch_size=8", "run.epochs=2"]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+           "run.batch_size=8", *extra]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stderr[-3000:]
+    return [r["loss"] for r in records(out, "iter")], done.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_with_torchrun(small_folder, tmp_path):
+    """DDP on the CPU (gloo): the data is split, gradients and the center are averaged across processes."""
+    out = tmp_path / "ddp"
+    _torchrun(small_folder, out, ["run.epochs=2"], 29533)
     start = records(out, "start")[0]
     assert start["world_size"] == 2 and start["iters_per_epoch"] == 3  # 48 images / (2 × 8)
     state = torch.load(sorted((out / "checkpoints").glob("last-*.pth"))[-1], weights_only=True)
     assert state["iteration"] == 6 and torch.isfinite(state["dino_loss"]["center"]).all()
+
+
+@pytest.mark.slow
+def test_compiled_backbones_under_ddp_give_the_eager_losses(small_folder, tmp_path):
+    """run.compile with two processes (DDP wraps the student whose backbone is compiled)."""
+    skip_without_c_compiler()
+    same = ["run.epochs=1", "model.drop_path_rate=0.0"]  # no random drop: comparable
+    eager, _ = _torchrun(small_folder, tmp_path / "eager", same, 29534)
+    compiled, log = _torchrun(
+        small_folder, tmp_path / "compiled", [*same, "run.compile=true"], 29535, {"TORCH_LOGS": "recompiles"}
+    )
+    assert "Recompiling function forward" in log  # dynamo compiled the backbones (a graph per crop size)
+    assert len(eager) == len(compiled) == 3
+    assert compiled == pytest.approx(eager, rel=1e-4)
 
 
 @pytest.mark.slow
@@ -189,10 +216,7 @@ def _first_losses(small_folder, out, extra: list[str]) -> list[float]:
 
 @pytest.mark.slow
 def test_compiled_and_eager_training_steps_give_the_same_losses(small_folder, tmp_path):
-    import shutil
-
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("torch.compile on the CPU needs a C compiler")
+    skip_without_c_compiler()
     from torch._dynamo.utils import counters
 
     eager = _first_losses(small_folder, tmp_path / "eager", [])
