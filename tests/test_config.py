@@ -71,6 +71,7 @@ def test_overrides_and_round_trip(tmp_path):
         ("data.solarize_prob=2", "data.solarize_prob"),
         ("data.augment_on=gpu", "data.augment_on"),
         ("run.compile_mode=cudagraphs", "run.compile_mode"),
+        ("run.compile_mode=reduce-overhead", "run.compile_mode"),  # without run.compile=true
     ],
 )
 def test_invalid_values_name_the_key(override, key):

@@ -371,6 +371,11 @@ def validate(cfg: DINOConfig) -> None:
         f"must be one of {', '.join(COMPILE_MODES)}, got {r.compile_mode!r}",
     )
     _require(
+        r.compile or r.compile_mode == "default",
+        "run.compile_mode",
+        f"{r.compile_mode!r} only applies to compiled backbones: add run.compile=true",
+    )
+    _require(
         r.progress_bar in ("auto", "always", "never"),
         "run.progress_bar",
         f"must be auto, always or never, got {r.progress_bar!r}",
