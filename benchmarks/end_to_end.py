@@ -67,14 +67,16 @@ def subset(root: Path, count: int, dest: Path) -> Path:
 
 def steady_rate(log_file: Path, images_per_step: int, exclude: tuple[int, int] | None = None) -> dict:
     """Images/s between consecutive log points of the same epoch (start-up, worker start and the epoch-end
-    checkpoint fall outside), leaving out intervals that overlap the iterations ``exclude`` = [a, b)."""
+    checkpoint fall outside), leaving out the intervals that hold any of the iterations ``exclude`` =
+    (first, last), both included (an interval between log points ``before`` and ``after`` holds the
+    iterations ``before + 1 .. after``)."""
     records = [json.loads(line) for line in log_file.read_text().splitlines()]
     iters = [r for r in records if r["type"] == "iter"]
     steps = seconds = 0.0
     for before, after in itertools.pairwise(iters):
         if before["epoch"] != after["epoch"]:
             continue
-        if exclude and before["iteration"] < exclude[1] and after["iteration"] > exclude[0]:
+        if exclude and before["iteration"] < exclude[1] and after["iteration"] >= exclude[0]:
             continue
         steps += after["iteration"] - before["iteration"]
         seconds += after["time"] - before["time"]
@@ -95,7 +97,7 @@ def run_variant(args: argparse.Namespace, name: str, data: Path, gpu: bool, work
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     # The profiled steps (iterations PROFILE_SKIP .. PROFILE_SKIP + N; the last one also pays for writing
     # the profile) run slower: log intervals holding any of them are left out.
-    profiled = (PROFILE_SKIP - 1, PROFILE_SKIP + args.profile_steps) if args.profile_steps else None
+    profiled = (PROFILE_SKIP, PROFILE_SKIP + args.profile_steps) if args.profile_steps else None
     row = {
         "variant": name,
         "overrides": VARIANTS[name](gpu),
