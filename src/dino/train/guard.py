@@ -112,6 +112,7 @@ class BatchNormStatsKeeper:
         self._groups = [
             [b for b in buffers if b.dtype == dtype] for dtype in dict.fromkeys(b.dtype for b in buffers)
         ]
+        self._sizes = [[b.numel() for b in group] for group in self._groups]
         self._saved: list[torch.Tensor] = []
 
     def __bool__(self) -> bool:
@@ -122,14 +123,9 @@ class BatchNormStatsKeeper:
 
     def restore(self, skip: torch.Tensor | None = None) -> None:
         """Back to the saved values: all of them (``skip`` None), or where the 0-dim flag ``skip`` is 1."""
-        for group, saved in zip(self._groups, self._saved, strict=True):
+        for group, sizes, saved in zip(self._groups, self._sizes, self._saved, strict=True):
             if skip is not None:
                 current = torch.cat([b.reshape(-1) for b in group])
                 saved = torch.where(skip.bool(), saved, current)
-            torch._foreach_copy_(
-                group,
-                [
-                    part.view_as(b)
-                    for part, b in zip(saved.split([b.numel() for b in group]), group, strict=True)
-                ],
-            )
+            parts = saved.split(sizes)
+            torch._foreach_copy_(group, [part.view_as(b) for part, b in zip(parts, group, strict=True)])
