@@ -132,8 +132,8 @@ def train_losses(student, teacher, views, steps: int, graphs: bool) -> list[floa
 
 def check_compile(device: torch.device) -> dict:
     """Three training steps eager and with compiled backbones (``default`` and ``reduce-overhead``, the
-    latter replaying CUDA graphs on a GPU) give the same losses; and stochastic depth draws new masks at
-    every replay of a recorded graph (the same input and weights give different outputs each time)."""
+    latter replaying CUDA graphs on a GPU) give the same losses."""
+    torch._dynamo.reset()
     views = crops(device, batch=8, locals_=2)
     results: dict = {}
     depth = 4  # fewer blocks compile faster; the graphs have the same kinds of operators
@@ -147,8 +147,20 @@ def check_compile(device: torch.device) -> dict:
         results[f"{mode}_largest_relative_diff"] = max(
             abs(c - e) / abs(e) for c, e in zip(losses, eager, strict=True)
         )
+    results["ok"] = all(results[f"{m}_largest_relative_diff"] < 1e-3 for m in ("default", "reduce-overhead"))
+    return results
+
+
+def check_compile_drop_path(device: torch.device) -> dict:
+    """Stochastic depth in a backbone replayed as a CUDA graph draws new masks at every replay (the same
+    input and weights give different outputs each time). A check of its own, after a reset of the
+    compiled graphs: on an H200 (torch 2.11, 2026-11-27), run after the loss comparison in one check, its
+    backward pass failed with "accessing tensor output of CUDAGraphs that has been overwritten by a
+    subsequent run", which hid the losses; the cause is not known yet."""
+    torch._dynamo.reset()
+    views = crops(device, batch=8, locals_=2)
     torch.manual_seed(0)
-    backbone, _ = build_backbone("vit_tiny", 16, 224, 0.5, depth)
+    backbone, _ = build_backbone("vit_tiny", 16, 224, 0.5, 4)
     compiled = torch.compile(backbone.to(device).train(), dynamic=False, mode="reduce-overhead")
     outputs = []
     for _ in range(4):  # the first two calls warm up and record; the last two replay
@@ -157,11 +169,7 @@ def check_compile(device: torch.device) -> dict:
         out.sum().backward()
         outputs.append(out.detach().clone())
     fresh = all(not torch.equal(a, b) for i, a in enumerate(outputs) for b in outputs[i + 1 :])
-    results["stochastic_depth_differs_per_replay"] = fresh
-    results["ok"] = fresh and all(
-        results[f"{m}_largest_relative_diff"] < 1e-3 for m in ("default", "reduce-overhead")
-    )
-    return results
+    return {"stochastic_depth_differs_per_replay": fresh, "ok": fresh}
 
 
 def check_guard(device: torch.device) -> dict:
@@ -194,7 +202,9 @@ def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--jpegs", type=Path, required=True, help="a folder of JPEG files")
     parser.add_argument(
-        "--checks", default="decode,augment,precision,guard,compile", help="which checks to run"
+        "--checks",
+        default="decode,augment,precision,guard,compile,compile_drop_path",
+        help="which checks to run",
     )
     args = parser.parse_args()
     device = pick_device(args.device)
@@ -206,6 +216,7 @@ def main() -> None:
         "precision": lambda: check_precision(device),
         "guard": lambda: check_guard(device),
         "compile": lambda: check_compile(device),
+        "compile_drop_path": lambda: check_compile_drop_path(device),
     }
     unknown = set(args.checks.split(",")) - set(checks)
     if unknown:

@@ -6,7 +6,7 @@ teacher's weighted k-NN accuracy (k = 20, T = 0.07) on the held-out images, next
 random initialisation. The k-NN bank is ``--bank`` labelled training images per class.
 
     python benchmarks/time_to_accuracy.py --minutes 15 --out results/time_to_accuracy_cpu.json
-    python benchmarks/time_to_accuracy.py --config cifar_small --minutes 10 -- run.batch_size=256   # GPU
+    python benchmarks/time_to_accuracy.py --config cifar_resnet18 --minutes 8 --curve 5   # GPU
 """
 
 from __future__ import annotations
@@ -79,6 +79,64 @@ def knn(weights: Path, random_init: bool, bank: Path, test: Path, crop: int, mea
     return {"top1": acc[0], "top5": acc[1], "extract_seconds": seconds}
 
 
+PROBE_RECORDS = 8  # log intervals the speed probe waits for (it uses the median of the last 6)
+
+
+def probe_rate(config: str, train_dir: Path, probe_dir: Path, overrides: list[str], batch: int) -> float:
+    """Training images/s of ``config`` here: the median of a short run's log intervals after the first two
+    (which include the warm-up). The run is stopped once it has logged enough."""
+    cmd = [sys.executable, "-m", "dino.cli", "train", "--config", config, "--data", str(train_dir),
+           "--output", str(probe_dir), "--no-resume", *overrides, "run.epochs=1",
+           "run.progress_bar=never", f"run.log_every={max(1, 512 // batch)}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = probe_dir / "log.jsonl"
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline:
+            finished = proc.poll() is not None
+            iters = _records(log, "iter") if log.is_file() else []
+            if len(iters) >= PROBE_RECORDS or (finished and len(iters) >= 3):
+                rates = sorted(r["images_per_s"] for r in iters[2:])
+                return rates[len(rates) // 2]
+            epochs = _records(log, "epoch") if finished and log.is_file() else []
+            if epochs:  # a dataset too small for enough log intervals: its epoch's rate
+                return epochs[-1]["images_per_s"]
+            if finished:
+                break
+            time.sleep(1)
+    finally:
+        proc.kill()
+        proc.wait()
+    sys.exit(
+        f"could not measure the training speed (the probe run in {probe_dir} failed or logged too little)"
+    )
+
+
+def _records(log: Path, kind: str) -> list[dict]:
+    if not log.is_file():
+        return []
+    return [r for r in map(json.loads, log.read_text().splitlines()) if r.get("type") == kind]
+
+
+def curve(log: Path, wall_start: float) -> list[dict]:
+    """The run's k-NN monitor results: epoch, minutes since the training command started, top-1/top-5."""
+    return [
+        {
+            "epoch": r["epoch"] + 1,
+            "minutes": (r["time"] - wall_start) / 60,
+            "top1": r.get("knn_top1"),
+            "top5": r.get("knn_top5"),
+        }  # fmt: skip
+        for r in _records(log, "knn")
+    ]
+
+
+def training_rate(log: Path) -> float | None:
+    """Median images/s of the run's log intervals (the steady rate; warm-up and k-NN pauses are outliers)."""
+    rates = sorted(r["images_per_s"] for r in _records(log, "iter") if "images_per_s" in r)
+    return rates[len(rates) // 2] if rates else None
+
+
 def main() -> None:
     parser = benchmark_parser(__doc__, device=False)
     parser.add_argument("--config", default="cifar_small")
@@ -93,6 +151,13 @@ def main() -> None:
     )
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/dino-cifar10"))
     parser.add_argument("--run-dir", type=Path, default=None)
+    parser.add_argument(
+        "--curve",
+        type=int,
+        default=0,
+        help="also evaluate k-NN during training about this many times (the run's k-NN monitor, on the "
+        "same bank and held-out images; its time counts in the training minutes)",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides for dino train")
     args = parser.parse_args()
 
@@ -101,30 +166,22 @@ def main() -> None:
     n_train = sum(1 for _ in train_dir.rglob("*.jpg"))
     epochs = args.epochs
     if not epochs:  # images/s from the preset's own throughput on this machine is not known yet: probe it
-        probe_dir = args.scratch / "probe"
-        cmd = [sys.executable, "-m", "dino.cli", "train", "--config", args.config, "--data", str(train_dir),
-               "--output", str(probe_dir), "--no-resume", *args.overrides, "run.epochs=1",
-               "run.progress_bar=never", f"run.log_every={max(1, 2048 // cfg.run.batch_size)}"]  # fmt: skip
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        log = probe_dir / "log.jsonl"
-        rate = None
-        deadline = time.monotonic() + 600
-        while rate is None and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(2)
-            if log.is_file():
-                iters = [json.loads(line) for line in log.read_text().splitlines() if '"iter"' in line]
-                if len(iters) >= 2:
-                    rate = iters[-1]["images_per_s"]
-        proc.kill()
-        proc.wait()
-        if rate is None:
-            sys.exit("could not measure the training speed (probe run failed)")
+        rate = probe_rate(args.config, train_dir, args.scratch / "probe", args.overrides, cfg.run.batch_size)
         epochs = max(1, int(args.minutes * 60 * rate / n_train))
     run_dir = args.run_dir or args.scratch / f"run-{args.config}-{epochs}ep"
+    monitor = []
+    if args.curve:
+        every = max(1, round(epochs / args.curve))
+        monitor = [
+            f"monitor.knn_every={every}",
+            f"monitor.knn_train={bank_dir}",
+            f"monitor.knn_val={test_dir}",
+        ]
     cmd = [sys.executable, "-m", "dino.cli", "train", "--config", args.config, "--data", str(train_dir),
-           "--output", str(run_dir), "--no-resume", *args.overrides, f"run.epochs={epochs}",
+           "--output", str(run_dir), "--no-resume", *monitor, *args.overrides, f"run.epochs={epochs}",
            "run.progress_bar=never"]  # fmt: skip
     start = time.perf_counter()
+    wall_start = time.time()
     subprocess.run(cmd, check=True)
     train_minutes = (time.perf_counter() - start) / 60
     d = cfg.data
@@ -140,11 +197,17 @@ def main() -> None:
         "train_minutes": train_minutes,
         "knn_k20_trained": trained,
         "knn_k20_random_init": baseline,
+        "knn_curve": curve(run_dir / "log.jsonl", wall_start),
+        "images_per_s": training_rate(run_dir / "log.jsonl"),
     }
     table = [
         {"model": "random init", "k-NN top-1 (k=20)": baseline["top1"]},
         {"model": f"{args.config}, {epochs} epochs, {train_minutes:.1f} min", "k-NN top-1 (k=20)": trained["top1"]},
     ]  # fmt: skip
+    table[1:1] = [
+        {"model": f"  monitor: epoch {c['epoch']}, {c['minutes']:.1f} min", "k-NN top-1 (k=20)": c["top1"]}
+        for c in body["knn_curve"]
+    ]
     report("time_to_accuracy", pick_device("auto"), body, table, args.out)
 
 

@@ -171,6 +171,29 @@ def test_resnet_exports_load_into_torchvision_and_timm(tmp_path):
     assert torch.equal(features(model, 32), x_out)
 
 
+def test_small_stem_resnet_round_trips_and_its_load_hint_builds_it(tmp_path):
+    import torchvision
+
+    from dino.models.backbones import build_backbone
+
+    model, dim = build_backbone("resnet18_cifar")
+    assert dim == 512 and model.conv1.kernel_size == (3, 3) and isinstance(model.maxpool, torch.nn.Identity)
+    model.eval()
+    torch.save(model.state_dict(), tmp_path / "rn.pth")
+    x_out = features(model, 16)
+    loaded = hub.load(tmp_path / "rn.pth")  # the stem is told apart by its 3×3 first convolution
+    assert loaded.arch == "resnet18_cifar" and torch.equal(features(loaded.model, 16), x_out)
+    safetensors = export_backbone(tmp_path / "rn.pth", "safetensors")
+    assert torch.equal(features(hub.load(safetensors.path).model, 16), x_out)
+    exported = export_backbone(tmp_path / "rn.pth", "dino", tmp_path / "rn_dino.pth")
+    m = torchvision.models.resnet18()
+    exec(exported.load_hint.replace(f"torch.load({str(exported.path)!r})", "state"),  # the printed recipe
+         {"torchvision": torchvision, "torch": torch, "m": m, "state": torch.load(exported.path)})  # fmt: skip
+    with pytest.raises(WeightsError, match="no timm ResNet builds"):
+        export_backbone(tmp_path / "rn.pth", "timm")
+    assert not list(tmp_path.glob("*timm*"))
+
+
 def test_export_resamples_to_another_input_size(run_dir, tmp_path):
     exported = export_backbone(run_dir, "safetensors", tmp_path / "big.safetensors", img_size=32)
     loaded = hub.load(exported.path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -263,3 +264,33 @@ def test_a_run_shorter_than_the_profile_writes_no_profile(small_folder, tmp_path
     overrides = TINY_OVERRIDES + [f"data.path={small_folder}", f"run.output_dir={out}", "run.epochs=1"]
     train(load_config(None, overrides + ["run.batch_size=16", "run.profile_steps=3"]))  # 3 steps only
     assert not (out / "profile.json").exists() and (out / "teacher_backbone.pth").is_file()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_sgd_takes_a_parameter_whose_first_gradient_comes_late(fused):
+    """The head's last layer is frozen (no gradient) for the first epochs; fused SGD used to stop with a
+    TypeError at its first gradient. The updates are those of PyTorch's own SGD created fresh."""
+    from dino.train.optim import build_optimizer, set_schedules
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    reference = copy.deepcopy(model)
+    optimizer = build_optimizer(model, "sgd", momentum=0.9, fused=fused)
+    set_schedules(optimizer, 0.1, 1e-4)
+    grads = [[torch.randn_like(p) for p in model.parameters()] for _ in range(3)]
+    for step, step_grads in enumerate(grads):
+        for i, (p, g) in enumerate(zip(model.parameters(), step_grads, strict=True)):
+            p.grad = None if step == 0 and i >= 2 else g.clone()  # layer 2 frozen at the first step
+        optimizer.step()
+    # PyTorch's SGD (for-loop), layer 2 joining at step 1 with a fresh optimizer state for it.
+    params = list(reference.parameters())
+    plain = torch.optim.SGD(
+        [{"params": [params[0]], "weight_decay": 1e-4}, {"params": [params[1], params[3]], "weight_decay": 0.0},
+         {"params": [params[2]], "weight_decay": 1e-4}], lr=0.1, momentum=0.9, foreach=False,
+    )  # fmt: skip
+    for step, step_grads in enumerate(grads):
+        for i, (p, g) in enumerate(zip(params, step_grads, strict=True)):
+            p.grad = None if step == 0 and i >= 2 else g.clone()
+        plain.step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b)

@@ -31,6 +31,7 @@ from dino.hub import (
     resize_pos_embed,
     resolve_weights,
 )
+from dino.models.backbones import SMALL_STEM_SUFFIX
 
 ExportFormat = Literal["dino", "safetensors", "timm"]
 EXPORT_FORMATS: tuple[str, ...] = ("dino", "safetensors", "timm")
@@ -89,6 +90,10 @@ def timm_model_args(weights: BackboneWeights) -> tuple[str, dict[str, Any]]:
     arch = weights.arch
     if arch.startswith("timm:"):
         return arch.removeprefix("timm:"), {"num_classes": 0}
+    if arch.endswith(SMALL_STEM_SUFFIX):
+        raise WeightsError(
+            f"{arch} has a 3×3 stride-1 stem that no timm ResNet builds; export it as pth or safetensors"
+        )
     if not arch.startswith("vit_"):
         return arch, {"num_classes": 0}
     name_patch = weights.patch_size if (arch, weights.patch_size) in _TIMM_VITS else 16
@@ -106,6 +111,7 @@ def to_timm_state_dict(weights: BackboneWeights) -> dict[str, torch.Tensor]:
     """``weights`` renamed for timm. The DINO ViT and ResNet key layouts are timm's own (``norm`` is the
     final norm of token pooling, there is no ``fc_norm``; the classifier ``head``/``fc`` is absent because
     the model is created with ``num_classes=0``), so this checks the layout rather than renaming."""
+    timm_model_args(weights)  # refuses architectures timm does not build
     state = weights.state
     if weights.arch.startswith("vit_"):
         stray = sorted(
@@ -215,9 +221,13 @@ def _load_hint(path: Path, fmt: str, weights: BackboneWeights) -> str:
     if fmt == "safetensors":
         return f"dino.hub.load({str(path)!r})  # or safetensors.torch.load_file(...); metadata: arch, patch_size, img_size, depth"
     if not weights.arch.startswith("vit_"):
+        stem = ""
+        if weights.arch.endswith(SMALL_STEM_SUFFIX):
+            width = int(weights.state["conv1.weight"].shape[0])
+            stem = f"m.conv1 = torch.nn.Conv2d(3, {width}, 3, 1, 1, bias=False); m.maxpool = torch.nn.Identity(); "
         return (
-            f"m = torchvision.models.{weights.arch}(); m.fc = torch.nn.Identity(); "
-            f"m.load_state_dict(torch.load({str(path)!r}), strict=True)"
+            f"m = torchvision.models.{weights.arch.removesuffix(SMALL_STEM_SUFFIX)}(); {stem}"
+            f"m.fc = torch.nn.Identity(); m.load_state_dict(torch.load({str(path)!r}), strict=True)"
         )
     from dino.models.vision_transformer import VIT_SIZES
 

@@ -352,7 +352,7 @@ class DeviceMultiCropLoader:
 
     def __init__(
         self,
-        loader: DataLoader,
+        loader: DataLoader | None,  # None in subclasses that supply decoded batches themselves
         augment: BatchMultiCrop,
         device: torch.device | str,
         seed: int = 0,
@@ -402,28 +402,32 @@ class DeviceMultiCropLoader:
         # reads of sizes and counts then wait for this stream's work only, not for the training step
         # still running on the main stream. An event marks where each batch is complete.
         side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        for step, (encoded, labels, unreadable) in enumerate(self.loader, start=self.start_step):
+        batches = self._decoded_batches()
+        while True:
             ready = None
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                crops, labels, skipped = self._prepare(step, encoded, labels, unreadable)
+                item = next(batches, None)  # decoding runs here, on the side stream
+                if item is None:
+                    return
+                step, images, labels, skipped = item
+                crops: list[Tensor] = []
+                if len(images):
+                    self.generator.manual_seed(self.batch_seed(step))
+                    crops = self.augment(images, self.generator)
                 if side is not None:
                     ready = torch.cuda.Event()
                     ready.record(side)
             yield crops, labels, skipped, ready
 
-    def _prepare(
-        self, step: int, encoded: list[Tensor], labels: Tensor, unreadable: int
-    ) -> tuple[list[Tensor], Tensor, int]:
-        decoded = decode_batch(encoded, self.device, self.max_pixels)
-        if decoded.failed:
-            failed = set(decoded.failed)
-            keep = torch.tensor([i for i in range(len(encoded)) if i not in failed], dtype=torch.long)
-            labels = labels[keep]
-        skipped = unreadable + len(decoded.failed)
-        if not decoded.images:
-            return [], labels, skipped
-        self.generator.manual_seed(self.batch_seed(step))
-        return self.augment(decoded.images, self.generator), labels, skipped
+    def _decoded_batches(self) -> Iterator[tuple[int, Sequence[Tensor] | Tensor, Tensor, int]]:
+        """``(step, decoded images, their labels, files skipped)`` for each batch of the epoch."""
+        for step, (encoded, labels, unreadable) in enumerate(self.loader, start=self.start_step):
+            decoded = decode_batch(encoded, self.device, self.max_pixels)
+            if decoded.failed:
+                failed = set(decoded.failed)
+                keep = torch.tensor([i for i in range(len(encoded)) if i not in failed], dtype=torch.long)
+                labels = labels[keep]
+            yield step, decoded.images, labels, unreadable + len(decoded.failed)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self.device}, augment={self.augment}, batches={len(self)})"

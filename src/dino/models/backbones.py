@@ -1,4 +1,5 @@
-"""Backbone registry: ``vit_{tiny,small,base,large}``, torchvision ResNets, and optionally timm models."""
+"""Backbone registry: ``vit_{tiny,small,base,large}``, torchvision ResNets (also with a small-image stem),
+and optionally timm models."""
 
 from __future__ import annotations
 
@@ -7,10 +8,23 @@ from torch import nn
 from dino.models.vision_transformer import VIT_SIZES, vit
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
+# ``resnet18_cifar`` …: the same network with the stem of small-image (32 px) work — a 3×3 stride-1 first
+# convolution and no max-pool, so a 32 px input keeps a 32×32 map into layer1 instead of 8×8.
+SMALL_STEM_SUFFIX = "_cifar"
+SMALL_STEM_RESNETS = tuple(name + SMALL_STEM_SUFFIX for name in RESNETS)
 
 
 def available_archs() -> list[str]:
-    return [f"vit_{size}" for size in VIT_SIZES] + list(RESNETS) + ["timm:<model name>"]
+    return (
+        [f"vit_{size}" for size in VIT_SIZES]
+        + list(RESNETS)
+        + list(SMALL_STEM_RESNETS)
+        + ["timm:<model name>"]
+    )
+
+
+def is_resnet(arch: str) -> bool:
+    return arch in RESNETS or arch in SMALL_STEM_RESNETS
 
 
 def build_backbone(
@@ -22,12 +36,18 @@ def build_backbone(
     if arch.startswith("vit_"):
         model = vit(arch.removeprefix("vit_"), patch_size, img_size, drop_path_rate, depth)
         return model, model.embed_dim
-    if arch in RESNETS:
+    if is_resnet(arch):
         import torchvision
 
-        model = getattr(torchvision.models, arch)(weights=None)
+        small_stem = arch.endswith(SMALL_STEM_SUFFIX)
+        model = getattr(torchvision.models, arch.removesuffix(SMALL_STEM_SUFFIX))(weights=None)
         dim = model.fc.in_features
         model.fc = nn.Identity()
+        if small_stem:
+            width = model.conv1.out_channels
+            model.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision
+            model.maxpool = nn.Identity()
         return model, dim
     if arch.startswith("timm:"):
         try:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dino.data.datasets import ImageFolderDataset, check_usable, collate_skipping_bad
 from dino.data.gpu_augment import BatchMultiCrop
 from dino.data.gpu_loader import DeviceMultiCropLoader, EncodedImageDataset, collate_encoded
+from dino.data.in_memory import DecodedImages, InMemoryMultiCropLoader, InMemoryTooLarge
 from dino.data.sample import sample_dataset
 from dino.data.transforms import MultiCropAugmentation
 from dino.train.config import ConfigError, DINOConfig
@@ -87,7 +88,8 @@ def _ignore_preemption_signals(worker_id: int) -> None:
 class TrainData:
     dataset: ImageFolderDataset
     sampler: ResumableSampler
-    loader: DataLoader | DeviceMultiCropLoader  # both yield (crops, labels, number of unreadable files)
+    # All yield (crops, labels, number of unreadable files); the in-memory loader is a DeviceMultiCropLoader.
+    loader: DataLoader | DeviceMultiCropLoader
     iters_per_epoch: int
 
     def set_epoch(self, epoch: int, step: int, batch_size: int) -> None:
@@ -141,6 +143,20 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
         )
     sampler = ResumableSampler(len(dataset), cfg.run.seed, rank, world_size)
     workers = resolve_num_workers(d.num_workers)
+    if d.in_memory:
+        if not on_device:
+            raise ConfigError(
+                f"data.in_memory: the augmentation runs in loader workers on {device} (data.augment_on="
+                f"{d.augment_on}); set data.augment_on=device to augment the decoded images in batches"
+            )
+        try:
+            images = DecodedImages(dataset, device, threads=max(1, workers))
+        except InMemoryTooLarge as err:
+            raise ConfigError(str(err)) from err
+        loader = InMemoryMultiCropLoader(
+            images, sampler, batch, BatchMultiCrop(**crop_args), seed=cfg.run.seed, rank=rank
+        )
+        return TrainData(dataset, sampler, loader, sampler.per_rank() // batch)
     loader = DataLoader(
         SeededDataset(EncodedImageDataset(dataset) if on_device else dataset),
         batch_size=batch,

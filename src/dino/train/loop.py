@@ -82,6 +82,8 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
     torch.manual_seed(cfg.run.seed + env.rank)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=env.device.type != "cpu")
+    elif env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop shapes: cuDNN picks its fastest convolutions once
     run_dir = Path(cfg.run.output_dir).expanduser()
     data = build_train_data(cfg, env.rank, env.world_size, env.device)
     precision = resolve_precision(cfg.run.precision, env.device)

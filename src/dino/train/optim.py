@@ -73,7 +73,16 @@ def build_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, fused=fused or None)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=momentum, fused=fused or None)
+        sgd = torch.optim.SGD(groups, lr=0.0, momentum=momentum, fused=fused or None)
+        if momentum:
+            # Fused SGD fills missing momentum buffers only when all are missing: a parameter whose first
+            # gradient comes later than the others' (the head's last layer, frozen for the first epochs)
+            # would stop it with a TypeError. Zero buffers from the start give the same updates
+            # (the first update of a buffer is then momentum × 0 + grad = grad, as when it is created).
+            for group in sgd.param_groups:
+                for param in group["params"]:
+                    sgd.state[param]["momentum_buffer"] = torch.zeros_like(param)
+        return sgd
     if name == "lars":
         return LARS(groups, lr=0.0, momentum=momentum)
     raise ValueError(f"optimizer must be adamw, sgd or lars, got {name!r}")
