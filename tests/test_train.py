@@ -101,6 +101,18 @@ def test_cli_refuses_bad_input_before_work(tmp_path, capsys):
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 
+def test_cli_takes_overrides_before_and_after_options(capsys):
+    from dino.cli import parse_args
+
+    args = parse_args(["train", "run.epochs=2", "--output", "o", "optim.lr=0.1", "--no-resume", "run.seed=3"])
+    assert args.overrides == ["run.epochs=2", "optim.lr=0.1", "run.seed=3"] and args.output == "o"
+    with pytest.raises(SystemExit):
+        parse_args(["train", "run.epochs=2", "--output", "o", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["presets", "run.epochs=2"])  # only train takes overrides
+
+
 def test_batch_larger_than_dataset(small_folder, tmp_path, capsys):
     code = main(
         [
@@ -294,3 +306,33 @@ def test_sgd_takes_a_parameter_whose_first_gradient_comes_late(fused):
         plain.step()
     for a, b in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_lars_follows_the_layer_wise_trust_ratio_update():
+    """LARS (You et al. 2017, as in the released DINO): for weights, u = g + wd·w scaled by
+    eta·‖w‖/‖u‖; biases and norms plain momentum SGD; mu ← m·mu + u; w ← w − lr·mu."""
+    from dino.train.optim import build_optimizer, set_schedules
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
+    with torch.no_grad():
+        model[2].weight.zero_()  # a zero weight: the trust ratio falls back to 1
+    expected = {name: p.detach().clone() for name, p in model.named_parameters()}
+    mu = {name: torch.zeros_like(p) for name, p in expected.items()}
+    optimizer = build_optimizer(model, "lars", momentum=0.9)
+    set_schedules(optimizer, 0.3, 1e-4)
+    for _ in range(3):
+        grads = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+        for name, p in model.named_parameters():
+            p.grad = grads[name].clone()
+        optimizer.step()
+        for name, w in expected.items():
+            u = grads[name]
+            if w.ndim > 1:
+                u = u + 1e-4 * w
+                w_norm, u_norm = float(w.norm()), float(u.norm())
+                u = u * (0.001 * w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0)
+            mu[name] = 0.9 * mu[name] + u
+            expected[name] = w - 0.3 * mu[name]
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], msg=name)
