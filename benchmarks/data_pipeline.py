@@ -11,6 +11,7 @@ Images/s are measured in steady state (the first batch, which pays for worker st
 each measurement stops after --seconds. Writes JSON (hardware, command, data used) and prints a table.
 
     python benchmarks/data_pipeline.py                                   # bundled 32x32 CIFAR sample, CPU
+    python benchmarks/data_pipeline.py --make-jpegs 2000x1500 --full-decode  # large photos: reduced decode
     python benchmarks/data_pipeline.py --data /path/to/imagenet/train --device cuda --images 4096 \\
         --workers 0,4,8 --tensor-workers 4 --out results/data_pipeline.json
 """
@@ -23,7 +24,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from _common import benchmark_parser, pick_device, report, sync
+from _common import benchmark_parser, imagenet_sized_jpegs, pick_device, report, sync
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
@@ -69,8 +70,14 @@ def _loader(dataset, args: argparse.Namespace, workers: int, collate, pin_memory
     )
 
 
-def measure_cpu_pil(root: Path, indices: list[int], args: argparse.Namespace, workers: int) -> dict:
-    dataset = Subset(ImageFolderDataset(root, transform=MultiCropAugmentation(**_crop_kwargs(args))), indices)
+def measure_cpu_pil(
+    root: Path, indices: list[int], args: argparse.Namespace, workers: int, reduced: bool = True
+) -> dict:
+    """The CPU pipeline as training builds it: JPEGs decoded at reduced size where every crop allows
+    (``data.reduced_decode``, the default), or always at full size (``reduced=False``)."""
+    augment = MultiCropAugmentation(**_crop_kwargs(args))
+    reduction = augment.decode_reduction if reduced else None
+    dataset = Subset(ImageFolderDataset(root, transform=augment, decode_reduction=reduction), indices)
     loader = _loader(dataset, args, workers, collate_skipping_bad)
     return _steady_rate(loader, torch.device("cpu"), args.seconds)
 
@@ -118,6 +125,8 @@ def _describe_data(args: argparse.Namespace, root: Path, count: int) -> dict:
     what = (
         f"folder {root}"
         if args.data
+        else f"JPEGs made from the CIFAR-10 copy, upscaled to {args.make_jpegs} (smoother than photos)"
+        if args.make_jpegs
         else "bundled CIFAR-10 sample (dino.data.sample_dataset('train'): 32x32 JPEGs, upscaled by the crops)"
     )
     return {"description": what, "root": str(root), "images_used": count, "example_sizes_wh": sizes}
@@ -139,6 +148,17 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seconds", type=float, default=3.0, help="time limit of each measurement")
+    parser.add_argument(
+        "--full-decode",
+        action="store_true",
+        help="also the CPU pipeline decoding every JPEG at full size (data.reduced_decode=false)",
+    )
+    parser.add_argument(
+        "--make-jpegs",
+        metavar="WxH",
+        help="without --data: make --images JPEGs of this size from the CIFAR-10 copy (e.g. 2000x1500) and use them",
+    )
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/dino-data-pipeline"))
     args = parser.parse_args()
     if args.images < 2 * args.batch:
         parser.error(
@@ -148,6 +168,9 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     root = args.data if args.data is not None else sample_dataset("train")
+    if args.make_jpegs and args.data is None:
+        width, height = (int(v) for v in args.make_jpegs.lower().split("x"))
+        root = imagenet_sized_jpegs(args.scratch / f"jpegs-{width}x{height}", args.images, (width, height))
     total = len(ImageFolderDataset(root).samples)
     # Spread the images over the folder (all classes), in a fixed order.
     step = max(1, total // args.images)
@@ -161,6 +184,11 @@ def main() -> None:
                 {"pipeline": "cpu-pil", "device": "cpu", "workers": workers}
                 | measure_cpu_pil(root, indices, args, workers)
             )
+            if args.full_decode:
+                results.append(
+                    {"pipeline": "cpu-pil-full-decode", "device": "cpu", "workers": workers}
+                    | measure_cpu_pil(root, indices, args, workers, reduced=False)
+                )
         results.append(
             {"pipeline": "tensor", "device": str(device)} | measure_tensor(root, indices, args, device)
         )

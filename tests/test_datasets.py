@@ -275,3 +275,77 @@ def test_sample_dataset_splits() -> None:
     assert not train_names & {p.relative_to(val.root) for p, _ in val.samples}
     with pytest.raises(ValueError, match="unknown sample split"):
         sample_dataset("test")
+
+
+def _smooth_photo(path: Path, size: tuple[int, int], exif: bytes | None = None) -> Path:
+    """A smooth (photo-like) JPEG: random 8×6 colours upscaled bicubically."""
+    rng = np.random.default_rng(1)
+    small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    small.resize(size, Image.Resampling.BICUBIC).save(path, quality=92, **({"exif": exif} if exif else {}))
+    return path
+
+
+def test_reduced_decoding_picks_the_largest_dct_scale_the_factor_allows(tmp_path: Path) -> None:
+    from dino.data.datasets import load_rgb
+
+    jpeg = _smooth_photo(tmp_path / "a.jpg", (640, 480))
+    assert load_rgb(jpeg, reduction=lambda w, h: 4.0).size == (160, 120)
+    assert load_rgb(jpeg, reduction=lambda w, h: 3.0).size == (320, 240)  # 1/4 would be too small
+    assert load_rgb(jpeg, reduction=lambda w, h: 1.9).size == (640, 480)
+    assert load_rgb(jpeg, reduction=lambda w, h: 100.0).size == (80, 60)  # 1/8 is libjpeg's smallest
+    png = tmp_path / "a.png"
+    Image.open(jpeg).save(png)
+    assert load_rgb(png, reduction=lambda w, h: 4.0).size == (640, 480)  # only JPEGs have DCT scaling
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90°: the reduced image is rotated too
+    rotated = _smooth_photo(tmp_path / "r.jpg", (640, 480), exif.tobytes())
+    assert load_rgb(rotated, reduction=lambda w, h: 4.0).size == (120, 160)
+    # A reduced decode looks like the full one after the crop's downscaling.
+    full = np.asarray(load_rgb(jpeg).resize((96, 72), Image.Resampling.BICUBIC), dtype=np.float64)
+    small = np.asarray(
+        load_rgb(jpeg, reduction=lambda w, h: 4.0).resize((96, 72), Image.Resampling.BICUBIC),
+        dtype=np.float64,
+    )
+    assert np.abs(full - small).mean() < 2.0
+
+
+@pytest.mark.parametrize(
+    "size", [(500, 375), (1000, 750), (2000, 1500), (4000, 3000), (3000, 400), (300, 4000)]
+)
+def test_multicrop_decode_reduction_never_leaves_a_crop_smaller_than_its_output(size) -> None:
+    from torchvision.transforms import RandomResizedCrop
+
+    augment = MultiCropAugmentation()
+    width, height = size
+    factor = augment.decode_reduction(width, height)
+    scale = next(s for s in (8, 4, 2, 1) if s <= factor or s == 1)  # the DCT scale PIL's draft picks
+    w, h = -(-width // scale), -(-height // scale)
+    torch.manual_seed(0)
+    for crop_scale, out in ((augment.global_crops_scale, 224), (augment.local_crops_scale, 96)):
+        sides = [min(RandomResizedCrop.get_params(torch.empty(3, h, w), crop_scale, (3 / 4, 4 / 3))[2:])
+                 for _ in range(2000)]  # fmt: skip
+        if scale > 1:  # a reduced decode: every crop still has at least the pixels it outputs
+            assert min(sides) >= out
+    expected_scale = {(500, 375): 1, (1000, 750): 1, (2000, 1500): 2, (4000, 3000): 4}
+    if size in expected_scale:  # ImageNet-sized images: local crops (5 % of the area) need every pixel
+        assert scale == expected_scale[size]
+
+
+def test_training_uses_reduced_decoding_unless_turned_off(tmp_path: Path) -> None:
+    from dino.train.config import load_config
+    from dino.train.data import build_train_data
+
+    _smooth_photo(tmp_path / "data" / "a.jpg", (2000, 1500))
+    _smooth_photo(tmp_path / "data" / "b.jpg", (2000, 1500))
+    common = [f"data.path={tmp_path / 'data'}", "data.augment_on=workers", "run.batch_size=1"]
+    on = build_train_data(load_config(None, common), 0, 1, torch.device("cpu")).dataset
+    off = build_train_data(
+        load_config(None, [*common, "data.reduced_decode=false"]), 0, 1, torch.device("cpu")
+    )
+    assert on.decode_reduction is not None and off.dataset.decode_reduction is None
+    assert on.decode_reduction(2000, 1500) == pytest.approx(
+        MultiCropAugmentation().decode_reduction(2000, 1500)
+    )
+    views, _ = on[0]
+    assert [tuple(v.shape) for v in views] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 8

@@ -174,10 +174,13 @@ def test_compiled_backbones_under_ddp_give_the_eager_losses(small_folder, tmp_pa
 
 
 @pytest.mark.slow
-def test_batched_augmentation_on_the_device_trains_and_resumes_exactly(small_folder, tmp_path):
-    """data.augment_on=device: workers read bytes, the batch is augmented as tensors (here on the CPU)."""
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_batched_augmentation_on_the_device_trains_and_resumes_exactly(small_folder, tmp_path, in_memory):
+    """data.augment_on=device: workers read bytes (or the images are decoded once and kept in memory), the
+    batch is augmented as tensors (here on the CPU)."""
     common = TINY_OVERRIDES + [f"data.path={small_folder}", "data.augment_on=device", "run.deterministic=true",
-                               "run.epochs=2", "run.checkpoint_every_iters=1", "run.keep_last=10"]  # fmt: skip
+                               "run.epochs=2", "run.checkpoint_every_iters=1", "run.keep_last=10",
+                               f"data.in_memory={in_memory}"]  # fmt: skip
     full = tmp_path / "full"
     train(load_config(None, common + [f"run.output_dir={full}"]))
     assert len(records(full, "iter")) == 6

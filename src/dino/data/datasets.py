@@ -8,6 +8,7 @@ with a clear :class:`DatasetError`, when most of a folder cannot be decoded at a
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import warnings
@@ -57,8 +58,17 @@ class SkippedImageWarning(UserWarning):
     """Emitted once per file that a dataset skips, naming the file and the reason."""
 
 
-def load_rgb(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_rgb(
+    path: str | os.PathLike[str],
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    reduction: Callable[[int, int], float] | None = None,
+) -> Image.Image:
     """Decode ``path`` into an 8-bit RGB PIL image, applying its EXIF orientation.
+
+    ``reduction(width, height)`` (optional) says how many times smaller the image may come out: a JPEG is
+    then decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling, the largest of those that keeps
+    at least ``size / reduction`` pixels per side), which skips most of the decoding work for large
+    photos. Other formats, and reductions under 2, decode at full size.
 
     Every pixel mode PIL can open is converted faithfully (see :func:`_to_rgb`); transparency is
     composited onto :data:`ALPHA_BACKGROUND`. Images with more than ``max_pixels`` pixels are refused
@@ -81,6 +91,10 @@ def load_rgb(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_
                         f"image is {width}x{height} = {width * height} pixels, over the limit of "
                         f"{max_pixels} (possible decompression bomb)"
                     )
+                if reduction is not None and img.format == "JPEG":
+                    factor = reduction(width, height)
+                    if factor >= 2:
+                        img.draft(img.mode, (math.ceil(width / factor), math.ceil(height / factor)))
                 img.load()
                 return _to_rgb(ImageOps.exif_transpose(img))
     except ImageDecodeError:
@@ -184,6 +198,8 @@ class ImageFolderDataset(Dataset):
         labelled: whether labels are class indices (True) or all ``-1`` (False).
         min_valid_fraction: the smallest fraction of decodable files :func:`check_usable` accepts.
         max_pixels: images larger than this are skipped as decompression bombs (None: PIL's limit only).
+        decode_reduction: ``(width, height) -> factor`` by which JPEGs may be decoded smaller (see
+            :func:`load_rgb`), e.g. :meth:`~dino.data.transforms.MultiCropAugmentation.decode_reduction`.
     """
 
     def __init__(
@@ -193,6 +209,7 @@ class ImageFolderDataset(Dataset):
         labelled: bool | None = None,
         min_valid_fraction: float = 0.5,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        decode_reduction: Callable[[int, int], float] | None = None,
     ) -> None:
         self.root = Path(root)
         if not self.root.exists():
@@ -208,6 +225,7 @@ class ImageFolderDataset(Dataset):
         self.transform = transform
         self.min_valid_fraction = float(min_valid_fraction)
         self.max_pixels = max_pixels
+        self.decode_reduction = decode_reduction
 
         paths = _scan_images(self.root)
         if not paths:
@@ -242,7 +260,7 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         path, label = self.samples[index]
         try:
-            img = load_rgb(path, self.max_pixels)
+            img = load_rgb(path, self.max_pixels, self.decode_reduction)
         except ImageDecodeError as exc:
             warnings.warn(f"skipping {path}: {exc}", SkippedImageWarning, stacklevel=2)
             return None

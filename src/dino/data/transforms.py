@@ -8,6 +8,7 @@ including PIL's Gaussian blur with radius = sigma.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -148,6 +149,22 @@ class MultiCropAugmentation:
         self.local = pipeline(
             self.local_crop_size, self.local_crops_scale, [RandomGaussianBlur(p=blur_local)]
         )
+
+    def decode_reduction(self, width: int, height: int) -> float:
+        """How many times smaller a ``width`` × ``height`` image may be decoded (JPEG DCT scaling, see
+        :func:`~dino.data.datasets.load_rgb`) with every view still cropped from at least as many pixels
+        as it outputs: then each crop is still shrunk, never enlarged, by its resize.
+
+        The smallest crop side random-resized-crop can draw is that of the smallest area at aspect ratio
+        3/4 (or the image's shorter side when no such crop fits); one pixel is kept for rounding."""
+        views = [(self.global_crops_scale[0], self.global_crop_size)]
+        if self.local_crops_number:
+            views.append((self.local_crops_scale[0], self.local_crop_size))
+        factors = [
+            (min(math.sqrt(scale * width * height * 3 / 4), width, height) - 1) / size
+            for scale, size in views
+        ]
+        return max(1.0, min(factors))
 
     def __call__(self, img: Image.Image) -> list[Tensor]:
         crops = [self.global1(img), self.global2(img)]

@@ -98,6 +98,9 @@ class DataConfig:
     # "device" (batched tensors on run.device; workers only read bytes, JPEGs decoded on the GPU), or
     # "auto" (device on a GPU, workers on the CPU).
     augment_on: str = "auto"
+    # CPU pipeline (augment_on=workers): decode large JPEGs at 1/2, 1/4 or 1/8 size when every crop still
+    # has at least as many pixels as its output (libjpeg DCT scaling: far less decoding for big photos).
+    reduced_decode: bool = True
     # Decode every image once and keep the pixels (uint8) on the augmentation device: for small datasets
     # (CIFAR-10: 138 MB), whose files would otherwise be read and decoded again at every epoch. Needs the
     # augmentation on the device; refused when the images would take over half of its free memory.

@@ -133,7 +133,10 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
     )
     on_device = augment_on_device(cfg, device)
     transform = None if on_device else MultiCropAugmentation(**crop_args)
-    dataset = ImageFolderDataset(root, transform=transform, min_valid_fraction=d.min_valid_fraction)
+    reduction = transform.decode_reduction if transform is not None and d.reduced_decode else None
+    dataset = ImageFolderDataset(
+        root, transform=transform, min_valid_fraction=d.min_valid_fraction, decode_reduction=reduction
+    )
     check_usable(dataset)
     batch, total = cfg.run.batch_size, cfg.run.batch_size * world_size
     if len(dataset) < total:
