@@ -120,6 +120,16 @@ def test_in_memory_needs_the_batched_augmentation(small_folder: Path) -> None:
         build_train_data(cfg, 0, 1, torch.device("cpu"))
 
 
+def test_a_dataset_too_large_for_memory_is_a_configuration_error(small_folder: Path, monkeypatch) -> None:
+    import dino.data.in_memory as in_memory
+
+    monkeypatch.setattr(in_memory, "memory_budget", lambda device: 1000)  # bytes
+    overrides = [f"data.path={small_folder}", "data.in_memory=true", "data.augment_on=device"]
+    cfg = load_config(None, TINY_OVERRIDES + overrides)
+    with pytest.raises(ConfigError, match=r"GiB decoded.*data\.in_memory=false"):
+        build_train_data(cfg, 0, 1, torch.device("cpu"))
+
+
 def _losses(run: Path) -> list[float]:
     return [
         r["loss"]

@@ -403,21 +403,24 @@ class DeviceMultiCropLoader:
         # still running on the main stream. An event marks where each batch is complete.
         side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         batches = self._decoded_batches()
-        while True:
-            ready = None
-            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                item = next(batches, None)  # decoding runs here, on the side stream
-                if item is None:
-                    return
-                step, images, labels, skipped = item
-                crops: list[Tensor] = []
-                if len(images):
-                    self.generator.manual_seed(self.batch_seed(step))
-                    crops = self.augment(images, self.generator)
-                if side is not None:
-                    ready = torch.cuda.Event()
-                    ready.record(side)
-            yield crops, labels, skipped, ready
+        try:
+            while True:
+                ready = None
+                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                    item = next(batches, None)  # decoding runs here, on the side stream
+                    if item is None:
+                        return
+                    step, images, labels, skipped = item
+                    crops: list[Tensor] = []
+                    if len(images):
+                        self.generator.manual_seed(self.batch_seed(step))
+                        crops = self.augment(images, self.generator)
+                    if side is not None:
+                        ready = torch.cuda.Event()
+                        ready.record(side)
+                yield crops, labels, skipped, ready
+        finally:
+            batches.close()  # stops the DataLoader's workers now when the epoch is left early
 
     def _decoded_batches(self) -> Iterator[tuple[int, Sequence[Tensor] | Tensor, Tensor, int]]:
         """``(step, decoded images, their labels, files skipped)`` for each batch of the epoch."""

@@ -152,13 +152,7 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
                 f"data.in_memory: the augmentation runs in loader workers on {device} (data.augment_on="
                 f"{d.augment_on}); set data.augment_on=device to augment the decoded images in batches"
             )
-        try:
-            images = DecodedImages(dataset, device, threads=max(1, workers))
-        except InMemoryTooLarge as err:
-            raise ConfigError(str(err)) from err
-        loader = InMemoryMultiCropLoader(
-            images, sampler, batch, BatchMultiCrop(**crop_args), seed=cfg.run.seed, rank=rank
-        )
+        loader = _in_memory_loader(cfg, dataset, sampler, device, BatchMultiCrop(**crop_args), rank, workers)
         return TrainData(dataset, sampler, loader, sampler.per_rank() // batch)
     loader = DataLoader(
         SeededDataset(EncodedImageDataset(dataset) if on_device else dataset),
@@ -177,3 +171,20 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
         device_loader = DeviceMultiCropLoader(loader, augment, device, seed=cfg.run.seed, rank=rank)
         return TrainData(dataset, sampler, device_loader, sampler.per_rank() // batch)
     return TrainData(dataset, sampler, loader, sampler.per_rank() // batch)
+
+
+def _in_memory_loader(
+    cfg: DINOConfig,
+    dataset: ImageFolderDataset,
+    sampler: ResumableSampler,
+    device: torch.device,
+    augment: BatchMultiCrop,
+    rank: int,
+    threads: int,
+) -> InMemoryMultiCropLoader:
+    """Every image decoded once onto ``device`` (refused, as a configuration error, when too large)."""
+    try:
+        images = DecodedImages(dataset, device, threads=max(1, threads))
+    except InMemoryTooLarge as err:
+        raise ConfigError(str(err)) from err
+    return InMemoryMultiCropLoader(images, sampler, cfg.run.batch_size, augment, seed=cfg.run.seed, rank=rank)
