@@ -93,6 +93,17 @@ def test_images_of_several_sizes_are_kept_as_a_list(tmp_path: Path) -> None:
     assert [tuple(c.shape) for c in crops] == [(3, 3, 16, 16)] * 2 + [(3, 3, 8, 8)] * 2
 
 
+def test_images_stay_a_list_when_stacking_them_would_not_fit(folder: Path, monkeypatch) -> None:
+    import dino.data.in_memory as in_memory
+
+    monkeypatch.setattr(in_memory, "memory_budget", lambda device: 0)  # nothing free after decoding
+    with pytest.warns(SkippedImageWarning):
+        images = DecodedImages(ImageFolderDataset(folder), "cpu", budget=10**9)
+    assert isinstance(images.images, list) and len(images.images) == 14
+    batch, labels, skipped = images.batch([0, 13, 14])
+    assert [tuple(x.shape) for x in batch] == [(3, 24, 24)] * 3 and skipped == 0
+
+
 def test_a_dataset_over_the_memory_budget_is_refused_before_decoding(folder: Path, monkeypatch) -> None:
     import dino.data.in_memory as in_memory
 

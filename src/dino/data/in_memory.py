@@ -135,7 +135,9 @@ class DecodedImages:
         self.nbytes = used
         sizes = {tuple(image.shape) for image in kept}
         # One size (the usual case for small-image datasets): a single tensor, batches by index_select.
-        self.images: Tensor | list[Tensor] = torch.stack(kept) if len(sizes) == 1 else kept
+        # Stacking holds a second copy for a moment: only when that fits in what is free now.
+        stack = len(sizes) == 1 and used <= memory_budget(self.device)
+        self.images: Tensor | list[Tensor] = torch.stack(kept) if stack else kept
         log.info(
             "decoded %d images into memory on %s (%.2f GiB%s)",
             len(kept),
