@@ -65,7 +65,7 @@ if [ "$SMOKE" = 1 ]; then  # the same steps at sizes a laptop CPU finishes in a 
   VITB8="--arch vit_tiny --patch 16 --batch 2 --local-crops 2 --out-dim 1024 --steps 1 --warmup 1 --variants ours --activation-checkpointing"
   JPEGS=256 E2E="--config cifar_small --images 256 --epochs 2 --batch 32 --workers 2 --log-every 2 --profile-steps 3"
   PIPE="--images 128 --batch 32 --workers 0,2 --seconds 2"
-  TTA="--epochs 1 --holdout 50 --bank 100 --train-per-class 50 -- run.batch_size=32"
+  TTA="--epochs 1 --holdout 50 --bank 100 --train-per-class 50 --variants ours,plain -- run.batch_size=32"
   KNN="--bank 20000 --queries 200 --seconds 2"
 else
   VITS="--arch vit_small --patch 16 --batch 64 --local-crops 8 --out-dim 65536 --steps 20 --warmup 6"
@@ -73,7 +73,7 @@ else
   VITB8="--arch vit_base --patch 8 --batch 64 --local-crops 10 --out-dim 65536 --steps 3 --warmup 2 --variants ours --activation-checkpointing"
   JPEGS=2048 E2E="--images 2048 --epochs 2 --batch 64 --workers 16 --variants compiled,ours,plain --profile-steps 5"
   PIPE=${PIPE_ARGS:-"--images 2048 --batch 64 --workers 8,16 --tensor-workers 8 --seconds 6"}
-  TTA=${TTA_ARGS:-"--config cifar_resnet18 --epochs 10"}  # ~1 min of training on an H200; no speed probe
+  TTA=${TTA_ARGS:-"--config cifar_resnet18 --epochs 4 --variants ours,plain"}  # fixed epochs: no speed probe
   KNN="--bank 1000000 --queries 20000 --seconds 5"
 fi
 
@@ -97,7 +97,7 @@ step gpu_checks 150 "$PY" $B/gpu_checks.py --jpegs "$WORK/jpegs" --checks "${CHE
 step data_pipeline 60 "$PY" $B/data_pipeline.py --data "$WORK/jpegs" $PIPE --out "$WORK/data_pipeline.json"
 step end_to_end 150 "$PY" $B/end_to_end.py --data "$WORK/jpegs" --scratch "$WORK" $E2E --out "$WORK/end_to_end.json"
 step knn 60 "$PY" $B/knn.py $KNN --out "$WORK/knn.json"
-step time_to_accuracy ${TTA_LIMIT:-180} "$PY" $B/time_to_accuracy.py --scratch "$WORK/cifar" --out "$WORK/time_to_accuracy.json" $TTA
+step time_to_accuracy ${TTA_LIMIT:-240} "$PY" $B/time_to_accuracy.py --scratch "$WORK/cifar" --out "$WORK/time_to_accuracy.json" $TTA
 
 merge
 cp "$WORK"/*.profile.txt "$OUT"/ 2> /dev/null  # end_to_end's operator tables of the profiled steps

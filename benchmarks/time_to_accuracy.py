@@ -5,8 +5,14 @@ Unpacks ``../shared/data/cifar10-train-jpeg.tar.gz`` once into a scratch folder,
 teacher's weighted k-NN accuracy (k = 20, T = 0.07) on the held-out images, next to the same network at
 random initialisation. The k-NN bank is ``--bank`` labelled training images per class.
 
+``--variants ours,plain`` trains the preset as it is and the same recipe the plain way (PIL in loader
+workers, fp16, files decoded at every epoch) one after the other, each for ``--epochs`` or for the epochs
+its own speed probe fits into ``--minutes``; runs go to ``--run-dir`` (or the scratch folder) /
+``VARIANT-EPOCHSep``.
+
     python benchmarks/time_to_accuracy.py --minutes 15 --out results/time_to_accuracy_cpu.json
     python benchmarks/time_to_accuracy.py --config cifar_resnet18 --minutes 8 --curve 5   # GPU
+    python benchmarks/time_to_accuracy.py --config cifar_resnet18 --epochs 4 --variants ours,plain
 """
 
 from __future__ import annotations
@@ -78,6 +84,17 @@ def knn(weights: Path, random_init: bool, bank: Path, test: Path, crop: int, mea
     acc = knn_accuracy(train_f, train_y, test_f, test_y, ks=(20,), temperature=0.07, num_classes=10)[20]
     return {"top1": acc[0], "top5": acc[1], "extract_seconds": seconds}
 
+
+# Side by side with the preset as it is: the same recipe the plain way (the paper's PIL pipeline in loader
+# workers, fp16 autocast on a GPU, every epoch decoding the files again).
+VARIANTS = {
+    "ours": lambda gpu: [],
+    "plain": lambda gpu: [
+        "data.augment_on=workers",
+        "data.in_memory=false",
+        f"run.precision={'fp16' if gpu else 'fp32'}",
+    ],
+}
 
 PROBE_RECORDS = 8  # log intervals the speed probe waits for (it uses the median of the last 6)
 
@@ -158,17 +175,65 @@ def main() -> None:
         help="also evaluate k-NN during training about this many times (the run's k-NN monitor, on the "
         "same bank and held-out images; its time counts in the training minutes)",
     )
+    parser.add_argument(
+        "--variants",
+        default="ours",
+        help="comma-separated: ours (the preset as it is) and plain (the same recipe decoding and augmenting "
+        "image by image in loader workers with PIL, fp16 on a GPU, nothing kept in memory)",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides for dino train")
     args = parser.parse_args()
 
     train_dir, bank_dir, test_dir = prepare(args.scratch, args.holdout, args.bank, args.train_per_class)
     cfg = load_config(args.config, args.overrides)
     n_train = sum(1 for _ in train_dir.rglob("*.jpg"))
+    gpu = pick_device("auto").type == "cuda"
+    results = []
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            parser.error(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        overrides = [*args.overrides, *VARIANTS[name](gpu)]
+        results.append(
+            {"variant": name} | train_and_evaluate(args, name, overrides, train_dir, bank_dir, test_dir)
+        )
+    d = cfg.data
+    baseline = knn(Path(results[0]["run_dir"]), True, bank_dir, test_dir, d.global_crop_size, d.mean, d.std)
+    body = {
+        "dataset": "CIFAR-10 (JPEG copy), train split; held-out = "
+        f"{args.holdout}/class never trained on; bank = {args.bank}/class",
+        "config": args.config,
+        "overrides": args.overrides,
+        "train_images": n_train,
+        "knn_k20_random_init": baseline,
+        "results": results,
+    }
+    table = [{"run": "random init", "k-NN top-1 (k=20)": baseline["top1"]}]
+    for r in results:
+        table += [
+            {"run": f"{r['variant']}: monitor after epoch {c['epoch']}, {c['minutes']:.1f} min",
+             "k-NN top-1 (k=20)": c["top1"]}
+            for c in r["knn_curve"]
+        ]  # fmt: skip
+        table.append(
+            {"run": f"{r['variant']}: {args.config}, {r['epochs']} epochs, {r['train_minutes']:.1f} min",
+             "k-NN top-1 (k=20)": r["knn_k20_trained"]["top1"]}
+        )  # fmt: skip
+    report("time_to_accuracy", pick_device("auto"), body, table, args.out)
+
+
+def train_and_evaluate(
+    args, name: str, overrides: list[str], train_dir: Path, bank_dir: Path, test_dir: Path
+) -> dict:
+    """One variant: its epochs (fixed, or from a speed probe for --minutes), the timed training command,
+    then k-NN of its teacher."""
+    cfg = load_config(args.config, overrides)
+    n_train = sum(1 for _ in train_dir.rglob("*.jpg"))
     epochs = args.epochs
-    if not epochs:  # images/s from the preset's own throughput on this machine is not known yet: probe it
-        rate = probe_rate(args.config, train_dir, args.scratch / "probe", args.overrides, cfg.run.batch_size)
+    if not epochs:  # images/s of this setup on this machine is not known yet: probe it
+        probe_dir = args.scratch / f"probe-{name}"
+        rate = probe_rate(args.config, train_dir, probe_dir, overrides, cfg.run.batch_size)
         epochs = max(1, int(args.minutes * 60 * rate / n_train))
-    run_dir = args.run_dir or args.scratch / f"run-{args.config}-{epochs}ep"
+    run_dir = (args.run_dir or args.scratch / f"run-{args.config}") / f"{name}-{epochs}ep"
     monitor = []
     if args.curve:
         every = max(1, round(epochs / args.curve))
@@ -178,37 +243,22 @@ def main() -> None:
             f"monitor.knn_val={test_dir}",
         ]
     cmd = [sys.executable, "-m", "dino.cli", "train", "--config", args.config, "--data", str(train_dir),
-           "--output", str(run_dir), "--no-resume", *monitor, *args.overrides, f"run.epochs={epochs}",
+           "--output", str(run_dir), "--no-resume", *monitor, *overrides, f"run.epochs={epochs}",
            "run.progress_bar=never"]  # fmt: skip
     start = time.perf_counter()
     wall_start = time.time()
     subprocess.run(cmd, check=True)
     train_minutes = (time.perf_counter() - start) / 60
     d = cfg.data
-    trained = knn(run_dir, False, bank_dir, test_dir, d.global_crop_size, d.mean, d.std)
-    baseline = knn(run_dir, True, bank_dir, test_dir, d.global_crop_size, d.mean, d.std)
-    body = {
-        "dataset": "CIFAR-10 (JPEG copy), train split; held-out = "
-        f"{args.holdout}/class never trained on; bank = {args.bank}/class",
-        "config": args.config,
-        "overrides": args.overrides,
+    return {
+        "overrides": overrides,
         "epochs": epochs,
-        "train_images": n_train,
+        "run_dir": str(run_dir),
         "train_minutes": train_minutes,
-        "knn_k20_trained": trained,
-        "knn_k20_random_init": baseline,
+        "knn_k20_trained": knn(run_dir, False, bank_dir, test_dir, d.global_crop_size, d.mean, d.std),
         "knn_curve": curve(run_dir / "log.jsonl", wall_start),
         "images_per_s": training_rate(run_dir / "log.jsonl"),
     }
-    table = [
-        {"model": "random init", "k-NN top-1 (k=20)": baseline["top1"]},
-        {"model": f"{args.config}, {epochs} epochs, {train_minutes:.1f} min", "k-NN top-1 (k=20)": trained["top1"]},
-    ]  # fmt: skip
-    table[1:1] = [
-        {"model": f"  monitor: epoch {c['epoch']}, {c['minutes']:.1f} min", "k-NN top-1 (k=20)": c["top1"]}
-        for c in body["knn_curve"]
-    ]
-    report("time_to_accuracy", pick_device("auto"), body, table, args.out)
 
 
 if __name__ == "__main__":
