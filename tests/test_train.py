@@ -11,7 +11,7 @@ import torch
 
 from dino.cli import main
 from dino.hub import load_backbone
-from dino.train.config import load_config
+from dino.train.config import ConfigError, load_config
 from dino.train.loop import train
 
 from .conftest import TINY_OVERRIDES
@@ -339,3 +339,15 @@ def test_lars_follows_the_layer_wise_trust_ratio_update():
             expected[name] = w - 0.3 * mu[name]
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), expected[name], msg=name)
+
+
+@pytest.mark.slow
+def test_rolling_checkpoints_every_n_epochs_and_always_after_the_last(small_folder, tmp_path):
+    out = tmp_path / "run"
+    overrides = TINY_OVERRIDES + [f"data.path={small_folder}", f"run.output_dir={out}", "run.epochs=3",
+                                  "run.checkpoint_every_epochs=2", "run.keep_last=10"]  # fmt: skip
+    train(load_config(None, overrides))
+    names = sorted(p.name for p in (out / "checkpoints").glob("last-*.pth"))
+    assert names == ["last-000000006.pth", "last-000000009.pth"]  # 3 iterations per epoch: epochs 2 and 3
+    with pytest.raises(ConfigError, match="run.checkpoint_every_epochs"):
+        load_config(None, ["run.checkpoint_every_epochs=0"])

@@ -120,6 +120,10 @@ class RunConfig:
     log_every: int = 10  # iterations between log lines
     save_every_epochs: int = 20  # periodic checkpoints kept for good; 0 disables
     keep_last: int = 2  # rolling checkpoints kept
+    # Rolling checkpoint at the end of every N-th epoch (and always after the last one): for recipes whose
+    # epochs take seconds (CIFAR on a GPU), where writing one at every epoch end would cost a good share of
+    # the run. A crash then loses at most N epochs; checkpoint_every_minutes bounds that in time instead.
+    checkpoint_every_epochs: int = 1
     checkpoint_every_iters: int = 0  # mid-epoch checkpoints; 0 = only at epoch ends
     checkpoint_every_minutes: float = 0.0  # mid-epoch checkpoints by wall time; 0 disables
     max_bad_steps: int = 5  # consecutive non-finite losses tolerated (skipped) before stopping
@@ -368,7 +372,7 @@ def validate(cfg: DINOConfig) -> None:
         "run.device",
         f"must be auto, cpu, cuda or cuda:N, got {r.device!r}",
     )
-    for key in ("log_every", "keep_last"):
+    for key in ("log_every", "keep_last", "checkpoint_every_epochs"):
         _require(getattr(r, key) >= 1, f"run.{key}", f"must be >= 1, got {getattr(r, key)}")
     for key in (
         "save_every_epochs",

@@ -278,8 +278,13 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
                 if cfg.run.save_every_epochs and state.epoch % cfg.run.save_every_epochs == 0
                 else None
             )
-            save(keeper)
-            last_save_time = time.monotonic()
+            if (
+                keeper is not None
+                or state.epoch % cfg.run.checkpoint_every_epochs == 0
+                or state.epoch == cfg.run.epochs
+            ):
+                save(keeper)
+                last_save_time = time.monotonic()
 
     profiler.close()
     if env.is_main:
