@@ -118,7 +118,7 @@ def test_a_dataset_over_the_memory_budget_is_refused_before_decoding(folder: Pat
 def test_the_running_total_refuses_what_the_sample_underestimated(folder: Path, monkeypatch) -> None:
     import dino.data.in_memory as in_memory
 
-    monkeypatch.setattr(in_memory, "_pixels", lambda path: 1)  # headers that say the images are tiny
+    monkeypatch.setattr(in_memory, "_jpeg_pixels", lambda path: 1)  # headers that say the images are tiny
     with pytest.raises(InMemoryTooLarge, match="the first 8 images take"):
         DecodedImages(ImageFolderDataset(folder), "cpu", budget=7 * 3 * 24 * 24, chunk=8)
 

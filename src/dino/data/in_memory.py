@@ -59,14 +59,20 @@ def memory_budget(device: torch.device) -> int:
     return int(available * MEMORY_SHARE)
 
 
-def _pixels(path: Path) -> int:
-    """Width × height from the file's header (JPEG markers, or PIL's lazy open); 0 if unreadable."""
+def _jpeg_pixels(path: Path) -> int | None:
+    """Width × height from a JPEG's header; None for other files, 0 if unreadable. Plain byte parsing, so
+    it may run in threads (``warnings.catch_warnings``, which PIL's readers need, is not thread-safe)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(65536)
-        header = read_jpeg_header(head)
-        if header is not None:
-            return header.height * header.width
+            header = read_jpeg_header(f.read(65536))
+    except OSError:
+        return 0  # an unreadable file is reported when it is decoded
+    return None if header is None else header.height * header.width
+
+
+def _pil_pixels(path: Path) -> int:
+    """Width × height from PIL's lazy open (main thread only); 0 if unreadable."""
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as img:
@@ -107,7 +113,9 @@ class DecodedImages:
         budget = memory_budget(self.device) if budget is None else int(budget)
         sample = random.Random(0).sample(paths, min(len(paths), _SAMPLE_FILES))
         with ThreadPoolExecutor(max(1, threads)) as pool:
-            mean_pixels = float(np.mean(list(pool.map(_pixels, sample)))) if sample else 0.0
+            pixels = list(pool.map(_jpeg_pixels, sample))
+            pixels = [_pil_pixels(path) if n is None else n for path, n in zip(sample, pixels, strict=True)]
+            mean_pixels = float(np.mean(pixels)) if pixels else 0.0
             estimate = 3 * mean_pixels * len(paths)
             if estimate > budget:
                 raise _too_large(estimate, budget, self.device, f"the {len(paths)} images need about")
