@@ -55,3 +55,30 @@ def test_multicrop_groups_by_resolution_and_keeps_order():
     assert calls == [(4, 3, 8, 8), (4, 3, 4, 4)]  # one forward per resolution
     expected = torch.cat([c.mean(dim=(2, 3)) for c in crops])
     torch.testing.assert_close(out, expected)
+
+
+def test_weight_norm_layer_gives_the_same_outputs_and_gradients_for_few_and_many_rows():
+    """Fewer rows than input features scale the output instead of the weight: the same function."""
+    torch.manual_seed(0)
+    for fix_norm in (True, False):
+        lin = WeightNormLinear(16, 40, fix_norm=fix_norm)
+        if not fix_norm:  # gains other than the norms
+            with torch.no_grad():
+                lin.weight_g.mul_(torch.rand_like(lin.weight_g) + 0.5)
+        for rows in (3, 16, 50):  # the first below in_dim (output scaling), the others not
+            x = torch.randn(rows, 16, requires_grad=True)
+            out = lin(x)
+            grad = torch.randn_like(out)
+            out.backward(grad)
+            got = (out.detach(), x.grad, lin.weight_v.grad.clone())
+            got_g = None if fix_norm else lin.weight_g.grad.clone()
+            x.grad = None
+            lin.zero_grad(set_to_none=True)
+            reference = x @ (lin.weight_g * lin.weight_v / lin.weight_v.norm(dim=1, keepdim=True)).T
+            reference.backward(grad)
+            torch.testing.assert_close(got[0], reference.detach())
+            torch.testing.assert_close(got[1], x.grad)
+            torch.testing.assert_close(got[2], lin.weight_v.grad)
+            if not fix_norm:
+                torch.testing.assert_close(got_g, lin.weight_g.grad)
+            lin.zero_grad(set_to_none=True)

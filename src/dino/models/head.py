@@ -29,7 +29,14 @@ class WeightNormLinear(nn.Module):
         return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
+        rows = x.numel() // x.shape[-1]
+        if rows >= self.weight_v.shape[1]:
+            return F.linear(x, self.weight)
+        # Fewer rows than input features (small batches, e.g. on a CPU): scale the [rows, K] output by
+        # g / ‖v‖ instead of building the [K, in] normalised weight, whose elementwise passes (and their
+        # backward) then cost more than the product itself. The same function, computed in another order.
+        scale = (self.weight_g / self.weight_v.norm(dim=1, keepdim=True)).squeeze(1)
+        return F.linear(x, self.weight_v) * scale
 
     def extra_repr(self) -> str:
         out_dim, in_dim = self.weight_v.shape
