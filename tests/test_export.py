@@ -184,7 +184,14 @@ def test_small_stem_resnet_round_trips_and_its_load_hint_builds_it(tmp_path):
     loaded = hub.load(tmp_path / "rn.pth")  # the stem is told apart by its 3×3 first convolution
     assert loaded.arch == "resnet18_cifar" and torch.equal(features(loaded.model, 16), x_out)
     safetensors = export_backbone(tmp_path / "rn.pth", "safetensors")
-    assert torch.equal(features(hub.load(safetensors.path).model, 16), x_out)
+    from_safetensors = hub.load(safetensors.path)
+    assert torch.equal(features(from_safetensors.model, 16), x_out)
+    # Evaluations default to the 32 px images such a network is trained on, not 224.
+    from dino.eval.common import _untrained, default_crop_size
+
+    assert default_crop_size(loaded) == default_crop_size(from_safetensors) == 32
+    assert default_crop_size(_untrained("resnet18_cifar", 16, 0)) == 32
+    assert default_crop_size(_untrained("resnet18", 16, 0)) == 224
     exported = export_backbone(tmp_path / "rn.pth", "dino", tmp_path / "rn_dino.pth")
     m = torchvision.models.resnet18()
     exec(exported.load_hint.replace(f"torch.load({str(exported.path)!r})", "state"),  # the printed recipe

@@ -546,7 +546,7 @@ class LoadedBackbone:
     embed_dim: int
     source: str  # where the weights came from ("random init" for baselines)
     depth: int = 0
-    img_size: int = 224  # the input size its position embeddings are stored for
+    img_size: int = 224  # the input size it was trained at (ViTs: that of their position embeddings)
 
 
 def load(

@@ -152,12 +152,13 @@ def model_from_args(args: argparse.Namespace) -> LoadedBackbone:
 
 
 def _untrained(arch: str, patch_size: int, depth: int) -> LoadedBackbone:
-    from dino.models.backbones import build_backbone
+    from dino.models.backbones import SMALL_STEM_SUFFIX, build_backbone
 
     model, dim = build_backbone(arch, patch_size, 224, 0.0, depth)
     is_vit = arch.startswith("vit_")
     n_blocks = len(model.blocks) if is_vit else 0
-    return LoadedBackbone(model.eval(), arch, patch_size if is_vit else 0, dim, "random init", n_blocks)
+    size = 32 if arch.endswith(SMALL_STEM_SUFFIX) else 224
+    return LoadedBackbone(model.eval(), arch, patch_size if is_vit else 0, dim, "random init", n_blocks, size)
 
 
 def model_info(loaded: LoadedBackbone) -> dict[str, Any]:
@@ -216,9 +217,10 @@ def _checkpoint_data_config(path: Path) -> Mapping[str, Any] | None:
 
 
 def default_crop_size(loaded: LoadedBackbone) -> int:
-    """The image size a ViT's position embeddings were trained at; 224 for other backbones."""
+    """The image size a ViT's position embeddings were trained at; for other backbones the size their
+    weights declare (32 for the small-image ResNet stems, else 224)."""
     patch_embed = getattr(loaded.model, "patch_embed", None)
-    return int(getattr(patch_embed, "img_size", 224))
+    return int(getattr(patch_embed, "img_size", loaded.img_size))
 
 
 def eval_transform_from_args(args: argparse.Namespace, loaded: LoadedBackbone) -> EvalTransform:
