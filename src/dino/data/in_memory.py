@@ -52,11 +52,23 @@ def memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * MEMORY_SHARE)
+    return int(_host_available() * MEMORY_SHARE)
+
+
+def _host_available() -> int:
+    """Bytes of host memory available to a new allocation: Linux's MemAvailable (free memory plus the page
+    cache it can drop), else the free pages, else no limit."""
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not Linux
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - neither Linux nor POSIX
         return 2**62
-    return int(available * MEMORY_SHARE)
 
 
 def _jpeg_pixels(path: Path) -> int | None:
