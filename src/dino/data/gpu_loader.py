@@ -49,6 +49,7 @@ __all__ = [
     "collate_encoded",
     "decode_batch",
     "decode_with_pil",
+    "read_file_bytes",
     "read_jpeg_header",
 ]
 
@@ -85,19 +86,26 @@ class EncodedImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
         path, label = self.samples[index]
-        try:
-            data = np.fromfile(path, dtype=np.uint8)
-        except OSError as exc:
-            warnings.warn(f"skipping {path}: cannot read the file ({exc})", SkippedImageWarning, stacklevel=2)
-            return None
-        if data.size == 0:
-            warnings.warn(f"skipping {path}: file is empty (0 bytes)", SkippedImageWarning, stacklevel=2)
-            return None
-        return torch.from_numpy(data), label
+        data = read_file_bytes(path)
+        return None if data is None else (data, label)
 
     def __repr__(self) -> str:
         kind = f"labelled, {len(self.classes)} classes" if self.labelled else "unlabelled"
         return f"{type(self).__name__}(root={str(self.root)!r}, {len(self)} files, {kind})"
+
+
+def read_file_bytes(path: Path) -> Tensor | None:
+    """A file's bytes as a uint8 1-D tensor, or None (with a :class:`SkippedImageWarning` naming it) when
+    it cannot be read or is empty."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        warnings.warn(f"skipping {path}: cannot read the file ({exc})", SkippedImageWarning, stacklevel=3)
+        return None
+    if data.size == 0:
+        warnings.warn(f"skipping {path}: file is empty (0 bytes)", SkippedImageWarning, stacklevel=3)
+        return None
+    return torch.from_numpy(data)
 
 
 def collate_encoded(batch: Sequence[tuple[Tensor, int] | None]) -> tuple[list[Tensor], Tensor, int]:

@@ -28,9 +28,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from dino.data.datasets import DEFAULT_MAX_PIXELS, ImageFolderDataset, SkippedImageWarning
+from dino.data.datasets import DEFAULT_MAX_PIXELS, ImageFolderDataset
 from dino.data.gpu_augment import BatchMultiCrop
-from dino.data.gpu_loader import DeviceMultiCropLoader, decode_batch, read_jpeg_header
+from dino.data.gpu_loader import DeviceMultiCropLoader, decode_batch, read_file_bytes, read_jpeg_header
 
 __all__ = ["DecodedImages", "InMemoryMultiCropLoader", "InMemoryTooLarge", "memory_budget"]
 
@@ -136,7 +136,7 @@ class DecodedImages:
             used = 0
             for start in range(0, len(paths), chunk):
                 names = paths[start : start + chunk]
-                encoded = list(pool.map(_read, names))
+                encoded = list(pool.map(read_file_bytes, names))
                 readable = [i for i, data in enumerate(encoded) if data is not None]
                 decoded = decode_batch(
                     [encoded[i] for i in readable], self.device, max_pixels, [str(names[i]) for i in readable]
@@ -183,18 +183,6 @@ class DecodedImages:
         else:
             images = [self.images[s] for s in slots.tolist()]
         return images, labels, len(indices) - int(slots.numel())
-
-
-def _read(path: Path) -> Tensor | None:
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as exc:
-        warnings.warn(f"skipping {path}: cannot read the file ({exc})", SkippedImageWarning, stacklevel=2)
-        return None
-    if data.size == 0:
-        warnings.warn(f"skipping {path}: file is empty (0 bytes)", SkippedImageWarning, stacklevel=2)
-        return None
-    return torch.from_numpy(data)
 
 
 class InMemoryMultiCropLoader(DeviceMultiCropLoader):
