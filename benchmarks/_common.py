@@ -122,6 +122,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, head: bool = True) -> N
         parser.add_argument("--out-dim", type=int, default=65536, help="prototypes K of the DINO head")
 
 
+def plain_overrides(gpu: bool) -> list[str]:
+    """``dino train`` overrides of the plain setup the benchmarks compare against: the paper's PIL pipeline
+    image by image in loader workers (every epoch decoding the files again) and fp16 autocast on a GPU."""
+    return ["data.augment_on=workers", "data.in_memory=false", f"run.precision={'fp16' if gpu else 'fp32'}"]
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

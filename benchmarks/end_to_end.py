@@ -34,7 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import benchmark_parser, imagenet_sized_jpegs, pick_device, report
+from _common import benchmark_parser, imagenet_sized_jpegs, pick_device, plain_overrides, report
 
 from dino.train.profiling import PROFILE_SKIP
 
@@ -46,7 +46,7 @@ VARIANTS = {
         "run.compile=true",
         "run.compile_mode=reduce-overhead",
     ],
-    "plain": lambda gpu: ["data.augment_on=workers", f"run.precision={'fp16' if gpu else 'fp32'}"],
+    "plain": plain_overrides,
 }
 
 

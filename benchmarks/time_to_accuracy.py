@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from _common import CIFAR_TARBALL as TARBALL
-from _common import benchmark_parser, pick_device, report
+from _common import benchmark_parser, pick_device, plain_overrides, report
 
 from dino.data.datasets import ImageFolderDataset
 from dino.data.transforms import EvalTransform
@@ -85,16 +85,8 @@ def knn(weights: Path, random_init: bool, bank: Path, test: Path, crop: int, mea
     return {"top1": acc[0], "top5": acc[1], "extract_seconds": seconds}
 
 
-# Side by side with the preset as it is: the same recipe the plain way (the paper's PIL pipeline in loader
-# workers, fp16 autocast on a GPU, every epoch decoding the files again).
-VARIANTS = {
-    "ours": lambda gpu: [],
-    "plain": lambda gpu: [
-        "data.augment_on=workers",
-        "data.in_memory=false",
-        f"run.precision={'fp16' if gpu else 'fp32'}",
-    ],
-}
+# Side by side with the preset as it is: the same recipe the plain way (see _common.plain_overrides).
+VARIANTS = {"ours": lambda gpu: [], "plain": plain_overrides}
 
 PROBE_RECORDS = 8  # log intervals the speed probe waits for (it uses the median of the last 6)
 
@@ -184,18 +176,19 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides for dino train")
     args = parser.parse_args()
 
+    variants = args.variants.split(",")
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     train_dir, bank_dir, test_dir = prepare(args.scratch, args.holdout, args.bank, args.train_per_class)
     cfg = load_config(args.config, args.overrides)
     n_train = sum(1 for _ in train_dir.rglob("*.jpg"))
     gpu = pick_device("auto").type == "cuda"
     results = []
-    for name in args.variants.split(","):
-        if name not in VARIANTS:
-            parser.error(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    for name in variants:
         overrides = [*args.overrides, *VARIANTS[name](gpu)]
-        results.append(
-            {"variant": name} | train_and_evaluate(args, name, overrides, train_dir, bank_dir, test_dir)
-        )
+        dirs = (train_dir, bank_dir, test_dir)
+        results.append({"variant": name} | train_and_evaluate(args, name, overrides, n_train, *dirs))
     d = cfg.data
     baseline = knn(Path(results[0]["run_dir"]), True, bank_dir, test_dir, d.global_crop_size, d.mean, d.std)
     body = {
@@ -222,12 +215,11 @@ def main() -> None:
 
 
 def train_and_evaluate(
-    args, name: str, overrides: list[str], train_dir: Path, bank_dir: Path, test_dir: Path
+    args, name: str, overrides: list[str], n_train: int, train_dir: Path, bank_dir: Path, test_dir: Path
 ) -> dict:
-    """One variant: its epochs (fixed, or from a speed probe for --minutes), the timed training command,
-    then k-NN of its teacher."""
+    """One variant: its epochs (fixed, or from a speed probe for --minutes, ``n_train`` images an epoch),
+    the timed training command, then k-NN of its teacher."""
     cfg = load_config(args.config, overrides)
-    n_train = sum(1 for _ in train_dir.rglob("*.jpg"))
     epochs = args.epochs
     if not epochs:  # images/s of this setup on this machine is not known yet: probe it
         probe_dir = args.scratch / f"probe-{name}"

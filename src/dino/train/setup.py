@@ -18,6 +18,7 @@ from dino.models.multicrop import MultiCropWrapper
 from dino.teacher import init_teacher
 from dino.train.checkpoint import atomic_save
 from dino.train.config import COMPILE_MODES, DINOConfig, config_to_dict
+from dino.train.data import resolve_num_workers
 from dino.train.schedules import cosine_schedule, teacher_temperature_schedule
 
 if TYPE_CHECKING:
@@ -234,8 +235,6 @@ def build_knn_monitor(cfg: DINOConfig, train_dataset: ImageFolderDataset) -> Onl
     assert mon.knn_val is not None
     crop = cfg.data.global_crop_size
     resize = mon.knn_resize or int(round(crop * 8 / 7))
-    from dino.train.data import resolve_num_workers
-
     # The training run's loader workers also decode the monitor's images (in the main process, a pass over
     # CIFAR-10's 15,000 bank + held-out files took ~9 s of a 5 s epoch on an H200 host).
     return OnlineKNN(
