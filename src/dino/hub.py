@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from dino.models.backbones import SMALL_STEM_SUFFIX
+from dino.models.backbones import SMALL_STEM_SUFFIX, convnet_image_size
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +303,8 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, int, int, i
         if name is None:
             raise WeightsError(f"unrecognised ResNet layout {blocks} (bottleneck={bottleneck})")
         if state["conv1.weight"].shape[-1] == 3:  # the small-image stem (3×3 first convolution)
-            return name + SMALL_STEM_SUFFIX, 0, 32, 0
-        return name, 0, 224, 0
+            name += SMALL_STEM_SUFFIX
+        return name, 0, convnet_image_size(name), 0
     raise WeightsError(
         "cannot tell the architecture from these weights (neither a ViT nor a torchvision ResNet)"
     )

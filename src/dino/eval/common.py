@@ -152,12 +152,12 @@ def model_from_args(args: argparse.Namespace) -> LoadedBackbone:
 
 
 def _untrained(arch: str, patch_size: int, depth: int) -> LoadedBackbone:
-    from dino.models.backbones import SMALL_STEM_SUFFIX, build_backbone
+    from dino.models.backbones import build_backbone, convnet_image_size
 
     model, dim = build_backbone(arch, patch_size, 224, 0.0, depth)
     is_vit = arch.startswith("vit_")
     n_blocks = len(model.blocks) if is_vit else 0
-    size = 32 if arch.endswith(SMALL_STEM_SUFFIX) else 224
+    size = 224 if is_vit else convnet_image_size(arch)
     return LoadedBackbone(model.eval(), arch, patch_size if is_vit else 0, dim, "random init", n_blocks, size)
 
 

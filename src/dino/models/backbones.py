@@ -27,6 +27,11 @@ def is_resnet(arch: str) -> bool:
     return arch in RESNETS or arch in SMALL_STEM_RESNETS
 
 
+def convnet_image_size(arch: str) -> int:
+    """The input size a convolutional backbone is made for: 32 px with the small-image stem, else 224."""
+    return 32 if arch.endswith(SMALL_STEM_SUFFIX) else 224
+
+
 def build_backbone(
     arch: str, patch_size: int = 16, img_size: int = 224, drop_path_rate: float = 0.0, depth: int = 0
 ) -> tuple[nn.Module, int]:
