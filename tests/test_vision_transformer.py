@@ -93,6 +93,35 @@ def test_intermediate_layers_last_equals_forward():
         model.get_intermediate_layers(x, 4)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_forward_computes_the_last_block_for_the_class_token_only_with_the_same_results(fused, qkv_bias):
+    """forward() skips the other tokens' queries, attention and MLP in the last block; its output, every
+    gradient and the stochastic-depth draws are those of the whole last block."""
+    torch.manual_seed(0)
+    model = tiny(drop_path_rate=0.5, depth=3, qkv_bias=qkv_bias).train()
+    model.set_fused_attention(fused)
+    x = torch.randn(5, 3, 40, 32)  # a non-native grid too
+    results = []
+    for whole in (True, False):
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = model.forward_features(x)[:, 0] if whole else model(x)
+        (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
+        after = torch.rand(1)  # both consumed the same random draws
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()], after))
+    (out_a, grads_a, after_a), (out_b, grads_b, after_b) = results
+    assert grads_a[-1].abs().sum() > 0 and not torch.equal(out_a[0], out_a[1])
+    torch.testing.assert_close(out_b, out_a)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a)
+    assert torch.equal(after_a, after_b)
+    with torch.no_grad():
+        block = model.eval().blocks[-1]
+        tokens = torch.randn(2, 7, 48)
+        torch.testing.assert_close(block.forward_first(tokens), block(tokens)[0][:, :1])
+
+
 def test_stochastic_depth_only_in_training():
     torch.manual_seed(0)
     model = tiny(drop_path_rate=0.5, depth=4)
