@@ -107,7 +107,9 @@ class Attention(nn.Module):
         out, _ = self._attend(q.reshape(b, 1, heads, c // heads).transpose(1, 2), k, v, False)
         return self.proj(out.transpose(1, 2).reshape(b, 1, c))
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, return_attention: bool) -> tuple[Tensor, Tensor | None]:
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, return_attention: bool
+    ) -> tuple[Tensor, Tensor | None]:
         """softmax(q kᵀ / √d) v per head ([B, heads, tokens, d]); the weights too on the explicit path."""
         if self.fused and not return_attention:
             return F.scaled_dot_product_attention(q, k, v), None
