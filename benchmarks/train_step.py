@@ -12,7 +12,11 @@ AdamW, the EMA teacher update — the same work the training loop does, without 
 - ``original``: the original DINO architecture, from a copy of its ``vision_transformer.py`` given with
   ``--original PATH`` (this project does not ship it), with the original loop's habits.
 
-Speed-ups are reported against ``plain`` and ``original``. ``--rounds N`` measures every variant N times,
+Speed-ups are reported against ``plain`` and ``original``. ``--flops`` also counts each variant's
+floating-point operations per image (PyTorch's ``FlopCounterMode``: matrix products, convolutions,
+attention) and sets the achieved rate against a large dense matrix product in the step's precision on the
+same device — how far a variant is from what the hardware can do, and the ceiling of any speed-up that
+keeps the arithmetic. ``--rounds N`` measures every variant N times,
 interleaved and in alternating order, and reports medians (a CPU shared with other work drifts by ±10 %).
 Peak memory counts everything the step holds from the models' creation on, CUDA-graph pools included.
 
@@ -31,7 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import add_model_arguments, benchmark_parser, pick_device, report, student_teacher
+from _common import add_model_arguments, benchmark_parser, pick_device, report, student_teacher, sync
+from torch.utils.flop_counter import FlopCounterMode
 
 from dino.loss import DINOLoss
 from dino.models.multicrop import MultiCropWrapper
@@ -176,6 +181,54 @@ def measure(args: argparse.Namespace, device: torch.device, variant: str) -> dic
     return result
 
 
+def count_flops(args: argparse.Namespace, device: torch.device, variant: str) -> float:
+    """Floating-point operations of one step of ``variant`` per image, as ``FlopCounterMode`` counts them
+    (matrix products, convolutions and attention; elementwise work is not counted). The compiled variant
+    does the arithmetic of ``ours`` and is counted eagerly as that."""
+    step = make_step(args, device, "ours" if variant == "compiled" else variant)
+    step()  # the first step creates the optimizer state
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / args.batch
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 3.0) -> dict:
+    """FLOP/s of a large square matrix product in ``dtype`` on ``device`` (8192² on a GPU, 4096² on a CPU):
+    about the most this device's dense arithmetic reaches, the yardstick of ``--flops``."""
+    size = 8192 if device.type == "cuda" else 4096
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # warm-up (library initialisation, GPU clocks)
+    sync(device)
+    runs, start = 0, time.perf_counter()
+    while runs < 3 or time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+        if device.type == "cuda" and runs % 10:
+            continue
+        sync(device)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    return {"gflop_per_s": 2 * size**3 * runs / elapsed / 1e9, "shape": f"{size}x{size}x{size}",
+            "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+
+
+def flops_report(args: argparse.Namespace, device: torch.device, body: dict, variants: list[str]) -> None:
+    """Add ``--flops``'s counts to ``body``: per variant GFLOP per image, the achieved GFLOP/s, its fraction
+    of ``matmul_rate`` and the images/s that rate would give if every counted operation ran at it."""
+    precision = resolve_precision(args.precision, device)
+    rate = matmul_rate(device, precision.autocast_dtype if precision.autocast else torch.float32)
+    body["matmul_rate"] = rate
+    for name in variants:
+        per_image = count_flops(args, device, name) / 1e9
+        achieved = per_image * body[name]["images_per_s"]
+        body[name] |= {
+            "gflop_per_image": per_image,
+            "achieved_gflop_per_s": achieved,
+            "fraction_of_matmul_rate": achieved / rate["gflop_per_s"],
+            "images_per_s_at_matmul_rate": rate["gflop_per_s"] / per_image,
+        }
+
+
 VARIANTS = ("ours", "compiled", "plain", "original")
 
 
@@ -220,6 +273,11 @@ def main() -> None:
         help="measure every variant this many times, interleaved; report medians",
     )
     parser.add_argument(
+        "--flops",
+        action="store_true",
+        help="count each variant's operations per image and compare the achieved rate with a large matmul",
+    )
+    parser.add_argument(
         "--original",
         type=Path,
         help="a copy of the original DINO vision_transformer.py (not shipped here), for the original variant",
@@ -248,9 +306,13 @@ def main() -> None:
                 for name in ("ours", "compiled")
                 if name in body
             }
+    if args.flops:
+        flops_report(args, device, body, variants)
     table = [
         {"variant": key, "images/s": body[key]["images_per_s"], "peak GiB": body[key]["peak_memory_gib"],
          "reserved GiB": body[key]["peak_reserved_gib"]}
+        | ({"GFLOP/image": body[key]["gflop_per_image"], "GFLOP/s": body[key]["achieved_gflop_per_s"],
+            "of matmul rate": body[key]["fraction_of_matmul_rate"]} if args.flops else {})
         for key in variants
     ]  # fmt: skip
     report("train_step", device, body, table, args.out)

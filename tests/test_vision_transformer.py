@@ -119,7 +119,7 @@ def test_forward_computes_the_last_block_for_the_class_token_only_with_the_same_
     with torch.no_grad():
         block = model.eval().blocks[-1]
         tokens = torch.randn(2, 7, 48)
-        torch.testing.assert_close(block.forward_first(tokens), block(tokens)[0][:, :1])
+        torch.testing.assert_close(block(tokens, first_only=True)[0], block(tokens)[0][:, :1])
 
 
 def test_stochastic_depth_only_in_training():

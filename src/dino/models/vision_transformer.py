@@ -90,22 +90,24 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         return q, k, v
 
-    def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, x: Tensor, return_attention: bool = False, first_only: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attention outputs [B, N, C] (and the weights with ``return_attention``). ``first_only``: the
+        first token's ([CLS]) output alone, [B, 1, C] — its query attends to every token's key and value,
+        but no other token's query, scores or output is computed."""
         b, n, c = x.shape
-        out, attn = self._attend(*self._qkv(x), return_attention)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c)), attn
-
-    def forward_first(self, x: Tensor) -> Tensor:
-        """The output of the first token ([CLS]) alone, [B, 1, C]: its query attends to every token's key
-        and value, but no other token's query, scores or output is computed."""
-        b, n, c = x.shape
-        heads = self.num_heads
-        weight, bias = self.qkv.weight, self.qkv.bias
+        if not first_only:
+            out, attn = self._attend(*self._qkv(x), return_attention)
+            return self.proj(out.transpose(1, 2).reshape(b, n, c)), attn
+        if return_attention:
+            raise ValueError("first_only and return_attention cannot be combined")
+        heads, weight, bias = self.num_heads, self.qkv.weight, self.qkv.bias
         q = F.linear(x[:, :1], weight[:c], None if bias is None else bias[:c])
         kv = F.linear(x, weight[c:], None if bias is None else bias[c:])
         k, v = kv.reshape(b, n, 2, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
         out, _ = self._attend(q.reshape(b, 1, heads, c // heads).transpose(1, 2), k, v, False)
-        return self.proj(out.transpose(1, 2).reshape(b, 1, c))
+        return self.proj(out.transpose(1, 2).reshape(b, 1, c)), None
 
     def _attend(
         self, q: Tensor, k: Tensor, v: Tensor, return_attention: bool
@@ -130,17 +132,17 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
-        y, attn = self.attn(self.norm1(x), return_attention)
-        x = self.drop_path.add_to(x, y)
+    def forward(
+        self, x: Tensor, return_attention: bool = False, first_only: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Tokens [B, N, D] out (and the attention weights with ``return_attention``). ``first_only``: the
+        first token ([CLS]) alone, [B, 1, D] — the same values and stochastic-depth draws as
+        ``forward(x)[0][:, :1]``, without the other tokens' attention and MLP (through ``__call__``, so
+        module hooks see it like any other call)."""
+        y, attn = self.attn(self.norm1(x), return_attention, first_only)
+        x = self.drop_path.add_to(x[:, :1] if first_only else x, y)
         x = self.drop_path.add_to(x, self.mlp(self.norm2(x)))
         return x, attn
-
-    def forward_first(self, x: Tensor) -> Tensor:
-        """The block's output for the first token ([CLS]) alone, [B, 1, D]: the same values (and the same
-        stochastic-depth draws) as ``forward(x)[0][:, :1]``, without the other tokens' attention and MLP."""
-        first = self.drop_path.add_to(x[:, :1], self.attn.forward_first(self.norm1(x)))
-        return self.drop_path.add_to(first, self.mlp(self.norm2(first)))
 
 
 class PatchEmbed(nn.Module):
@@ -253,11 +255,10 @@ class VisionTransformer(nn.Module):
         if not self.blocks:
             return self.head(self.norm(self.prepare_tokens(x)[:, 0]))
         x = self._run_blocks(self.prepare_tokens(x), len(self.blocks) - 1)
-        last = self.blocks[-1]
         if self.activation_checkpointing and torch.is_grad_enabled():
-            first = checkpoint(last.forward_first, x, use_reentrant=False)
+            first = checkpoint(_block_first_token, self.blocks[-1], x, use_reentrant=False)
         else:
-            first = last.forward_first(x)
+            first, _ = self.blocks[-1](x, first_only=True)
         return self.head(self.norm(first[:, 0]))
 
     def _run_blocks(self, x: Tensor, count: int) -> Tensor:
@@ -295,6 +296,10 @@ class VisionTransformer(nn.Module):
 
 def _block_tokens(block: Block, x: Tensor) -> Tensor:
     return block(x)[0]
+
+
+def _block_first_token(block: Block, x: Tensor) -> Tensor:
+    return block(x, first_only=True)[0]
 
 
 def resample_pos_embed(pos_embed: Tensor, grid: Sequence[int]) -> Tensor:
