@@ -575,6 +575,37 @@ def test_decode_batch_falls_back_to_pil_and_reports_failures(odd_folder: Path, m
         assert (image.int() - expected.int()).abs().max() <= 1, name  # same libjpeg; PNG alpha on white
 
 
+def test_decoding_leaves_the_warning_filters_alone(odd_folder: Path, monkeypatch) -> None:
+    """decode_batch runs in the prefetch thread, where ``warnings.catch_warnings`` is not safe (it swaps the
+    process-wide filter list): no decoder path may enter one, and torchvision's decoder deprecation is
+    kept quiet by the one filter set at import instead."""
+    import subprocess
+    import sys
+
+    encoded, _, _ = collate_encoded(_read_all(EncodedImageDataset(odd_folder))[0])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("warnings.catch_warnings entered while decoding")
+
+    with pytest.warns(SkippedImageWarning, match="corrupt|cannot decode|not a recognised"):
+        before = list(warnings.filters)
+        monkeypatch.setattr(warnings, "catch_warnings", refuse)
+        decoded = decode_batch(encoded, "cpu")  # fast decoder, PIL fallback and a failure
+        monkeypatch.undo()
+        assert warnings.filters == before
+    assert len(decoded.failed) == 1 and len(decoded.images) == len(encoded) - 1
+
+    script = (
+        "import io, torch; from PIL import Image; from dino.data.gpu_loader import decode_batch\n"
+        "b = io.BytesIO(); Image.new('RGB', (8, 8)).save(b, 'JPEG')\n"
+        "decode_batch([torch.frombuffer(bytearray(b.getvalue()), dtype=torch.uint8)], 'cpu')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-W", "default", "-c", script], capture_output=True, text=True, check=True
+    )
+    assert "DeprecationWarning" not in run.stderr, run.stderr
+
+
 def test_jpegs_the_fast_decoder_rejects_are_decoded_by_pil(monkeypatch) -> None:
     array = _smooth_image(16, 24)
     data = [_as_tensor(_jpeg(array)), _as_tensor(_jpeg(array, progressive=True))]

@@ -41,6 +41,14 @@ from dino.data.datasets import (
 )
 from dino.data.gpu_augment import BatchMultiCrop
 
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec; their nvjpeg batch decoding is what
+# this module uses. One narrow filter, set once here, rather than ``warnings.catch_warnings`` around each
+# call: that context manager saves and restores the process-wide filter list, so entered in the prefetch
+# thread while the main thread enters and leaves one of its own, it can leave an "ignore everything" filter
+# installed for the rest of the run (silencing, among others, the skipped-file warnings).
+TORCHVISION_DECODER_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
+warnings.filterwarnings("ignore", message=TORCHVISION_DECODER_DEPRECATION, category=DeprecationWarning)
+
 __all__ = [
     "DecodedBatch",
     "DeviceMultiCropLoader",
@@ -210,18 +218,16 @@ def decode_with_pil(data: bytes | memoryview, max_pixels: int | None = DEFAULT_M
     Raises:
         ImageDecodeError: with a short reason, for bytes that are not a usable image.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if max_pixels is not None and width * height > max_pixels:
-                    raise ImageDecodeError(
-                        f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                        f"{max_pixels} (possible decompression bomb)"
-                    )
-                img.load()
-                rgb = _to_rgb(ImageOps.exif_transpose(img))
+    try:  # no catch_warnings here: this runs in the prefetch thread (see TORCHVISION_DECODER_DEPRECATION)
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                    f"{max_pixels} (possible decompression bomb)"
+                )
+            img.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(img))
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -255,11 +261,9 @@ def _fast_decodable(header: JpegHeader | None, max_pixels: int | None) -> bool:
 
 def _decode_fast(data: Tensor, device: torch.device) -> Tensor:
     """One JPEG with torchvision's decoder on ``device`` (nvjpeg on CUDA), as RGB uint8 [3, H, W]."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
-        if device.type == "cuda":
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-        return decode_image(data, mode=ImageReadMode.RGB)
+    if device.type == "cuda":
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    return decode_image(data, mode=ImageReadMode.RGB)
 
 
 def _decode_fast_batch(encoded: list[Tensor], device: torch.device) -> list[Tensor | None]:
@@ -269,9 +273,7 @@ def _decode_fast_batch(encoded: list[Tensor], device: torch.device) -> list[Tens
     """
     if device.type == "cuda" and len(encoded) > 1:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+            return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
         except RuntimeError:
             pass
     decoded: list[Tensor | None] = []
