@@ -153,10 +153,15 @@ def check_compile(device: torch.device) -> dict:
 
 def check_compile_drop_path(device: torch.device) -> dict:
     """Stochastic depth in a backbone replayed as a CUDA graph draws new masks at every replay (the same
-    input and weights give different outputs each time). A check of its own, after a reset of the
-    compiled graphs: on an H200 (torch 2.11, 2026-11-27), run after the loss comparison in one check, its
-    backward pass failed with "accessing tensor output of CUDAGraphs that has been overwritten by a
-    subsequent run", which hid the losses; the cause is not known yet."""
+    input and weights give different outputs each time).
+
+    The gradients are dropped before each backward pass, as the training loop's ``zero_grad(set_to_none=
+    True)`` does. The first version of this check let them accumulate across replays, and on an H200 (torch
+    2.11, 2026-11-27) its backward failed with "accessing tensor output of CUDAGraphs that has been
+    overwritten by a subsequent run" — most likely (not yet rerun on a GPU) because a parameter's first
+    ``.grad`` is the backward graph's output buffer itself, which the next replay overwrites (PyTorch issue
+    169545: gradient accumulation across CUDA-graph replays). The training loop accumulates no gradients
+    across steps."""
     torch._dynamo.reset()
     views = crops(device, batch=8, locals_=2)
     torch.manual_seed(0)
@@ -166,6 +171,7 @@ def check_compile_drop_path(device: torch.device) -> dict:
     for _ in range(4):  # the first two calls warm up and record; the last two replay
         torch.compiler.cudagraph_mark_step_begin()
         out = compiled(views[0])
+        compiled.zero_grad(set_to_none=True)
         out.sum().backward()
         outputs.append(out.detach().clone())
     fresh = all(not torch.equal(a, b) for i, a in enumerate(outputs) for b in outputs[i + 1 :])
