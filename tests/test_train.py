@@ -135,6 +135,51 @@ def skip_without_c_compiler() -> None:
         pytest.skip("torch.compile on the CPU needs a C compiler")
 
 
+def test_a_broken_compile_toolchain_stops_the_run_before_the_data(
+    small_folder, tmp_path, monkeypatch, capsys
+):
+    """run.compile=true is tried on a one-line function first: the error names the way out, and neither
+    the data nor the run directory are touched."""
+    import dino.train.loop as loop
+
+    def no_compiler(fn, **kwargs):
+        def fails(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+        return fails
+
+    def data_built(*args, **kwargs):
+        raise AssertionError("the data were built before the toolchain check")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(loop, "build_train_data", data_built)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(small_folder), "--output", str(out), *TINY_OVERRIDES, "run.compile=true"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "No working C++ compiler" in err and "run.compile=false" in err and not out.exists()
+
+
+def test_the_compile_check_finds_a_missing_cpp_compiler(tmp_path):
+    """The real check, in a process whose inductor is pointed at a compiler that does not exist."""
+    import os
+    import subprocess
+    import sys
+
+    skip_without_c_compiler()
+    script = "import torch; from dino.train.setup import check_compile_toolchain as c; c(torch.device('cpu'))"
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode != 0 and "ConfigError" in done.stderr and "C++ compiler" in done.stderr
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}  # this machine's own compiler
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def _torchrun(small_folder, out, extra, port, env=None):
     import os
     import subprocess

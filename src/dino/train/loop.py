@@ -40,6 +40,7 @@ from dino.train.setup import (
     Schedules,
     build_knn_monitor,
     build_student_teacher,
+    check_compile_toolchain,
     load_model_state_dict,
     resolve_precision,
     restore_rng,
@@ -85,6 +86,8 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
     elif env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop shapes: cuDNN picks its fastest convolutions once
     run_dir = Path(cfg.run.output_dir).expanduser()
+    if cfg.run.compile:
+        check_compile_toolchain(env.device)  # before the data: in memory, they can take minutes
     data = build_train_data(cfg, env.rank, env.world_size, env.device)
     precision = resolve_precision(cfg.run.precision, env.device)
     student, teacher = build_student_teacher(cfg, env.device)

@@ -17,7 +17,7 @@ from dino.models.head import DINOHead
 from dino.models.multicrop import MultiCropWrapper
 from dino.teacher import init_teacher
 from dino.train.checkpoint import atomic_save
-from dino.train.config import COMPILE_MODES, DINOConfig, config_to_dict
+from dino.train.config import COMPILE_MODES, ConfigError, DINOConfig, config_to_dict
 from dino.train.data import resolve_num_workers
 from dino.train.schedules import cosine_schedule, teacher_temperature_schedule
 
@@ -99,6 +99,40 @@ def build_student_teacher(cfg: DINOConfig, device: torch.device) -> tuple[MultiC
     if cfg.run.compile:
         compile_backbones(student, teacher, cfg.run.compile_mode)
     return student, teacher
+
+
+def check_compile_toolchain(device: torch.device) -> None:
+    """Compile and run a one-line function on ``device``, as ``run.compile=true`` will compile the backbones
+    at the first step: the C++ compiler (and Python headers) inductor needs on a CPU, Triton on a GPU.
+    Called before the data are built, so a missing toolchain stops a run in seconds, not after decoding a
+    dataset into memory and starting the first step.
+
+    Raises:
+        ConfigError: naming what failed and the way out (``run.compile=false``).
+    """
+
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        return x * 2.0 + 1.0
+
+    import torch._inductor.config as inductor_config
+
+    try:  # without inductor's caches: a cached kernel would pass without the compiler the backbones need
+        with inductor_config.patch(force_disable_caches=True):
+            out = torch.compile(probe, dynamic=False)(torch.ones(8, device=device))
+        ok = bool((out == 3.0).all())
+    except Exception as exc:  # noqa: BLE001 - inductor and its compilers raise many types
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"run.compile=true: torch.compile does not work on {device} here ({first_line}). "
+            + (
+                "On a CPU it needs a C++ compiler (g++ or clang++; CXX picks one) and the Python headers. "
+                if device.type == "cpu"
+                else "On a GPU it needs Triton (part of PyTorch's CUDA wheels). "
+            )
+            + "Install them, or set run.compile=false (the same training, eager)."
+        ) from exc
+    if not ok:
+        raise ConfigError(f"run.compile=true: a compiled test function gave wrong values on {device}")
 
 
 def uses_cuda_graphs(mode: str) -> bool:
