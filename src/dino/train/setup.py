@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,8 +117,12 @@ def check_compile_toolchain(device: torch.device) -> None:
 
     import torch._inductor.config as inductor_config
 
-    try:  # without inductor's caches: a cached kernel would pass without the compiler the backbones need
-        with inductor_config.patch(force_disable_caches=True):
+    # Without inductor's caches: a cached kernel would pass without the compiler the backbones need. (The
+    # run has started no threads yet, so catch_warnings is safe here; it hides the note that caches off
+    # also turns off dynamo's profile-guided shapes, which concerns this probe only.)
+    try:
+        with inductor_config.patch(force_disable_caches=True), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
             out = torch.compile(probe, dynamic=False)(torch.ones(8, device=device))
         ok = bool((out == 3.0).all())
     except Exception as exc:  # noqa: BLE001 - inductor and its compilers raise many types
