@@ -7,7 +7,8 @@ random initialisation. The k-NN bank is ``--bank`` labelled training images per 
 
 ``--variants ours,plain`` trains the preset as it is and the same recipe the plain way (PIL in loader
 workers, fp16, files decoded at every epoch) one after the other, each for ``--epochs`` or for the epochs
-its own speed probe fits into ``--minutes``; runs go to ``--run-dir`` (or the scratch folder) /
+its own speed probe fits into ``--minutes`` after the start-up the probe measured (data, compilation; the
+``--curve`` monitor passes are not in that estimate); runs go to ``--run-dir`` (or the scratch folder) /
 ``VARIANT-EPOCHSep``.
 
     python benchmarks/time_to_accuracy.py --minutes 15 --out results/time_to_accuracy_cpu.json
@@ -25,6 +26,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from _common import CIFAR_TARBALL as TARBALL
@@ -91,12 +93,20 @@ VARIANTS = {"ours": lambda gpu: [], "plain": plain_overrides}
 PROBE_RECORDS = 8  # log intervals the speed probe waits for (it uses the median of the last 6)
 
 
-def probe_rate(config: str, train_dir: Path, probe_dir: Path, overrides: list[str], batch: int) -> float:
-    """Training images/s of ``config`` here: the median of a short run's log intervals after the first two
-    (which include the warm-up). The run is stopped once it has logged enough."""
+class Probe(NamedTuple):
+    images_per_s: float  # the steady training rate
+    startup_s: float  # from the command's launch to the rate: imports, data (decoded into memory), compiling
+
+
+def probe_rate(config: str, train_dir: Path, probe_dir: Path, overrides: list[str], batch: int) -> Probe:
+    """Training images/s of ``config`` here — the median of a short run's log intervals after the first two
+    (which include the warm-up) — and the start-up time the budget must also hold: the time from launch
+    to the last interval used, less its steps at that rate. The run is stopped once it has logged enough.
+    (The probe's compiled graphs land in inductor's cache, so the timed run starts a little faster.)"""
     cmd = [sys.executable, "-m", "dino.cli", "train", "--config", config, "--data", str(train_dir),
            "--output", str(probe_dir), "--no-resume", *overrides, "run.epochs=1",
            "run.progress_bar=never", f"run.log_every={max(1, 512 // batch)}"]  # fmt: skip
+    launched = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = probe_dir / "log.jsonl"
     deadline = time.monotonic() + 600
@@ -106,10 +116,13 @@ def probe_rate(config: str, train_dir: Path, probe_dir: Path, overrides: list[st
             iters = _records(log, "iter") if log.is_file() else []
             if len(iters) >= PROBE_RECORDS or (finished and len(iters) >= 3):
                 rates = sorted(r["images_per_s"] for r in iters[2:])
-                return rates[len(rates) // 2]
+                rate, last = rates[len(rates) // 2], iters[-1]
+                steady = (last["iteration"] + 1) * batch / rate
+                return Probe(rate, max(0.0, last["time"] - launched - steady))
             epochs = _records(log, "epoch") if finished and log.is_file() else []
             if epochs:  # a dataset too small for enough log intervals: its epoch's rate
-                return epochs[-1]["images_per_s"]
+                epoch = epochs[-1]
+                return Probe(epoch["images_per_s"], max(0.0, epoch["time"] - launched - epoch["seconds"]))
             if finished:
                 break
             time.sleep(1)
@@ -221,10 +234,17 @@ def train_and_evaluate(
     the timed training command, then k-NN of its teacher."""
     cfg = load_config(args.config, overrides)
     epochs = args.epochs
+    probe = None
     if not epochs:  # images/s of this setup on this machine is not known yet: probe it
         probe_dir = args.scratch / f"probe-{name}"
-        rate = probe_rate(args.config, train_dir, probe_dir, overrides, cfg.run.batch_size)
-        epochs = max(1, int(args.minutes * 60 * rate / n_train))
+        probe = probe_rate(args.config, train_dir, probe_dir, overrides, cfg.run.batch_size)
+        training_s = args.minutes * 60 - probe.startup_s  # the start-up counts in the budget too
+        if training_s <= 0:
+            sys.exit(
+                f"--minutes {args.minutes}: the {name} run's start-up alone took {probe.startup_s:.0f} s in the "
+                "probe (data, compilation); give it more minutes"
+            )
+        epochs = max(1, int(training_s * probe.images_per_s / n_train))
     run_dir = (args.run_dir or args.scratch / f"run-{args.config}") / f"{name}-{epochs}ep"
     monitor = []
     if args.curve:
@@ -245,6 +265,7 @@ def train_and_evaluate(
     return {
         "overrides": overrides,
         "epochs": epochs,
+        "probe": probe._asdict() if probe is not None else None,
         "run_dir": str(run_dir),
         "train_minutes": train_minutes,
         "knn_k20_trained": knn(run_dir, False, bank_dir, test_dir, d.global_crop_size, d.mean, d.std),
