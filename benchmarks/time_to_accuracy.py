@@ -113,13 +113,13 @@ def probe_rate(config: str, train_dir: Path, probe_dir: Path, overrides: list[st
     try:
         while time.monotonic() < deadline:
             finished = proc.poll() is not None
-            iters = _records(log, "iter") if log.is_file() else []
+            iters = _records(log, "iter")
             if len(iters) >= PROBE_RECORDS or (finished and len(iters) >= 3):
                 rates = sorted(r["images_per_s"] for r in iters[2:])
                 rate, last = rates[len(rates) // 2], iters[-1]
                 steady = (last["iteration"] + 1) * batch / rate
                 return Probe(rate, max(0.0, last["time"] - launched - steady))
-            epochs = _records(log, "epoch") if finished and log.is_file() else []
+            epochs = _records(log, "epoch") if finished else []
             if epochs:  # a dataset too small for enough log intervals: its epoch's rate
                 epoch = epochs[-1]
                 return Probe(epoch["images_per_s"], max(0.0, epoch["time"] - launched - epoch["seconds"]))

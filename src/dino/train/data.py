@@ -132,6 +132,11 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
         solarize_prob=d.solarize_prob,
     )
     on_device = augment_on_device(cfg, device)
+    if d.in_memory and not on_device:  # before the folder is scanned and sampled for decodability
+        raise ConfigError(
+            f"data.in_memory: the augmentation runs in loader workers on {device} (data.augment_on="
+            f"{d.augment_on}); set data.augment_on=device to augment the decoded images in batches"
+        )
     transform = None if on_device else MultiCropAugmentation(**crop_args)
     reduction = transform.decode_reduction if transform is not None and d.reduced_decode else None
     dataset = ImageFolderDataset(
@@ -147,11 +152,6 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
     sampler = ResumableSampler(len(dataset), cfg.run.seed, rank, world_size)
     workers = resolve_num_workers(d.num_workers)
     if d.in_memory:
-        if not on_device:
-            raise ConfigError(
-                f"data.in_memory: the augmentation runs in loader workers on {device} (data.augment_on="
-                f"{d.augment_on}); set data.augment_on=device to augment the decoded images in batches"
-            )
         loader = _in_memory_loader(cfg, dataset, sampler, device, BatchMultiCrop(**crop_args), rank, workers)
         return TrainData(dataset, sampler, loader, sampler.per_rank() // batch)
     loader = DataLoader(
