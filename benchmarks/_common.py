@@ -124,8 +124,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, head: bool = True) -> N
 
 def plain_overrides(gpu: bool) -> list[str]:
     """``dino train`` overrides of the plain setup the benchmarks compare against: the paper's PIL pipeline
-    image by image in loader workers (every epoch decoding the files again) and fp16 autocast on a GPU."""
-    return ["data.augment_on=workers", "data.in_memory=false", f"run.precision={'fp16' if gpu else 'fp32'}"]
+    image by image in loader workers (every epoch decoding the files again), fp16 autocast on a GPU, eager."""
+    return [
+        "data.augment_on=workers",
+        "data.in_memory=false",
+        f"run.precision={'fp16' if gpu else 'fp32'}",
+        "run.compile=false",
+    ]
 
 
 def sync(device: torch.device) -> None:
