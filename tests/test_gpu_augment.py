@@ -43,6 +43,7 @@ from dino.data.gpu_augment import (
     gaussian_blur,
     gaussian_kernels,
     pil_gaussian_blur,
+    resampling_matrices,
     resized_crop_runs,
     resized_crops,
     rgb_to_grayscale,
@@ -275,6 +276,44 @@ def test_resized_crop_matches_pil_bicubic_and_flip_mirrors() -> None:
         # PIL rounds to 8 bits between its two passes; on smooth images that is all that differs.
         assert (view[0] - expected).abs().max() <= 1.5 / 255
         torch.testing.assert_close(mirror, view.flip(-1))
+
+
+def _dense_resampling(start: int, length: int, in_size: int, out_size: int) -> torch.Tensor:
+    """PIL's antialiased bicubic weights computed for every (output, input) pair of the row, with the
+    float32 arithmetic of the band version (the weights then differ only in their rounding)."""
+    step = torch.tensor(length, dtype=torch.float32) / out_size
+    stretch = step.clamp(min=1.0)
+    centre = (torch.arange(out_size, dtype=torch.float32) + 0.5) * step
+    offset = torch.arange(in_size, dtype=torch.float32) - start
+    x = ((offset[None, :] + 0.5 - centre[:, None]) / stretch).abs()
+    near = (1.5 * x - 2.5) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * -0.5
+    weights = torch.where(x < 1, near, torch.where(x < 2, far, 0.0))
+    weights = weights * ((offset >= 0) & (offset < length))
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize(
+    "in_size, out_size, crops",
+    [
+        (60, 16, [(0, 60), (5, 30), (59, 1), (50, 10), (0, 3)]),  # downscaling, crops at both borders
+        (20, 48, [(0, 20), (7, 5), (19, 1), (2, 17)]),  # upscaling
+        (5, 96, [(0, 5), (3, 2)]),  # an image narrower than the band: the band is the whole row
+        (375, 224, [(0, 375), (200, 175), (1, 140)]),
+        (500, 96, [(0, 500), (431, 69), (12, 300)]),
+    ],
+)
+def test_resampling_matrices_are_the_whole_bicubic_rows(in_size, out_size, crops) -> None:
+    start = torch.tensor([c[0] for c in crops])
+    length = torch.tensor([c[1] for c in crops])
+    flip = torch.arange(len(crops)) % 2 == 1
+    ours = resampling_matrices(start, length, in_size, out_size, flip)
+    for b, (first, size) in enumerate(crops):
+        expected = _dense_resampling(first, size, in_size, out_size)
+        if flip[b]:
+            expected = expected.flip(0)
+        torch.testing.assert_close(ours[b], expected, atol=1e-6, rtol=0)
+        assert torch.equal(ours[b] != 0, expected != 0)  # no pixel of the support left out
 
 
 def test_resized_crops_of_mixed_sizes_do_not_depend_on_chunking_or_padding() -> None:

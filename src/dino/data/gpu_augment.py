@@ -175,20 +175,35 @@ def resampling_matrices(
     length[b] - 1`` make output pixel ``o``: PIL's antialiased bicubic filter, its support stretched by
     the downscale factor, cut at the crop border and renormalised there (PIL crops before resizing, so
     pixels outside the crop never contribute). With ``flip[b]`` true the output order is reversed.
+
+    Only a band of ``taps`` input pixels per row can be non-zero (the kernel's support, at most 4 × the
+    largest downscale factor wide): the weights are computed on that band and scattered into the zeroed
+    rows, so the arithmetic does not scale with ``in_size``. Each row's band is a window of consecutive
+    pixels inside the image, shifted inwards at the borders (its pixels outside the crop weigh 0), so its
+    positions are distinct and the scatter is deterministic.
     """
     device = start.device
     crop_len = length.to(torch.float32)
     step = crop_len / out_size  # input pixels per output pixel
     stretch = step.clamp(min=1.0)  # widen the kernel when downscaling (antialiasing)
     centre = (torch.arange(out_size, device=device, dtype=torch.float32) + 0.5)[None, :] * step[:, None]
-    offset = torch.arange(in_size, device=device, dtype=torch.float32)[None, :] - start[:, None]  # [B, in]
-    distance = (offset[:, None, :] + 0.5 - centre[:, :, None]) / stretch[:, None, None]
-    inside = (offset >= 0) & (offset < crop_len[:, None])
-    weights = _bicubic(distance) * inside[:, None, :]
+    # A crop is never longer than the image, so 4 * stretch + 1 pixels cover any row's support; 2 spare.
+    taps = min(in_size, math.floor(4.0 * max(in_size / out_size, 1.0)) + 3)
+    # The window of each row starts one pixel before its support, clamped into [0, in_size - taps].
+    before = torch.floor(centre - 2.0 * stretch[:, None] - 0.5) + start[:, None]
+    first = before.clamp(0, in_size - taps)  # [B, out], absolute pixel index (float, whole)
+    pixel = first[..., None] + torch.arange(taps, device=device, dtype=torch.float32)  # [B, out, taps]
+    offset = pixel - start[:, None, None].to(torch.float32)  # position within the crop
+    distance = (offset + 0.5 - centre[..., None]) / stretch[:, None, None]
+    inside = (offset >= 0) & (offset < crop_len[:, None, None])
+    weights = _bicubic(distance) * inside
     weights = weights / weights.sum(dim=-1, keepdim=True)
+    index = pixel.long()
     if flip is not None:
         weights = torch.where(flip[:, None, None], weights.flip(1), weights)
-    return weights
+        index = torch.where(flip[:, None, None], index.flip(1), index)
+    rows = torch.zeros(weights.shape[0], out_size, in_size, device=device, dtype=torch.float32)
+    return rows.scatter_(2, index, weights)
 
 
 def _chunks_by_size(shapes: Sequence[tuple[int, int]], max_pixels: int) -> list[list[int]]:
