@@ -180,7 +180,7 @@ def resampling_matrices(
     largest downscale factor wide): the weights are computed on that band and scattered into the zeroed
     rows, so the arithmetic does not scale with ``in_size``. Each row's band is a window of consecutive
     pixels inside the image, shifted inwards at the borders (its pixels outside the crop weigh 0), so its
-    positions are distinct and the scatter is deterministic.
+    positions are distinct and the scatter has a single value for each.
     """
     device = start.device
     crop_len = length.to(torch.float32)
@@ -203,7 +203,10 @@ def resampling_matrices(
         weights = torch.where(flip[:, None, None], weights.flip(1), weights)
         index = torch.where(flip[:, None, None], index.flip(1), index)
     rows = torch.zeros(weights.shape[0], out_size, in_size, device=device, dtype=torch.float32)
-    return rows.scatter_(2, index, weights)
+    batch = torch.arange(weights.shape[0], device=device)[:, None, None]
+    output = torch.arange(out_size, device=device)[None, :, None]
+    # index_put (not scatter): deterministic on CUDA under torch.use_deterministic_algorithms as well
+    return rows.index_put_((batch, output, index), weights)
 
 
 def _chunks_by_size(shapes: Sequence[tuple[int, int]], max_pixels: int) -> list[list[int]]:
