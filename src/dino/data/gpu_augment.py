@@ -167,14 +167,21 @@ def _bicubic(x: Tensor) -> Tensor:
 
 
 def resampling_matrices(
-    start: Tensor, length: Tensor, in_size: int, out_size: int, flip: Tensor | None = None
+    start: Tensor,
+    length: Tensor,
+    in_size: int,
+    out_size: int,
+    flip: Tensor | None = None,
+    *,
+    gain: float = 1.0,
 ) -> Tensor:
     """Per-sample 1-D resampling weights of shape [B, out_size, in_size] (float32).
 
     Row ``o`` of sample ``b`` holds the weights with which input pixels ``start[b] .. start[b] +
     length[b] - 1`` make output pixel ``o``: PIL's antialiased bicubic filter, its support stretched by
     the downscale factor, cut at the crop border and renormalised there (PIL crops before resizing, so
-    pixels outside the crop never contribute). With ``flip[b]`` true the output order is reversed.
+    pixels outside the crop never contribute). With ``flip[b]`` true the output order is reversed. The
+    rows sum to ``gain`` (e.g. 1/255 to resample 8-bit values into [0, 1]).
 
     Only a band of ``taps`` input pixels per row can be non-zero (the kernel's support, at most 4 × the
     largest downscale factor wide): the weights are computed on that band and scattered into the zeroed
@@ -197,7 +204,7 @@ def resampling_matrices(
     distance = (offset + 0.5 - centre[..., None]) / stretch[:, None, None]
     inside = (offset >= 0) & (offset < crop_len[:, None, None])
     weights = _bicubic(distance) * inside
-    weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights = weights * (gain / weights.sum(dim=-1, keepdim=True))
     index = pixel.long()
     if flip is not None:
         weights = torch.where(flip[:, None, None], weights.flip(1), weights)
@@ -328,29 +335,34 @@ def _render_crop_runs(
         else:
             batch = _as_padded_batch(images, chunk)
         n, _, height, width = batch.shape
-        pixels = batch.to(torch.float32)
+        pixels = batch.to(torch.float32).reshape(n, 3 * height, width)
 
-        def pick(values: Tensor, views: int, index: Tensor | None = index) -> Tensor:  # this chunk's samples
-            return values if index is None else values.view(views, total)[:, index].flatten()
+        def pick(values: Tensor, views: int, index: Tensor | None = index, n: int = n) -> Tensor:
+            """This chunk's samples of a view-major [views * total] parameter, sample-major: [n * views]."""
+            if index is not None:
+                values = values.view(views, total)[:, index]
+            return values.reshape(views, n).t().reshape(-1)
 
-        # Horizontal pass for every view at once: [n, 3H, W] @ [n, W, sum(sizes)]; 1/255 folded in.
-        horizontal = []
-        for size, views, boxes, flip in runs:
-            weights = resampling_matrices(
-                pick(boxes.left, views), pick(boxes.width, views), width, size, pick(flip, views)
+        # Per run of G same-size views, two batched matrix products whose operands and results are all
+        # plain (strided) views, no copies: horizontally, [n, G·s, W] weights (the 1/255 folded in) times
+        # the transposed [n, 3H, W] pixels give [n, G·s, 3H]; read per (sample, view) as [s·3, H], that
+        # times the transposed [s, H] vertical weights gives the crops as [n, G, s (column), 3, s (row)].
+        for r, (size, views, boxes, flip) in enumerate(runs):
+            across = resampling_matrices(
+                pick(boxes.left, views),
+                pick(boxes.width, views),
+                width,
+                size,
+                pick(flip, views),
+                gain=1 / 255,
             )
-            horizontal.append(weights.view(views, n, size, width).transpose(0, 1).flatten(1, 2))
-        across = torch.cat(horizontal, dim=1) if len(horizontal) > 1 else horizontal[0]  # [n, sum(sizes), W]
-        rows = torch.matmul(pixels.reshape(n, 3 * height, width), across.transpose(1, 2) / 255.0)
-        rows = rows.clamp_(0.0, 1.0).reshape(n, 3, height, -1)
-        offset = 0
-        for r, (size, views, boxes, _) in enumerate(runs):
-            vertical = resampling_matrices(pick(boxes.top, views), pick(boxes.height, views), height, size)
-            vertical = vertical.view(views, n, 1, size, height)  # [G, n, 1, s, H]
-            part = rows[..., offset : offset + views * size].unflatten(-1, (views, size))  # [n, 3, H, G, s]
-            crops = torch.matmul(vertical, part.permute(3, 0, 1, 2, 4))  # [G, n, 3, s, s]
-            outputs[r].append(crops.clamp_(0.0, 1.0))
-            offset += views * size
+            columns = torch.matmul(across.view(n, views * size, width), pixels.transpose(1, 2))
+            columns = columns.clamp_(0.0, 1.0).view(n * views, size * 3, height)
+            down = resampling_matrices(pick(boxes.top, views), pick(boxes.height, views), height, size)
+            crops = torch.matmul(columns, down.transpose(1, 2)).view(n, views, size, 3, size)
+            # Into view-major [G, n, 3, s, s] while clamping: one pass that writes a contiguous tensor.
+            clamped = torch.empty(views, n, 3, size, size, device=device, dtype=torch.float32)
+            outputs[r].append(torch.clamp(crops.permute(1, 0, 3, 4, 2), 0.0, 1.0, out=clamped))
         order.extend(chunk)
     if order == list(range(len(order))):
         return [torch.cat(parts, dim=1) if len(parts) > 1 else parts[0] for parts in outputs]
