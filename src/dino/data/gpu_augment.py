@@ -289,9 +289,9 @@ def resized_crop_runs(
     ``views_per_run`` views per run) stacked: one float32 [views, B, 3, size, size] tensor per run.
 
     The images are processed in chunks of similar size holding at most ``max_pixels_per_chunk`` padded
-    pixels, which bounds memory when a batch mixes small and huge images. Within a chunk all views share
-    one horizontal matmul and the views of a run one vertical matmul, so the number of kernels does not
-    grow with the number of views.
+    pixels, which bounds memory when a batch mixes small and huge images. Within a chunk the views of a
+    run share one horizontal and one vertical matmul, so the number of kernels does not grow with the
+    number of views.
     """
     runs = same_size_runs(sizes, views_per_run)
     joined = []
@@ -636,8 +636,8 @@ class BatchMultiCrop(nn.Module):
     and per view from the CPU pipeline's distributions (see the module docstring for the few numerical
     differences); all randomness comes from the ``generator`` given to :meth:`forward`.
 
-    The pixel work is vectorised over the batch: two matmuls per chunk of similar-sized images for
-    crop + resize + flip, then batched colour operations and one grouped convolution per blur pass.
+    The pixel work is vectorised over the batch: two matmuls per chunk of similar-sized images and
+    run of same-size views for crop + resize + flip, then batched colour operations and one grouped convolution per blur pass.
     """
 
     # The paper's recipe, the same numbers as MultiCropAugmentation's torchvision pipelines.
