@@ -534,10 +534,16 @@ def separable_filter(images: Tensor, kernels: Tensor, padding: str = "replicate"
     x = images.reshape(1, batch * channels, height, width)
     columns = _border_indices(width, reach, padding, images.device)
     rows = _border_indices(height, reach, padding, images.device)
+
+    def pad(x: Tensor, dim: int) -> Tensor:
+        if padding == "replicate":  # torch's padding kernel: the same values as the gather, faster
+            return F.pad(x, (reach, reach, 0, 0) if dim == 3 else (0, 0, reach, reach), mode="replicate")
+        return x.index_select(dim, columns if dim == 3 else rows)
+
     for _ in range(passes):
-        x = F.conv2d(x.index_select(3, columns), weight.view(-1, 1, 1, taps), groups=batch * channels)
+        x = F.conv2d(pad(x, 3), weight.view(-1, 1, 1, taps), groups=batch * channels)
     for _ in range(passes):
-        x = F.conv2d(x.index_select(2, rows), weight.view(-1, 1, taps, 1), groups=batch * channels)
+        x = F.conv2d(pad(x, 2), weight.view(-1, 1, taps, 1), groups=batch * channels)
     return x.reshape(batch, channels, height, width)
 
 
