@@ -158,10 +158,10 @@ def check_compile_drop_path(device: torch.device) -> dict:
     The gradients are dropped before each backward pass, as the training loop's ``zero_grad(set_to_none=
     True)`` does. The first version of this check let them accumulate across replays, and on an H200 (torch
     2.11, 2026-11-27) its backward failed with "accessing tensor output of CUDAGraphs that has been
-    overwritten by a subsequent run" — most likely (not yet rerun on a GPU) because a parameter's first
-    ``.grad`` is the backward graph's output buffer itself, which the next replay overwrites (PyTorch issue
-    169545: gradient accumulation across CUDA-graph replays). The training loop accumulates no gradients
-    across steps."""
+    overwritten by a subsequent run", because a parameter's first ``.grad`` is the backward graph's output
+    buffer itself, which the next replay overwrites (PyTorch issue 169545: gradient accumulation across
+    CUDA-graph replays); with the gradients dropped it passed on an H200 later that day. The
+    training loop accumulates no gradients across steps."""
     torch._dynamo.reset()
     views = crops(device, batch=8, locals_=2)
     torch.manual_seed(0)

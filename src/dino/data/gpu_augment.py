@@ -495,15 +495,12 @@ def extended_box_kernels(sigma: Tensor, reach: int, passes: int = 3) -> Tensor:
 
 
 def _border_indices(size: int, radius: int, mode: str, device: torch.device) -> Tensor:
-    """Source index of every position of a line padded by ``radius`` on both sides.
-
-    ``replicate`` repeats the edge pixel (PIL's box blur); ``symmetric`` mirrors including the edge
-    pixel (``c b a | a b c | c b a``); ``reflect`` mirrors without it (``c b | a b c | b a``, torch's and
-    torchvision's). The mirrors fold repeatedly, so any radius works for any size.
+    """Source index of every position of a line padded by ``radius`` on both sides with a mirror:
+    ``symmetric`` mirrors including the edge pixel (``c b a | a b c | c b a``); ``reflect`` mirrors
+    without it (``c b | a b c | b a``, torch's and torchvision's). The mirrors fold repeatedly, so any
+    radius works for any size. (``replicate``, PIL's box blur edge, is ``F.pad``'s own mode.)
     """
     positions = torch.arange(-radius, size + radius, device=device)
-    if mode == "replicate":
-        return positions.clamp(0, size - 1)
     if mode == "symmetric":
         period = 2 * size
         folded = positions.remainder(period)
@@ -514,7 +511,7 @@ def _border_indices(size: int, radius: int, mode: str, device: torch.device) -> 
         period = 2 * (size - 1)
         folded = positions.remainder(period)
         return torch.where(folded < size, folded, period - folded)
-    raise ValueError(f"padding must be 'replicate', 'symmetric' or 'reflect', got {mode!r}")
+    raise ValueError(f"mirror padding must be 'symmetric' or 'reflect', got {mode!r}")
 
 
 def separable_filter(images: Tensor, kernels: Tensor, padding: str = "replicate", passes: int = 1) -> Tensor:
@@ -528,17 +525,23 @@ def separable_filter(images: Tensor, kernels: Tensor, padding: str = "replicate"
     batch, channels, height, width = images.shape
     if kernels.dim() != 2 or kernels.shape[0] != batch or kernels.shape[1] % 2 == 0:
         raise ValueError(f"kernels must have shape [{batch}, odd length], got {tuple(kernels.shape)}")
+    if padding not in ("replicate", "symmetric", "reflect"):
+        raise ValueError(f"padding must be 'replicate', 'symmetric' or 'reflect', got {padding!r}")
     taps = kernels.shape[1]
     reach = taps // 2
     weight = kernels.to(images.dtype).repeat_interleave(channels, dim=0)
     x = images.reshape(1, batch * channels, height, width)
-    columns = _border_indices(width, reach, padding, images.device)
-    rows = _border_indices(height, reach, padding, images.device)
+    if padding == "replicate":  # the edge pixel repeated (PIL's box blur): torch's own padding kernel
 
-    def pad(x: Tensor, dim: int) -> Tensor:
-        if padding == "replicate":  # torch's padding kernel: the same values as the gather, faster
+        def pad(x: Tensor, dim: int) -> Tensor:
             return F.pad(x, (reach, reach, 0, 0) if dim == 3 else (0, 0, reach, reach), mode="replicate")
-        return x.index_select(dim, columns if dim == 3 else rows)
+
+    else:  # the mirrors: a gather of precomputed source indices
+        columns = _border_indices(width, reach, padding, images.device)
+        rows = _border_indices(height, reach, padding, images.device)
+
+        def pad(x: Tensor, dim: int) -> Tensor:
+            return x.index_select(dim, columns if dim == 3 else rows)
 
     for _ in range(passes):
         x = F.conv2d(pad(x, 3), weight.view(-1, 1, 1, taps), groups=batch * channels)
@@ -642,8 +645,9 @@ class BatchMultiCrop(nn.Module):
     and per view from the CPU pipeline's distributions (see the module docstring for the few numerical
     differences); all randomness comes from the ``generator`` given to :meth:`forward`.
 
-    The pixel work is vectorised over the batch: two matmuls per chunk of similar-sized images and
-    run of same-size views for crop + resize + flip, then batched colour operations and one grouped convolution per blur pass.
+    The pixel work is vectorised over the batch: two matmuls per chunk of similar-sized images and run
+    of same-size views for crop + resize + flip, then batched colour operations and one grouped
+    convolution per blur pass.
     """
 
     # The paper's recipe, the same numbers as MultiCropAugmentation's torchvision pipelines.
