@@ -258,6 +258,49 @@ def test_view_parameter_frequencies_match_the_cpu_pipeline() -> None:
         assert _ks_statistic(ours.numpy(), draws[:, column]) < threshold
 
 
+def test_views_drawn_together_keep_their_own_crop_scale() -> None:
+    # Every view's boxes come from one draw with per-view area bounds; each view must still follow
+    # torchvision's RandomResizedCrop for its own scale range (global (0.4, 1), local (0.05, 0.4)).
+    n, size = 3000, 40
+    aug = BatchMultiCrop(local_crops_number=2, global_crop_size=8, local_crop_size=4)
+    params = aug.sample_parameters(
+        torch.full((n,), size), torch.full((n,), size), generator=torch.Generator().manual_seed(9)
+    )
+    torch.manual_seed(0)
+    image = torch.zeros(3, size, size)
+    threshold = _ks_threshold(n, n)
+    for view, scale in zip(params, [(0.4, 1.0)] * 2 + [(0.05, 0.4)] * 2, strict=True):
+        reference = np.array(
+            [transforms.RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3]) for _ in range(n)]
+        )
+        area = (view.boxes.height * view.boxes.width).numpy()
+        assert _ks_statistic(area, reference[:, 2] * reference[:, 3]) < threshold, scale
+        assert (view.boxes.top + view.boxes.height <= size).all() and (view.boxes.left >= 0).all()
+    # The test has power: the global and the local views' areas differ.
+    global_area = (params[0].boxes.height * params[0].boxes.width).numpy()
+    local_area = (params[2].boxes.height * params[2].boxes.width).numpy()
+    assert _ks_statistic(global_area, local_area) > threshold
+
+
+def test_padded_batches_copy_each_shape_once_and_pad_with_zeros() -> None:
+    from dino.data.gpu_augment import _as_padded_batch, _chunks_by_size
+
+    images = _images([(4, 6), (6, 4), (4, 6), (5, 5), (6, 4), (4, 6)])
+    shapes = [tuple(img.shape[1:]) for img in images]
+    (order,) = _chunks_by_size(shapes, 10**6)
+    # Largest area first, equal shapes next to each other (4x6 and 6x4 have the same area).
+    assert [shapes[i] for i in order] == [(5, 5), (6, 4), (6, 4), (4, 6), (4, 6), (4, 6)]
+    assert sorted(order) == list(range(len(images)))
+    batch = _as_padded_batch(images, order)
+    assert batch.shape == (6, 3, 6, 6) and batch.dtype == torch.uint8
+    for row, i in enumerate(order):
+        h, w = shapes[i]
+        assert torch.equal(batch[row, :, :h, :w], images[i])
+        assert batch[row, :, h:].eq(0).all() and batch[row, :, :, w:].eq(0).all()
+    # One shape: a plain stack.
+    assert torch.equal(_as_padded_batch(images, [0, 2, 5]), torch.stack([images[0], images[2], images[5]]))
+
+
 # ------------------------------------------------------------------------------------ pixel operations
 
 

@@ -123,12 +123,29 @@ def sample_crop_boxes(
     r_lo, r_hi = (float(r) for r in ratio)
     if not 0.0 < r_lo <= r_hi:
         raise ValueError(f"ratio must satisfy 0 < low <= high, got {ratio!r}")
+    return _draw_crop_boxes(heights, widths, lo, hi, (r_lo, r_hi), generator, attempts)
+
+
+def _draw_crop_boxes(
+    heights: Tensor,
+    widths: Tensor,
+    lo: Tensor | float,
+    hi: Tensor | float,
+    ratio: tuple[float, float],
+    generator: torch.Generator | None,
+    attempts: int,
+) -> CropBoxes:
+    """:func:`sample_crop_boxes` on checked arguments; the area bounds ``lo``, ``hi`` are numbers or
+    per-image float64 tensors [B] (views of different scale ranges drawn in one go)."""
+    r_lo, r_hi = ratio
     device = heights.device
     h_img = heights.to(torch.float64)
     w_img = widths.to(torch.float64)
     n = h_img.numel()
 
     draws = torch.rand(n, attempts, 2, generator=generator, device=device, dtype=torch.float64)
+    if isinstance(lo, Tensor):
+        lo, hi = lo[:, None], hi[:, None]
     target_area = (h_img * w_img)[:, None] * (lo + (hi - lo) * draws[..., 0])
     log_lo, log_hi = math.log(r_lo), math.log(r_hi)
     aspect = torch.exp(log_lo + (log_hi - log_lo) * draws[..., 1])
@@ -219,7 +236,8 @@ def resampling_matrices(
 def _chunks_by_size(shapes: Sequence[tuple[int, int]], max_pixels: int) -> list[list[int]]:
     """Group image indices (largest first) so that each group, zero-padded to its largest height and
     width, holds at most ``max_pixels`` pixels (a group always holds at least one image)."""
-    order = sorted(range(len(shapes)), key=lambda i: shapes[i][0] * shapes[i][1], reverse=True)
+    # Largest first; images of the same shape next to each other (one copy per shape in _as_padded_batch).
+    order = sorted(range(len(shapes)), key=lambda i: (shapes[i][0] * shapes[i][1], shapes[i]), reverse=True)
     groups: list[list[int]] = []
     current: list[int] = []
     max_h = max_w = 0
@@ -237,14 +255,20 @@ def _chunks_by_size(shapes: Sequence[tuple[int, int]], max_pixels: int) -> list[
 
 
 def _as_padded_batch(images: Sequence[Tensor], indices: Sequence[int]) -> Tensor:
-    """Stack the chosen [3, H, W] images into one zero-padded [n, 3, H_max, W_max] tensor (a copy per
-    image: data movement only, no pixel arithmetic)."""
-    height = max(images[i].shape[-2] for i in indices)
-    width = max(images[i].shape[-1] for i in indices)
-    first = images[indices[0]]
-    batch = torch.zeros(len(indices), 3, height, width, dtype=first.dtype, device=first.device)
-    for row, i in enumerate(indices):
-        batch[row, :, : images[i].shape[-2], : images[i].shape[-1]] = images[i]
+    """Stack the chosen [3, H, W] images into one zero-padded [n, 3, H_max, W_max] tensor: data movement
+    only, one stack and one copy per run of consecutive same-shape images (a single stack when they all
+    have one shape), not a copy per image."""
+    chosen = [images[i] for i in indices]
+    runs = same_size_runs([tuple(img.shape) for img in chosen])
+    if len(runs) == 1:
+        return torch.stack(chosen)
+    height = max(img.shape[-2] for img in chosen)
+    width = max(img.shape[-1] for img in chosen)
+    first = chosen[0]
+    batch = torch.zeros(len(chosen), 3, height, width, dtype=first.dtype, device=first.device)
+    for a, b in runs:
+        h, w = chosen[a].shape[-2:]
+        batch[a:b, :, :h, :w] = chosen[a] if b - a == 1 else torch.stack(chosen[a:b])
     return batch
 
 
@@ -628,6 +652,11 @@ def _join_parameters(params: Sequence[ViewParameters]) -> ViewParameters:
     return ViewParameters(boxes, *rest)
 
 
+def _slice_parameters(params: ViewParameters, start: int, end: int) -> ViewParameters:
+    """Samples ``start .. end - 1`` of every parameter (views, no copies)."""
+    return ViewParameters(CropBoxes(*(f[start:end] for f in params.boxes)), *(f[start:end] for f in params[1:]))
+
+
 def _split_parameters(params: ViewParameters, views: int) -> list[ViewParameters]:
     """The inverse of :func:`_join_parameters` for ``views`` views of equal batch size."""
     boxes = [CropBoxes(*parts) for parts in zip(*(field.chunk(views) for field in params.boxes), strict=True)]
@@ -698,6 +727,10 @@ class BatchMultiCrop(nn.Module):
         self.max_pixels_per_chunk = int(max_pixels_per_chunk)
         # Consecutive views drawn together: same size and crop scale (they may differ in blur/solarize p).
         self._runs = same_size_runs([(v.size, v.scale) for v in self.views])
+        # Per view: crop area range, blur and solarize probabilities (every view's draws are made at once).
+        self.register_buffer(
+            "view_scale", torch.tensor([v.scale for v in self.views], dtype=torch.float64), persistent=False
+        )
         self.register_buffer("view_blur_p", torch.tensor([v.blur_p for v in self.views]), persistent=False)
         self.register_buffer(
             "view_solarize_p", torch.tensor([v.solarize_p for v in self.views]), persistent=False
@@ -724,36 +757,47 @@ class BatchMultiCrop(nn.Module):
     def _draw_runs(
         self, heights: Tensor, widths: Tensor, generator: torch.Generator | None
     ) -> list[ViewParameters]:
-        """The parameters of each run of ``self._runs``, its views' samples one view after the other."""
-        n, device = heights.numel(), heights.device
+        """The parameters of each run of ``self._runs``, its views' samples one view after the other.
+
+        Every view's parameters are drawn at once, as [views * B] tensors (view-major), and cut into runs:
+        the number of kernels depends neither on the number of views nor on the number of runs."""
+        n, device, views = heights.numel(), heights.device, len(self.views)
         jitter = self.JITTER
         sigma_lo, sigma_hi = self.BLUR_SIGMA
-        drawn: list[ViewParameters] = []
-        for a, b in self._runs:
-            count = b - a
-            boxes = sample_crop_boxes(
-                heights.repeat(count), widths.repeat(count), self.views[a].scale, _RATIO, generator
-            )
-            u = torch.rand(count * n, 10, generator=generator, device=device)
-            order = torch.rand(count * n, 4, generator=generator, device=device).argsort(dim=1)
-            blur_p = self.view_blur_p[a:b].to(device).repeat_interleave(n)
-            solarize_p = self.view_solarize_p[a:b].to(device).repeat_interleave(n)
-            drawn.append(
-                ViewParameters(
-                    boxes=boxes,
-                    flip=u[:, 0] < self.FLIP_P,
-                    jitter=u[:, 1] < self.JITTER_P,
-                    order=order,
-                    brightness=1.0 + jitter["brightness"] * (2.0 * u[:, 2] - 1.0),
-                    contrast=1.0 + jitter["contrast"] * (2.0 * u[:, 3] - 1.0),
-                    saturation=1.0 + jitter["saturation"] * (2.0 * u[:, 4] - 1.0),
-                    hue=jitter["hue"] * (2.0 * u[:, 5] - 1.0),
-                    grayscale=u[:, 6] < self.GRAYSCALE_P,
-                    blur_sigma=torch.where(u[:, 9] < blur_p, sigma_lo + (sigma_hi - sigma_lo) * u[:, 7], 0.0),
-                    solarize=u[:, 8] < solarize_p,
-                )
-            )
-        return drawn
+
+        def per_sample(values: Tensor) -> Tensor:  # one value per view -> one per (view, sample)
+            return values[:, None].expand(views, n).reshape(-1)
+
+        scale = self.view_scale.to(device)
+        boxes = _draw_crop_boxes(
+            heights.repeat(views),
+            widths.repeat(views),
+            per_sample(scale[:, 0]),
+            per_sample(scale[:, 1]),
+            _RATIO,
+            generator,
+            attempts=10,
+        )
+        u = torch.rand(views * n, 10, generator=generator, device=device)
+        order = torch.rand(views * n, 4, generator=generator, device=device).argsort(dim=1)
+        blur_p = per_sample(self.view_blur_p.to(device))
+        solarize_p = per_sample(self.view_solarize_p.to(device))
+        drawn = ViewParameters(
+            boxes=boxes,
+            flip=u[:, 0] < self.FLIP_P,
+            jitter=u[:, 1] < self.JITTER_P,
+            order=order,
+            brightness=1.0 + jitter["brightness"] * (2.0 * u[:, 2] - 1.0),
+            contrast=1.0 + jitter["contrast"] * (2.0 * u[:, 3] - 1.0),
+            saturation=1.0 + jitter["saturation"] * (2.0 * u[:, 4] - 1.0),
+            hue=jitter["hue"] * (2.0 * u[:, 5] - 1.0),
+            grayscale=u[:, 6] < self.GRAYSCALE_P,
+            blur_sigma=torch.where(u[:, 9] < blur_p, sigma_lo + (sigma_hi - sigma_lo) * u[:, 7], 0.0),
+            solarize=u[:, 8] < solarize_p,
+        )
+        if len(self._runs) == 1:
+            return [drawn]
+        return [_slice_parameters(drawn, a * n, b * n) for a, b in self._runs]
 
     def augment(
         self,
