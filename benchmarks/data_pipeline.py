@@ -106,7 +106,7 @@ def measure_augment_only(
     encoded = [dataset[i][0] for i in indices[: args.batch]]
     images = decode_batch([e for e in encoded if e is not None], device).images
     augment = BatchMultiCrop(**_crop_kwargs(args)).to(device)
-    generator = torch.Generator(device=device).manual_seed(0)
+    generator = torch.Generator().manual_seed(0)  # on the CPU, as the data path draws
 
     def batches():
         while True:

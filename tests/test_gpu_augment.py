@@ -812,3 +812,27 @@ def test_views_rendered_together_equal_views_rendered_one_by_one() -> None:
     singles = resized_crops(images, boxes, sizes, flips)
     for a, b in zip([v for r in runs for v in r.unbind(0)], singles, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_device_batches_need_no_read_from_the_device() -> None:
+    # Parameters drawn on the CPU: the pixels' device only runs kernels, it is never read back (no host
+    # synchronisation per batch). Images on the "meta" device, which has no data: any read of a device
+    # value (.item(), .tolist(), a boolean of a tensor) raises.
+    aug = BatchMultiCrop(local_crops_number=3, global_crop_size=16, local_crop_size=8).to("meta")
+    mixed = [torch.empty(3, 30 + 3 * i, 41 - i, dtype=torch.uint8, device="meta") for i in range(6)]
+    stacked = torch.empty(5, 3, 24, 24, dtype=torch.uint8, device="meta")
+    for images, n in ((mixed, 6), (stacked, 5)):
+        views = aug(images, torch.Generator().manual_seed(0), group_views=True)
+        assert [tuple(v.shape) for v in views] == [(n, 3, 16, 16)] * 2 + [(n, 3, 8, 8)] * 3
+        assert all(v.device.type == "meta" for v in views)
+
+
+def test_parameters_drawn_on_the_cpu_give_the_same_views_on_any_device_layout() -> None:
+    # The CPU path (views one by one) and the grouped GPU path draw the same parameters from the same
+    # CPU generator, so they render the same views.
+    images = _images([(30, 40), (41, 37), (25, 60)])
+    aug = BatchMultiCrop(local_crops_number=2, global_crop_size=16, local_crop_size=8)
+    one_by_one = aug(images, torch.Generator().manual_seed(3), group_views=False)
+    grouped = aug(images, torch.Generator().manual_seed(3), group_views=True)
+    for a, b in zip(one_by_one, grouped, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

@@ -4,7 +4,9 @@
 takes a whole batch of decoded uint8 images (on the GPU, straight from the decoder) and returns the same
 ``[global_1, global_2, local_1, ..., local_n]`` list of normalised batches that
 :func:`~dino.data.datasets.collate_skipping_bad` builds from the CPU pipeline, so the training loop can use
-either. Every random parameter is drawn per sample from the distribution the CPU pipeline draws it from.
+either. Every random parameter is drawn per sample from the distribution the CPU pipeline draws it from,
+on the generator's device: the data path draws on the CPU, so a GPU batch only receives the parameters
+(a few host-to-device copies) and runs the pixel work; nothing is read back from the device.
 
 How each step matches the PIL/torchvision reference, and where it deliberately differs:
 
@@ -112,7 +114,7 @@ def sample_crop_boxes(
         heights, widths: image sizes in pixels, integer tensors of shape [B] on the target device.
         scale: range of the crop area as a fraction of the image area.
         ratio: range of the crop aspect ratio (width / height).
-        generator: random generator on the same device as ``heights`` (None: the global one).
+        generator: random generator on the device of ``heights`` (None: that device's global one).
     """
     if heights.shape != widths.shape or heights.dim() != 1:
         raise ValueError(
@@ -654,7 +656,9 @@ def _join_parameters(params: Sequence[ViewParameters]) -> ViewParameters:
 
 def _slice_parameters(params: ViewParameters, start: int, end: int) -> ViewParameters:
     """Samples ``start .. end - 1`` of every parameter (views, no copies)."""
-    return ViewParameters(CropBoxes(*(f[start:end] for f in params.boxes)), *(f[start:end] for f in params[1:]))
+    return ViewParameters(
+        CropBoxes(*(f[start:end] for f in params.boxes)), *(f[start:end] for f in params[1:])
+    )
 
 
 def _split_parameters(params: ViewParameters, views: int) -> list[ViewParameters]:
@@ -662,6 +666,135 @@ def _split_parameters(params: ViewParameters, views: int) -> list[ViewParameters
     boxes = [CropBoxes(*parts) for parts in zip(*(field.chunk(views) for field in params.boxes), strict=True)]
     rest = zip(*(field.chunk(views) for field in params[1:]), strict=True)
     return [ViewParameters(b, *fields) for b, fields in zip(boxes, rest, strict=True)]
+
+
+class _RunPlan(NamedTuple):
+    """What rendering one run of same-size views needs, derived from its parameters ([N] = views × B
+    samples, view-major), on the images' device; ``hue_counts`` on the host."""
+
+    boxes: CropBoxes
+    flip: Tensor
+    keep: Tensor  # [4, N]: per jitter position, each sample's blend factor (1 for the hue and no jitter)
+    rest: Tensor  # [4, N]: 1 - keep
+    with_mean: Tensor  # [4, N]: 1 where the blend is the contrast (reference: mean gray)
+    with_gray: Tensor  # [4, N]: 1 where the blend is the saturation (reference: gray)
+    hue_index: Tensor  # the samples with a hue, ranked by its position (block p: hue at position p)
+    hue_shift: Tensor  # their shifts, same order
+    hue_counts: list[int]  # block lengths, positions 0-3
+    grayscale: Tensor  # [N] bool
+    blur_index: Tensor  # the blurred samples
+    blur_kernels: Tensor  # [len(blur_index), taps]: their extended-box kernels (float32)
+    solarize: Tensor  # [N] bool
+
+
+def _plan_runs(params: Sequence[ViewParameters], device: torch.device, blur_reach: int) -> list[_RunPlan]:
+    """Turn each run's parameters into its :class:`_RunPlan`, computed where they were drawn, then moved
+    to ``device``: with parameters drawn on the CPU, a GPU batch runs no kernel on them and needs no
+    device-to-host read (the counts that size the hue and blur blocks are host values already); drawn on
+    the device, the counts take one read per batch.
+
+    The two costly operations, hue and blur, run only on the samples that drew them: the samples are
+    ranked by the step at which they need each, and each step gathers its contiguous block of that
+    ranking.
+    """
+    # Jitter position (0-3) of the hue per sample, 4 where the view has no jitter.
+    hue_slots = [torch.where(p.jitter, (p.order == 3).to(torch.uint8).argmax(dim=1), 4) for p in params]
+    blurred = [p.blur_sigma > 0 for p in params]
+    positions = torch.arange(4, device=hue_slots[0].device)
+    counts = torch.stack(
+        [
+            torch.cat([(slot[:, None] == positions).sum(dim=0), b.sum().view(1)])
+            for slot, b in zip(hue_slots, blurred, strict=True)
+        ]
+    ).tolist()  # a host read only when the parameters are on a GPU
+    plans = []
+    for p, slot, b, n in zip(params, hue_slots, blurred, counts, strict=True):
+        # Per sample and position: the blend factor (1 for the hue and for skipped jitter) and which
+        # reference it blends with (black: neither weight; mean gray: contrast; gray: saturation).
+        op = torch.where(p.jitter[:, None], p.order, -1).t()  # [4, N]
+        keep = torch.where(
+            op == 0, p.brightness, torch.where(op == 1, p.contrast, torch.where(op == 2, p.saturation, 1.0))
+        ).to(torch.float32)
+        hue_index = torch.argsort(slot, stable=True)[: sum(n[:4])]
+        blur_index = torch.argsort((~b).to(torch.uint8), stable=True)[: n[4]]
+        plans.append(
+            _RunPlan(
+                p.boxes,
+                p.flip,
+                keep,
+                1.0 - keep,
+                (op == 1).to(torch.float32),
+                (op == 2).to(torch.float32),
+                hue_index,
+                p.hue[hue_index].to(torch.float32),
+                n[:4],
+                p.grayscale,
+                blur_index,
+                extended_box_kernels(p.blur_sigma[blur_index], blur_reach),
+                p.solarize,
+            )
+        )
+    return _move_plans(plans, device)
+
+
+def _move_plans(plans: list[_RunPlan], device: torch.device) -> list[_RunPlan]:
+    """The plans' tensors on ``device``: one copy per dtype for all of them (flattened, concatenated,
+    split again into views there), not one per tensor."""
+    fields = [(i, name) for i, plan in enumerate(plans) for name in _RunPlan._fields if name != "hue_counts"]
+    tensors = {}
+    for i, name in fields:
+        value = getattr(plans[i], name)
+        if isinstance(value, CropBoxes):
+            tensors.update({(i, name, k): t for k, t in enumerate(value)})
+        else:
+            tensors[(i, name, None)] = value
+    if all(t.device == device for t in tensors.values()):
+        return plans
+    moved = {}
+    for dtype in {t.dtype for t in tensors.values()}:
+        keys = [k for k, t in tensors.items() if t.dtype == dtype]
+        flat = torch.cat([tensors[k].reshape(-1) for k in keys])
+        # From pageable memory: copied to a staging buffer before the call returns, no device sync.
+        parts = flat.to(device, non_blocking=True).split([tensors[k].numel() for k in keys])
+        moved.update({k: part.view(tensors[k].shape) for k, part in zip(keys, parts, strict=True)})
+    out = []
+    for i, plan in enumerate(plans):
+        values = {}
+        for name in _RunPlan._fields:
+            if name == "hue_counts":
+                values[name] = plan.hue_counts
+            elif name == "boxes":
+                values[name] = CropBoxes(*(moved[(i, name, k)] for k in range(4)))
+            else:
+                values[name] = moved[(i, name, None)]
+        out.append(_RunPlan(**values))
+    return out
+
+
+def _colour_jitter(x: Tensor, plan: _RunPlan) -> Tensor:
+    """Brightness, contrast, saturation and hue, each sample in its own order.
+
+    At each of the four positions every sample runs exactly one operation. The first three are all
+    ``clip(f * x + (1 - f) * reference)`` with reference black, mean gray or gray, so they run as one
+    blend with a per-sample reference and factor (factor 1, an exact no-op, for samples whose operation
+    at this position is the hue or that skip jitter). The hue runs on the samples whose hue is at this
+    position: block ``position`` of the plan's hue ranking.
+    """
+    shape = (4, -1, 1, 1, 1)
+    keep, rest = plan.keep.view(shape), plan.rest.view(shape)
+    with_gray, with_mean = plan.with_gray.view(shape), plan.with_mean.view(shape)
+    start = 0
+    for position in range(4):
+        gray = rgb_to_grayscale(x)
+        mean_gray = gray.mean(dim=(-3, -2, -1), keepdim=True)
+        reference = torch.addcmul(mean_gray * with_mean[position], gray, with_gray[position])
+        x = torch.addcmul(rest[position] * reference, keep[position], x).clamp_(0.0, 1.0)
+        count = plan.hue_counts[position]
+        if count > 0:
+            index = plan.hue_index[start : start + count]
+            x[index] = adjust_hue(x[index], plan.hue_shift[start : start + count])
+        start += count
+    return x
 
 
 class BatchMultiCrop(nn.Module):
@@ -727,14 +860,9 @@ class BatchMultiCrop(nn.Module):
         self.max_pixels_per_chunk = int(max_pixels_per_chunk)
         # Consecutive views drawn together: same size and crop scale (they may differ in blur/solarize p).
         self._runs = same_size_runs([(v.size, v.scale) for v in self.views])
-        # Per view: crop area range, blur and solarize probabilities (every view's draws are made at once).
-        self.register_buffer(
-            "view_scale", torch.tensor([v.scale for v in self.views], dtype=torch.float64), persistent=False
-        )
-        self.register_buffer("view_blur_p", torch.tensor([v.blur_p for v in self.views]), persistent=False)
-        self.register_buffer(
-            "view_solarize_p", torch.tensor([v.solarize_p for v in self.views]), persistent=False
-        )
+        # Per view: crop area range, blur and solarize probabilities, as tensors on the device the draws
+        # are made on (made once per device: see _view_table).
+        self._view_tables: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
         self.register_buffer(
             "mean", torch.tensor(_check_channels("mean", mean, positive=False)).view(1, 3, 1, 1)
         )
@@ -754,6 +882,17 @@ class BatchMultiCrop(nn.Module):
             for view in _split_parameters(run, b - a)
         ]
 
+    def _view_table(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Per view: [V, 2] crop area ranges (float64), blur and solarize probabilities, on ``device``
+        (plain attributes, not buffers: moving the module to a GPU must not move what the CPU draws with)."""
+        if device not in self._view_tables:
+            self._view_tables[device] = (
+                torch.tensor([v.scale for v in self.views], dtype=torch.float64, device=device),
+                torch.tensor([v.blur_p for v in self.views], device=device),
+                torch.tensor([v.solarize_p for v in self.views], device=device),
+            )
+        return self._view_tables[device]
+
     def _draw_runs(
         self, heights: Tensor, widths: Tensor, generator: torch.Generator | None
     ) -> list[ViewParameters]:
@@ -768,7 +907,7 @@ class BatchMultiCrop(nn.Module):
         def per_sample(values: Tensor) -> Tensor:  # one value per view -> one per (view, sample)
             return values[:, None].expand(views, n).reshape(-1)
 
-        scale = self.view_scale.to(device)
+        scale, view_blur_p, view_solarize_p = self._view_table(device)
         boxes = _draw_crop_boxes(
             heights.repeat(views),
             widths.repeat(views),
@@ -780,8 +919,8 @@ class BatchMultiCrop(nn.Module):
         )
         u = torch.rand(views * n, 10, generator=generator, device=device)
         order = torch.rand(views * n, 4, generator=generator, device=device).argsort(dim=1)
-        blur_p = per_sample(self.view_blur_p.to(device))
-        solarize_p = per_sample(self.view_solarize_p.to(device))
+        blur_p = per_sample(view_blur_p)
+        solarize_p = per_sample(view_solarize_p)
         drawn = ViewParameters(
             boxes=boxes,
             flip=u[:, 0] < self.FLIP_P,
@@ -825,73 +964,24 @@ class BatchMultiCrop(nn.Module):
         params: Sequence[ViewParameters],
     ) -> list[Tensor]:
         """Render runs ``[start, end)`` of same-size views with their joined parameters: one float
-        [views * B, 3, size, size] tensor in [0, 1] per run.
-
-        The two costly operations, hue and blur, run only on the samples that drew them: the samples are
-        ranked by the step at which they need each (one device-to-host read of the counts per batch), and
-        each step gathers its contiguous block of that ranking.
-        """
+        [views * B, 3, size, size] tensor in [0, 1] per run. The parameters may live on the CPU while
+        the images are on a GPU (see :func:`_plan_runs`)."""
+        device = _device_of(images)
+        plans = _plan_runs(params, device, box_blur_reach(self.BLUR_SIGMA[1]))
         crops = _render_crop_runs(
             images,
-            [(self.views[a].size, b - a, p.boxes, p.flip) for (a, b), p in zip(runs, params, strict=True)],
+            [(self.views[a].size, b - a, q.boxes, q.flip) for (a, b), q in zip(runs, plans, strict=True)],
             self.max_pixels_per_chunk,
         )
-        # Jitter position (0-3) of the hue per sample, 4 where the view has no jitter.
-        hue_slots = [torch.where(p.jitter, (p.order == 3).to(torch.uint8).argmax(dim=1), 4) for p in params]
-        blurred = [p.blur_sigma > 0 for p in params]
-        positions = torch.arange(4, device=hue_slots[0].device)
-        counts = torch.stack(
-            [
-                torch.cat([(slot[:, None] == positions).sum(dim=0), b.sum().view(1)])
-                for slot, b in zip(hue_slots, blurred, strict=True)
-            ]
-        ).tolist()  # the one host synchronisation of a batch
         rendered: list[Tensor] = []
-        for x, p, slot, b, n in zip(crops, params, hue_slots, blurred, counts, strict=True):
-            x = x.flatten(0, 1)  # [views * B, 3, s, s]
-            x = self._colour_jitter(x, p, torch.argsort(slot, stable=True), n[:4])
-            x = torch.where(p.grayscale[:, None, None, None], rgb_to_grayscale(x).expand_as(x), x)
-            if n[4] > 0:
-                index = torch.argsort((~b).to(torch.uint8), stable=True)[: n[4]]
+        for x, q in zip(crops, plans, strict=True):
+            x = _colour_jitter(x.flatten(0, 1), q)  # [views * B, 3, s, s]
+            x = torch.where(q.grayscale[:, None, None, None], rgb_to_grayscale(x).expand_as(x), x)
+            if q.blur_index.numel():
                 # index_put (not index_copy): deterministic on CUDA under torch.use_deterministic_algorithms
-                x[index] = pil_gaussian_blur(x[index], p.blur_sigma[index], self.BLUR_SIGMA[1])
-            rendered.append(torch.where(p.solarize[:, None, None, None], solarize(x), x))
+                x[q.blur_index] = separable_filter(x[q.blur_index], q.blur_kernels, "replicate", passes=3)
+            rendered.append(torch.where(q.solarize[:, None, None, None], solarize(x), x))
         return rendered
-
-    @staticmethod
-    def _colour_jitter(x: Tensor, p: ViewParameters, by_hue_slot: Tensor, hue_counts: list[int]) -> Tensor:
-        """Brightness, contrast, saturation and hue, each sample in its own order.
-
-        At each of the four positions every sample runs exactly one operation. The first three are all
-        ``clip(f * x + (1 - f) * reference)`` with reference black, mean gray or gray, so they run as one
-        blend with a per-sample reference and factor (factor 1, an exact no-op, for samples whose
-        operation at this position is the hue or that skip jitter). The hue runs on the samples whose
-        hue is at this position: block ``position`` of ``by_hue_slot`` (samples ranked by hue
-        position), of length ``hue_counts[position]``.
-        """
-        # Per sample and position: the blend factor (1 for the hue and for skipped jitter) and which
-        # reference it blends with (black: neither weight; mean gray: contrast; gray: saturation).
-        op = torch.where(p.jitter[:, None], p.order, -1).t()  # [4, N]
-        shape = (4, -1, 1, 1, 1)
-        factor = torch.where(
-            op == 0,
-            p.brightness,
-            torch.where(op == 1, p.contrast, torch.where(op == 2, p.saturation, 1.0)),
-        ).to(x.dtype)
-        keep, rest = factor.view(shape), (1.0 - factor).view(shape)
-        with_gray, with_mean = (op == 2).to(x.dtype).view(shape), (op == 1).to(x.dtype).view(shape)
-        start = 0
-        for position in range(4):
-            gray = rgb_to_grayscale(x)
-            mean_gray = gray.mean(dim=(-3, -2, -1), keepdim=True)
-            reference = torch.addcmul(mean_gray * with_mean[position], gray, with_gray[position])
-            x = torch.addcmul(rest[position] * reference, keep[position], x).clamp_(0.0, 1.0)
-            count = hue_counts[position]
-            if count > 0:
-                index = by_hue_slot[start : start + count]
-                x[index] = adjust_hue(x[index], p.hue[index])
-            start += count
-        return x
 
     def normalize(self, views: Sequence[Tensor]) -> list[Tensor]:
         """Subtract ``mean`` and divide by ``std`` per channel (on each view's device, so a module left on
@@ -905,14 +995,16 @@ class BatchMultiCrop(nn.Module):
         group_views: bool | None = None,
     ) -> list[Tensor]:
         """Views of a batch: ``images`` is a list of uint8 [3, H, W] tensors (any sizes) or a uint8
-        [B, 3, H, W] batch, all on one device; ``generator`` must live on that device. ``group_views``
-        (default: on GPUs) renders same-size views together; the views are the same either way."""
+        [B, 3, H, W] batch, all on one device. The random parameters are drawn from ``generator`` on its
+        device, the CPU or the images' device (None: the CPU's global generator); drawn on the CPU, a
+        GPU batch needs no read from the device and fewer kernels (the data path's choice).
+        ``group_views`` (default: on GPUs) renders same-size views together; the views are the same
+        either way."""
         if isinstance(images, Tensor):
             if images.dim() != 4 or images.shape[1] != 3:
                 raise ValueError(f"a batch of images must have shape [B, 3, H, W], got {tuple(images.shape)}")
             device = images.device
-            heights = torch.full((images.shape[0],), images.shape[2], device=device)
-            widths = torch.full((images.shape[0],), images.shape[3], device=device)
+            shapes = [tuple(images.shape[-2:])] * images.shape[0]
         else:
             if len(images) == 0:
                 raise ValueError("BatchMultiCrop needs at least one image")
@@ -921,13 +1013,15 @@ class BatchMultiCrop(nn.Module):
                 raise ValueError(
                     "all images of a batch must be on the same device; move them with .to(device)"
                 )
-            heights = torch.tensor([img.shape[-2] for img in images], device=device)
-            widths = torch.tensor([img.shape[-1] for img in images], device=device)
-        if generator is not None and generator.device.type != device.type:
+            shapes = [tuple(img.shape[-2:]) for img in images]
+        drawn_on = torch.device("cpu") if generator is None else generator.device
+        if drawn_on.type not in ("cpu", device.type):
             raise ValueError(
                 f"the generator is on {generator.device} but the images are on {device}; "
-                "create it with torch.Generator(device=...)"
+                "use a CPU generator (torch.Generator()) or one on the images' device"
             )
+        heights = torch.tensor([h for h, _ in shapes], device=drawn_on)
+        widths = torch.tensor([w for _, w in shapes], device=drawn_on)
         if group_views is None:
             group_views = device.type == "cuda"
         if not group_views:

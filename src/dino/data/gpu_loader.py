@@ -350,14 +350,15 @@ class DeviceMultiCropLoader:
     :func:`~dino.data.datasets.collate_skipping_bad`: ``crops`` is the list of normalised view batches on
     ``device``, ``labels`` the labels of the decoded images (on the CPU, as from the CPU loader),
     ``num_skipped`` the unreadable plus undecodable files. When every file of a batch failed, ``crops``
-    is empty and ``labels`` has no element. Augmentation randomness is drawn from a generator on ``device``
+    is empty and ``labels`` has no element. Augmentation randomness is drawn on the CPU from a generator
     reseeded for every batch from ``(seed, epoch, step, rank)``, so a run resumed mid-epoch
-    (``set_epoch(epoch, start_step)``) draws the same crops as an uninterrupted one.
+    (``set_epoch(epoch, start_step)``) draws the same crops as an uninterrupted one; the device only
+    receives the drawn parameters (a few host-to-device copies) and is never read back.
 
     On a GPU each batch is prepared on a CUDA stream of its own and, with ``prefetch`` (the default
     there), in a background thread that keeps one batch ready ahead: the host work of decoding and
-    augmenting batch t + 1 (Python, kernel launches, one read of per-batch counts) then overlaps the
-    training step t instead of adding to it.
+    augmenting batch t + 1 (Python, kernel launches) then overlaps the training step t instead of adding
+    to it.
     """
 
     def __init__(
@@ -378,7 +379,7 @@ class DeviceMultiCropLoader:
         self.seed, self.rank, self.max_pixels = int(seed), int(rank), max_pixels
         self.prefetch = self.device.type == "cuda" if prefetch is None else bool(prefetch)
         self.epoch, self.start_step = 0, 0
-        self.generator = torch.Generator(device=self.device)
+        self.generator = torch.Generator()  # parameters drawn on the CPU: no device read per batch
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """The next iteration is ``epoch``, starting at its ``start_step``-th batch (for resuming)."""
@@ -408,9 +409,9 @@ class DeviceMultiCropLoader:
             torch.cuda.set_device(self.device)  # the current device is per thread
 
     def _prepared_batches(self) -> Iterator[tuple[list[Tensor], Tensor, int, torch.cuda.Event | None]]:
-        # On a GPU the batch is prepared on a stream of its own: the decoder's and the augmentation's
-        # reads of sizes and counts then wait for this stream's work only, not for the training step
-        # still running on the main stream. An event marks where each batch is complete.
+        # On a GPU the batch is prepared on a stream of its own, so that its kernels queue beside the
+        # training step's instead of behind them (and the decoder, which waits for its own work, does
+        # not wait for the step). An event marks where each batch is complete.
         side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         batches = self._decoded_batches()
         try:
