@@ -7,9 +7,12 @@ dispatch, synchronisations — sets the pace), the number of kernels launched an
 synchronisations, the operators dispatched per iteration (counted at the dispatcher, one per call from
 Python or autograd: the host work a GPU waits on when it is not busy), and the operators taking the most
 device and host time. ``--group-views`` renders the augmentation's same-size views together (the GPU path)
-also on a CPU.
+also on a CPU. ``augment_ops`` (not in the default parts) counts the augmentation's operators per batch on
+images without data (the "meta" device), split into what would run on the images' device (kernels,
+views) and on the host: the same counts on any machine, a GPU's kernel launches measured on a CPU.
 
     python benchmarks/profile_gpu.py --jpegs /path/to/jpegs --out results/profile.json   # writes .txt too
+    python benchmarks/profile_gpu.py --parts augment_ops --batch 64 --out results/augment_ops.json
 """
 
 from __future__ import annotations
@@ -84,6 +87,41 @@ def run_profiled(fn, iterations: int, device: torch.device):
     return body | {"dispatched_ops_per_iteration": counter.count}, text
 
 
+class _CountOpsByDevice(TorchDispatchMode):
+    """Counts the operators that touch ``device`` (kernels there, views apart) and the others (host)."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.device = device
+        self.counts = {"device_kernels": 0, "device_views": 0, "host": 0}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
+        if any(isinstance(t, torch.Tensor) and t.device.type == self.device for t in leaves):
+            self.counts["device_views" if func.is_view else "device_kernels"] += 1
+        else:
+            self.counts["host"] += 1
+        return out
+
+
+def count_augment_ops(args: argparse.Namespace, device: torch.device) -> tuple[dict, str]:
+    """The batched augmentation's operators per batch, on images that live on the "meta" device (shapes,
+    no data): those touching the images' device are what a GPU runs as kernels (or views); the rest run
+    on the host. Any read of a device value would raise, so a result also shows that none is made.
+    Independent of the hardware: the same counts on any machine."""
+    files = sorted(args.jpegs.rglob("*.jpg"))[: args.batch] if args.jpegs else []
+    shapes = [tuple(decode_with_pil(p.read_bytes()).shape) for p in files] or [(3, 375, 500)] * args.batch
+    images = [torch.empty(shape, dtype=torch.uint8, device="meta") for shape in shapes]
+    augment = BatchMultiCrop(local_crops_number=args.local_crops).to("meta")
+    generator = torch.Generator().manual_seed(0)
+    augment(images, generator, group_views=True)  # first call: caches made once per device
+    with _CountOpsByDevice("meta") as counter:
+        augment(images, generator, group_views=True)
+    body = {"images": len(images), "distinct_shapes": len(set(shapes)), **counter.counts}
+    return body, f"operators per batch of {len(images)}: {counter.counts}"
+
+
 def profile_step(args: argparse.Namespace, device: torch.device) -> tuple[dict, str]:
     return run_profiled(train_step.make_step(args, device, args.variant), args.iterations, device)
 
@@ -115,7 +153,7 @@ def main() -> None:
     args = parser.parse_args()
     device = pick_device(args.device)
     body, texts = {}, []
-    parts = {"step": profile_step, "augment": profile_augment}
+    parts = {"step": profile_step, "augment": profile_augment, "augment_ops": count_augment_ops}
     for name in args.parts.split(","):
         body[name], text = parts[name](args, device)
         texts.append(f"## {name}\n{text}")
