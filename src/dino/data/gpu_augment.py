@@ -208,14 +208,34 @@ def resampling_matrices(
     pixels inside the image, shifted inwards at the borders (its pixels outside the crop weigh 0), so its
     positions are distinct and the scatter has a single value for each.
     """
+    return _resampling_rows(start, length, in_size, out_size, flip, _taps(in_size, out_size), gain)
+
+
+def _taps(in_size: int, out_size: int) -> int:
+    """Band width that covers any resampling row's support from ``in_size`` input pixels to ``out_size``:
+    a crop is never longer than the image, so 4 * stretch + 1 pixels cover it; 2 spare."""
+    return min(in_size, math.floor(4.0 * max(in_size / out_size, 1.0)) + 3)
+
+
+def _resampling_rows(
+    start: Tensor,
+    length: Tensor,
+    in_size: int,
+    out_size: int,
+    flip: Tensor | None,
+    taps: int,
+    gain: float | Tensor,
+) -> Tensor:
+    """The work of :func:`resampling_matrices` for rows whose inputs may be shorter than ``in_size`` (the
+    matrices' width; e.g. the vertical rows of a crop next to its horizontal ones): ``taps`` must cover
+    every row's support and be at most ``in_size``; ``gain`` is a number or one value per row."""
     device = start.device
     crop_len = length.to(torch.float32)
     step = crop_len / out_size  # input pixels per output pixel
     stretch = step.clamp(min=1.0)  # widen the kernel when downscaling (antialiasing)
     centre = (torch.arange(out_size, device=device, dtype=torch.float32) + 0.5)[None, :] * step[:, None]
-    # A crop is never longer than the image, so 4 * stretch + 1 pixels cover any row's support; 2 spare.
-    taps = min(in_size, math.floor(4.0 * max(in_size / out_size, 1.0)) + 3)
-    # The window of each row starts one pixel before its support, clamped into [0, in_size - taps].
+    # The window of each row starts one pixel before its support, clamped into [0, in_size - taps]: its
+    # positions are then distinct and inside the matrix; those outside the row's crop weigh 0.
     before = torch.floor(centre - 2.0 * stretch[:, None] - 0.5) + start[:, None]
     first = before.clamp(0, in_size - taps)  # [B, out], absolute pixel index (float, whole)
     pixel = first[..., None] + torch.arange(taps, device=device, dtype=torch.float32)  # [B, out, taps]
@@ -223,6 +243,8 @@ def resampling_matrices(
     distance = (offset + 0.5 - centre[..., None]) / stretch[:, None, None]
     inside = (offset >= 0) & (offset < crop_len[:, None, None])
     weights = _bicubic(distance) * inside
+    if isinstance(gain, Tensor):
+        gain = gain[:, None, None]
     weights = weights * (gain / weights.sum(dim=-1, keepdim=True))
     index = pixel.long()
     if flip is not None:
@@ -327,17 +349,40 @@ def resized_crop_runs(
             for v in range(a, b)
         ]
         run_boxes = CropBoxes(*(torch.cat(field) for field in zip(*boxes[a:b], strict=True)))
-        joined.append((sizes[a], b - a, run_boxes, torch.cat(flip)))
+        joined.append(_crop_run(sizes[a], b - a, run_boxes, torch.cat(flip)))
     return _render_crop_runs(images, joined, max_pixels_per_chunk)
 
 
+class _CropRun(NamedTuple):
+    """One run of ``views`` same-size views as resampling inputs: row 0 of each [2, B * views] tensor is
+    horizontal (left, width, flip, gain 1/255), row 1 vertical (top, height, no flip, gain 1); columns
+    sample-major (sample b's views at b * views ...), the order in which the matrices are used."""
+
+    size: int
+    views: int
+    start: Tensor
+    length: Tensor
+    flip: Tensor
+    gain: Tensor
+
+
+def _crop_run(size: int, views: int, boxes: CropBoxes, flip: Tensor) -> _CropRun:
+    """A :class:`_CropRun` from view-major [views * B] boxes and flips, computed where they live."""
+
+    def sample_major(values: Tensor) -> Tensor:
+        return values.view(views, -1).t().reshape(-1)
+
+    start = torch.stack([sample_major(boxes.left), sample_major(boxes.top)])
+    length = torch.stack([sample_major(boxes.width), sample_major(boxes.height)])
+    flips = torch.stack([sample_major(flip), torch.zeros_like(flip)])
+    gain = torch.tensor([[1.0 / 255.0], [1.0]], device=flip.device).expand_as(start).contiguous()
+    return _CropRun(size, views, start, length, flips, gain)
+
+
 def _render_crop_runs(
-    images: Sequence[Tensor] | Tensor,
-    runs: Sequence[tuple[int, int, CropBoxes, Tensor]],
-    max_pixels_per_chunk: int,
+    images: Sequence[Tensor] | Tensor, runs: Sequence[_CropRun], max_pixels_per_chunk: int
 ) -> list[Tensor]:
-    """The work of :func:`resized_crop_runs` for runs given as ``(size, views, boxes, flip)`` with the
-    boxes and flips of the run's views one after the other ([views * B] tensors)."""
+    """The work of :func:`resized_crop_runs` for runs given as :class:`_CropRun`."""
     if isinstance(images, Tensor):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"a batch of images must have shape [B, 3, H, W], got {tuple(images.shape)}")
@@ -362,29 +407,27 @@ def _render_crop_runs(
             batch = _as_padded_batch(images, chunk)
         n, _, height, width = batch.shape
         pixels = batch.to(torch.float32).reshape(n, 3 * height, width)
+        matrix_width = max(height, width)
 
-        def pick(values: Tensor, views: int, index: Tensor | None = index, n: int = n) -> Tensor:
-            """This chunk's samples of a view-major [views * total] parameter, sample-major: [n * views]."""
-            if index is not None:
-                values = values.view(views, total)[:, index]
-            return values.reshape(views, n).t().reshape(-1)
-
-        # Per run of G same-size views, two batched matrix products whose operands and results are all
-        # plain (strided) views, no copies: horizontally, [n, G·s, W] weights (the 1/255 folded in) times
-        # the transposed [n, 3H, W] pixels give [n, G·s, 3H]; read per (sample, view) as [s·3, H], that
-        # times the transposed [s, H] vertical weights gives the crops as [n, G, s (column), 3, s (row)].
-        for r, (size, views, boxes, flip) in enumerate(runs):
-            across = resampling_matrices(
-                pick(boxes.left, views),
-                pick(boxes.width, views),
-                width,
-                size,
-                pick(flip, views),
-                gain=1 / 255,
-            )
-            columns = torch.matmul(across.view(n, views * size, width), pixels.transpose(1, 2))
+        # Per run of G same-size views, one set of resampling matrices for both directions ([2, n·G, s,
+        # max(H, W)], the 1/255 folded into the horizontal ones), then two batched matrix products whose
+        # operands and results are all plain (strided) views, no copies: horizontally, [n, G·s, W]
+        # weights times the transposed [n, 3H, W] pixels give [n, G·s, 3H]; read per (sample, view) as
+        # [s·3, H], that times the transposed [s, H] vertical weights gives the crops as [n, G, s
+        # (column), 3, s (row)].
+        for r, run in enumerate(runs):
+            size, views = run.size, run.views
+            fields = (run.start, run.length, run.flip, run.gain)
+            if index is not None:  # this chunk's samples (all their views)
+                fields = (t.view(2, total, views)[:, index].reshape(2, -1) for t in fields)
+            start, length, flip, gain = (t.reshape(-1) for t in fields)
+            taps = max(_taps(width, size), _taps(height, size))
+            matrices = _resampling_rows(start, length, matrix_width, size, flip, taps, gain)
+            matrices = matrices.view(2, n * views, size, matrix_width)
+            across = matrices[0].view(n, views * size, matrix_width)[..., :width]
+            columns = torch.matmul(across, pixels.transpose(1, 2))
             columns = columns.clamp_(0.0, 1.0).view(n * views, size * 3, height)
-            down = resampling_matrices(pick(boxes.top, views), pick(boxes.height, views), height, size)
+            down = matrices[1][..., :height]
             crops = torch.matmul(columns, down.transpose(1, 2)).view(n, views, size, 3, size)
             # Into view-major [G, n, 3, s, s] while clamping: one pass that writes a contiguous tensor.
             clamped = torch.empty(views, n, 3, size, size, device=device, dtype=torch.float32)
@@ -672,8 +715,7 @@ class _RunPlan(NamedTuple):
     """What rendering one run of same-size views needs, derived from its parameters ([N] = views × B
     samples, view-major), on the images' device; ``hue_counts`` on the host."""
 
-    boxes: CropBoxes
-    flip: Tensor
+    crops: _CropRun
     keep: Tensor  # [4, N]: per jitter position, each sample's blend factor (1 for the hue and no jitter)
     rest: Tensor  # [4, N]: 1 - keep
     with_mean: Tensor  # [4, N]: 1 where the blend is the contrast (reference: mean gray)
@@ -687,7 +729,12 @@ class _RunPlan(NamedTuple):
     solarize: Tensor  # [N] bool
 
 
-def _plan_runs(params: Sequence[ViewParameters], device: torch.device, blur_reach: int) -> list[_RunPlan]:
+def _plan_runs(
+    params: Sequence[ViewParameters],
+    shapes: Sequence[tuple[int, int]],
+    device: torch.device,
+    blur_reach: int,
+) -> list[_RunPlan]:
     """Turn each run's parameters into its :class:`_RunPlan`, computed where they were drawn, then moved
     to ``device``: with parameters drawn on the CPU, a GPU batch runs no kernel on them and needs no
     device-to-host read (the counts that size the hue and blur blocks are host values already); drawn on
@@ -708,7 +755,7 @@ def _plan_runs(params: Sequence[ViewParameters], device: torch.device, blur_reac
         ]
     ).tolist()  # a host read only when the parameters are on a GPU
     plans = []
-    for p, slot, b, n in zip(params, hue_slots, blurred, counts, strict=True):
+    for p, (size, views), slot, b, n in zip(params, shapes, hue_slots, blurred, counts, strict=True):
         # Per sample and position: the blend factor (1 for the hue and for skipped jitter) and which
         # reference it blends with (black: neither weight; mean gray: contrast; gray: saturation).
         op = torch.where(p.jitter[:, None], p.order, -1).t()  # [4, N]
@@ -719,8 +766,7 @@ def _plan_runs(params: Sequence[ViewParameters], device: torch.device, blur_reac
         blur_index = torch.argsort((~b).to(torch.uint8), stable=True)[: n[4]]
         plans.append(
             _RunPlan(
-                p.boxes,
-                p.flip,
+                _crop_run(size, views, p.boxes, p.flip),
                 keep,
                 1.0 - keep,
                 (op == 1).to(torch.float32),
@@ -740,14 +786,13 @@ def _plan_runs(params: Sequence[ViewParameters], device: torch.device, blur_reac
 def _move_plans(plans: list[_RunPlan], device: torch.device) -> list[_RunPlan]:
     """The plans' tensors on ``device``: one copy per dtype for all of them (flattened, concatenated,
     split again into views there), not one per tensor."""
-    fields = [(i, name) for i, plan in enumerate(plans) for name in _RunPlan._fields if name != "hue_counts"]
-    tensors = {}
-    for i, name in fields:
-        value = getattr(plans[i], name)
-        if isinstance(value, CropBoxes):
-            tensors.update({(i, name, k): t for k, t in enumerate(value)})
-        else:
-            tensors[(i, name, None)] = value
+    tensors: dict[tuple[int, str, str | None], Tensor] = {}
+    for i, plan in enumerate(plans):
+        for name, value in plan._asdict().items():
+            if isinstance(value, _CropRun):
+                tensors.update({(i, name, k): v for k, v in value._asdict().items() if isinstance(v, Tensor)})
+            elif isinstance(value, Tensor):
+                tensors[(i, name, None)] = value
     if all(t.device == device for t in tensors.values()):
         return plans
     moved = {}
@@ -759,13 +804,13 @@ def _move_plans(plans: list[_RunPlan], device: torch.device) -> list[_RunPlan]:
         moved.update({k: part.view(tensors[k].shape) for k, part in zip(keys, parts, strict=True)})
     out = []
     for i, plan in enumerate(plans):
-        values = {}
-        for name in _RunPlan._fields:
-            if name == "hue_counts":
-                values[name] = plan.hue_counts
-            elif name == "boxes":
-                values[name] = CropBoxes(*(moved[(i, name, k)] for k in range(4)))
-            else:
+        values = plan._asdict()
+        for name, value in values.items():
+            if isinstance(value, _CropRun):
+                values[name] = value._replace(
+                    **{k: moved[(i, name, k)] for k, v in value._asdict().items() if isinstance(v, Tensor)}
+                )
+            elif isinstance(value, Tensor):
                 values[name] = moved[(i, name, None)]
         out.append(_RunPlan(**values))
     return out
@@ -967,12 +1012,9 @@ class BatchMultiCrop(nn.Module):
         [views * B, 3, size, size] tensor in [0, 1] per run. The parameters may live on the CPU while
         the images are on a GPU (see :func:`_plan_runs`)."""
         device = _device_of(images)
-        plans = _plan_runs(params, device, box_blur_reach(self.BLUR_SIGMA[1]))
-        crops = _render_crop_runs(
-            images,
-            [(self.views[a].size, b - a, q.boxes, q.flip) for (a, b), q in zip(runs, plans, strict=True)],
-            self.max_pixels_per_chunk,
-        )
+        shapes = [(self.views[a].size, b - a) for a, b in runs]
+        plans = _plan_runs(params, shapes, device, box_blur_reach(self.BLUR_SIGMA[1]))
+        crops = _render_crop_runs(images, [q.crops for q in plans], self.max_pixels_per_chunk)
         rendered: list[Tensor] = []
         for x, q in zip(crops, plans, strict=True):
             x = _colour_jitter(x.flatten(0, 1), q)  # [views * B, 3, s, s]
