@@ -443,6 +443,20 @@ def test_hue_by_hand() -> None:
     torch.testing.assert_close(half[0], torch.tensor([0.0, 1.0, 1.0]))  # red -> cyan
 
 
+def test_hue_where_two_channels_tie_for_the_largest() -> None:
+    # yellow (R = G), magenta (R = B), cyan (G = B), and darker ties: whichever tied channel counts as
+    # the largest, the hue is the same; against torchvision, which picks R, then G.
+    ties = torch.tensor(
+        [[1.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [0.6, 0.6, 0.2], [0.3, 0.1, 0.3], [0.2, 0.7, 0.7]]
+    )
+    images = ties.T.reshape(1, 3, 1, -1)
+    for shift in (0.0, 0.1, -0.25, 0.5):
+        ours = adjust_hue(images, torch.tensor([shift]))
+        torch.testing.assert_close(ours, TF.adjust_hue(images, shift), atol=1e-6, rtol=0)
+    yellow_to_cyan = adjust_hue(images, torch.tensor([0.5]))[0, :, 0, 0]
+    torch.testing.assert_close(yellow_to_cyan, torch.tensor([0.0, 0.0, 1.0]))
+
+
 def test_grayscale_and_solarize_match_torchvision_and_pil(float_image: torch.Tensor) -> None:
     gray = rgb_to_grayscale(float_image)
     assert (gray - TF.rgb_to_grayscale(float_image)).abs().max() < 1e-4

@@ -491,19 +491,20 @@ def adjust_saturation(images: Tensor, factor: Tensor | float) -> Tensor:
 def adjust_hue(images: Tensor, shift: Tensor | float) -> Tensor:
     """Rotate the hue of [B, 3, H, W] images in [0, 1] by ``shift`` turns (in [-0.5, 0.5]) per sample.
 
-    Converts to HSV (hue in turns), adds the shift modulo 1 and converts back with the closed form
-    ``channel_n = V - C * clip(min(k, 4 - k), 0, 1)``, ``k = (n + 6 H) mod 6`` for n = 5, 3, 1 (R, G, B),
-    where V is the max channel and C the chroma (max - min); grays (C = 0) are left unchanged.
+    HSV's hue in sixths of a turn is ``2 c + (x[c + 1] - x[c + 2]) / C`` for the largest channel ``c``
+    (R, G, B = 0, 1, 2, indices mod 3; V its value, C the chroma V - min): at ties the candidates agree.
+    Adding the shift and converting back with the closed form ``channel_n = V - C * clip(min(k, 4 - k),
+    0, 1)``, ``k = (n + 6 H) mod 6`` for n = 5, 3, 1 (R, G, B), gives the rotated image; grays (C = 0)
+    are left unchanged. About twenty whole-batch operations, all channels at once where they can be.
     """
-    r, g, b = images.unbind(dim=-3)
-    value = torch.maximum(torch.maximum(r, g), b)
-    chroma = value - torch.minimum(torch.minimum(r, g), b)
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    sextant = torch.where(
-        value == r, (g - b) / safe, torch.where(value == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe)
-    )
-    hue = torch.remainder(sextant / 6.0 + _per_sample(shift, images)[:, 0], 1.0)
-    k = torch.remainder(_constant((5.0, 3.0, 1.0), images) + 6.0 * hue.unsqueeze(-3), 6.0)  # R, G, B at once
+    value, largest = images.max(dim=-3)
+    chroma = value - images.amin(dim=-3)
+    # x[c + 1] - x[c + 2] for every channel c, then the largest channel's; 0 for grays, so any positive
+    # divisor leaves them at hue 0 (chroma below 1e-12 changes the result by less than that).
+    differences = images.roll(-1, dims=-3) - images.roll(-2, dims=-3)
+    sixths = differences.gather(-3, largest.unsqueeze(-3)).squeeze(-3) / chroma.clamp_min(1e-12)
+    sixths = sixths + 2 * largest + 6.0 * _per_sample(shift, images)[:, 0]
+    k = torch.remainder(_constant((5.0, 3.0, 1.0), images) + sixths.unsqueeze(-3), 6.0)  # R, G, B at once
     return value.unsqueeze(-3) - chroma.unsqueeze(-3) * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
