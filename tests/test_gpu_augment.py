@@ -54,6 +54,7 @@ from dino.data.gpu_augment import (
 from dino.data.gpu_loader import (
     DeviceMultiCropLoader,
     EncodedImageDataset,
+    PackedBytes,
     collate_encoded,
     decode_batch,
     read_jpeg_header,
@@ -729,6 +730,26 @@ def test_jpeg_header_and_pixel_limit() -> None:
     assert decoded.failed == [0] and decoded.images == []
     with pytest.raises(ValueError, match="uint8 1-D CPU tensor"):
         decode_batch([torch.zeros(3, 4, dtype=torch.uint8)], "cpu")
+
+
+def test_a_batch_of_file_bytes_crosses_from_a_worker_as_one_packed_tensor(odd_folder: Path) -> None:
+    dataset = EncodedImageDataset(odd_folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedImageWarning)
+        items = [dataset[i] for i in range(len(dataset))]
+        loader = DataLoader(dataset, batch_size=len(dataset), num_workers=1, collate_fn=collate_encoded)
+        (encoded, labels, unreadable) = next(iter(loader))
+    kept = [item for item in items if item is not None]
+    assert isinstance(encoded, PackedBytes) and unreadable == len(items) - len(kept) == 1
+    assert len(encoded) == len(kept) == labels.numel()
+    assert encoded.data.is_shared()  # one shared-memory tensor for the whole batch
+    for part, (data, _) in zip(encoded, kept, strict=True):
+        assert part.dtype == torch.uint8 and part.dim() == 1 and part.is_contiguous()
+        assert torch.equal(part, data)
+    assert torch.equal(encoded[-1], kept[-1][0])
+    with pytest.raises(IndexError):
+        encoded[len(kept)]
+    assert len(PackedBytes([])) == 0 and list(PackedBytes([])) == []
 
 
 def test_device_loader_yields_views_labels_and_skips_and_resumes_exactly(odd_folder: Path) -> None:
