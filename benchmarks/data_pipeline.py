@@ -6,6 +6,10 @@
     (nvjpeg on CUDA) and BatchMultiCrop augments the whole batch there; on a GPU ``tensor`` prepares a batch
     ahead in a background thread and ``tensor-no-prefetch`` is the same without it.
     ``tensor-augment-only`` times the augmentation alone on batches already decoded on the device.
+(c) ``bytes-only``: the byte-reading workers alone, each batch handed over as one packed tensor (what
+    ``tensor`` uses), and ``bytes-only-unpacked``: the same with one tensor per file (the plain way), with
+    the CPU time the main process spends receiving a batch (``main_cpu_ms_per_batch``): on a GPU that is
+    the prefetch thread's, beside the training loop in the same interpreter.
 
 Images/s are measured in steady state (the first batch, which pays for worker start-up, is not timed) and
 each measurement stops after --seconds. Writes JSON (hardware, command, data used) and prints a table.
@@ -96,6 +100,38 @@ def measure_tensor(
     return _steady_rate(pipeline, device, args.seconds) | {
         "workers": args.tensor_workers,
         "prefetch": pipeline.prefetch,
+    }
+
+
+def _unpacked(batch):
+    """:func:`collate_encoded` with the file bytes left as a list of tensors, one per file (each with its
+    own storage: views of one packed tensor would cross as one)."""
+    kept = [item for item in batch if item is not None]
+    labels = torch.tensor([int(label) for _, label in kept], dtype=torch.long)
+    return [data for data, _ in kept], labels, len(batch) - len(kept)
+
+
+def measure_bytes_only(root: Path, indices: list[int], args: argparse.Namespace, packed: bool) -> dict:
+    """The byte-reading workers alone: images/s and the main process's CPU time per batch received."""
+    dataset = Subset(EncodedImageDataset(root), indices)
+    loader = _loader(dataset, args, args.tensor_workers, collate_encoded if packed else _unpacked)
+    iterator = iter(loader)
+    next(iterator)  # worker start-up, not timed
+    cpu, start, images, steps = time.process_time(), time.perf_counter(), 0, 0
+    for encoded, labels, _ in iterator:
+        images += int(labels.numel())
+        steps += 1
+        _ = [encoded[i] for i in range(len(encoded))]  # as decode_batch reads them
+        if time.perf_counter() - start > args.seconds:
+            break
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {
+        "images": images,
+        "batches": steps,
+        "seconds": elapsed,
+        "images_per_s": images / elapsed if elapsed else None,
+        "main_cpu_ms_per_batch": 1e3 * cpu / steps if steps else None,
+        "workers": args.tensor_workers,
     }
 
 
@@ -201,6 +237,12 @@ def main() -> None:
             {"pipeline": "tensor-augment-only", "device": str(device), "workers": None}
             | measure_augment_only(root, indices, args, device)
         )
+        if args.tensor_workers > 0:  # handing batches over from worker processes
+            for packed in (True, False):
+                results.append(
+                    {"pipeline": "bytes-only" if packed else "bytes-only-unpacked", "device": "cpu"}
+                    | measure_bytes_only(root, indices, args, packed)
+                )
 
     data = _describe_data(args, root, len(indices))
     crops = f"2x{args.global_size}^2 + {args.local_crops}x{args.local_size}^2"
@@ -208,7 +250,7 @@ def main() -> None:
     config = {"batch": args.batch, "crops": crops, "seconds_per_measurement": args.seconds}
     table = [
         {"pipeline": r["pipeline"], "device": r["device"], "workers": "-" if r["workers"] is None else r["workers"],
-         "images/s": r["images_per_s"]}
+         "images/s": r["images_per_s"], "main CPU ms/batch": r.get("main_cpu_ms_per_batch", "-")}
         for r in results
     ]  # fmt: skip
     report("data_pipeline", device, {"data": data, "config": config, "results": results}, table, args.out)

@@ -121,11 +121,11 @@ def read_file_bytes(path: Path) -> Tensor | None:
 class PackedBytes(Sequence[Tensor]):
     """Several files' bytes in one uint8 tensor, read as a sequence of per-file uint8 1-D tensors (views).
 
-    A batch handed from a loader worker to the main process crosses in shared memory tensor by tensor,
-    each with a file-descriptor handshake: 64 separate files cost the receiving process about 24 ms of
-    CPU per batch on a 2-core machine against 1.8 ms for one packed tensor (measured ad hoc with
-    ``DataLoader`` workers reading ImageNet-sized JPEGs). The receiver is the GPU data path's prefetch
-    thread, which shares the interpreter with the training loop.
+    A batch handed from a loader worker to the main process crosses in shared memory storage by storage,
+    each with a file-descriptor handshake: 64 files in separate tensors cost the receiving process 21 ms
+    of CPU per batch on a 2-core machine, one packed tensor 2.4 ms (``benchmarks/data_pipeline.py``,
+    ``bytes-only``). The receiver is the GPU data path's prefetch thread, which shares the interpreter
+    with the training loop.
     """
 
     def __init__(self, parts: Sequence[Tensor]) -> None:
