@@ -74,6 +74,7 @@ __all__ = [
     "sample_crop_boxes",
     "separable_filter",
     "solarize",
+    "to_device",
 ]
 
 LUMA_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
@@ -400,7 +401,7 @@ def _render_crop_runs(
     order: list[int] = []
     for chunk in _chunks_by_size(shapes, max_pixels_per_chunk):
         # The whole batch in its own order (the usual case) needs no gather of images and parameters.
-        index = None if chunk == list(range(total)) else torch.tensor(chunk).to(device, non_blocking=True)
+        index = None if chunk == list(range(total)) else to_device(torch.tensor(chunk), device)
         if isinstance(images, Tensor):
             batch = images if index is None else images[index]
         else:
@@ -437,7 +438,7 @@ def _render_crop_runs(
         return [torch.cat(parts, dim=1) if len(parts) > 1 else parts[0] for parts in outputs]
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
-    inverse = inverse.to(device, non_blocking=True)
+    inverse = to_device(inverse, device)
     return [torch.cat(parts, dim=1)[:, inverse] for parts in outputs]
 
 
@@ -655,6 +656,15 @@ class ViewRecipe:
     solarize_p: float
 
 
+def to_device(values: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor on ``device`` without waiting: to a GPU through pinned memory (PyTorch's caching host
+    allocator keeps the block until the copy is done), which never synchronises; from pageable memory
+    the driver may wait for the stream to stage the copy."""
+    if device.type == "cuda" and values.device.type == "cpu":
+        values = values.pin_memory()
+    return values.to(device, non_blocking=True)
+
+
 def _device_of(images: Sequence[Tensor] | Tensor) -> torch.device:
     return images.device if isinstance(images, Tensor) else images[0].device
 
@@ -800,8 +810,7 @@ def _move_plans(plans: list[_RunPlan], device: torch.device) -> list[_RunPlan]:
     for dtype in {t.dtype for t in tensors.values()}:
         keys = [k for k, t in tensors.items() if t.dtype == dtype]
         flat = torch.cat([tensors[k].reshape(-1) for k in keys])
-        # From pageable memory: copied to a staging buffer before the call returns, no device sync.
-        parts = flat.to(device, non_blocking=True).split([tensors[k].numel() for k in keys])
+        parts = to_device(flat, device).split([tensors[k].numel() for k in keys])
         moved.update({k: part.view(tensors[k].shape) for k, part in zip(keys, parts, strict=True)})
     out = []
     for i, plan in enumerate(plans):

@@ -29,7 +29,7 @@ from PIL import Image
 from torch import Tensor
 
 from dino.data.datasets import DEFAULT_MAX_PIXELS, ImageFolderDataset
-from dino.data.gpu_augment import BatchMultiCrop
+from dino.data.gpu_augment import BatchMultiCrop, to_device
 from dino.data.gpu_loader import DeviceMultiCropLoader, decode_batch, read_file_bytes, read_jpeg_header
 
 __all__ = ["DecodedImages", "InMemoryMultiCropLoader", "InMemoryTooLarge", "memory_budget"]
@@ -179,7 +179,7 @@ class DecodedImages:
             index, slots = index[kept], slots[kept]
         labels = self.labels[index]
         if isinstance(self.images, Tensor):
-            images = self.images.index_select(0, slots.to(self.device))
+            images = self.images.index_select(0, to_device(slots, self.device))
         else:
             images = [self.images[s] for s in slots.tolist()]
         return images, labels, len(indices) - int(slots.numel())
