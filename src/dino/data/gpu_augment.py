@@ -657,9 +657,9 @@ class ViewRecipe:
 
 
 def to_device(values: Tensor, device: torch.device) -> Tensor:
-    """A CPU tensor on ``device`` without waiting: to a GPU through pinned memory (PyTorch's caching host
-    allocator keeps the block until the copy is done), which never synchronises; from pageable memory
-    the driver may wait for the stream to stage the copy."""
+    """A CPU tensor on ``device`` without waiting. To a GPU it goes through pinned memory (PyTorch's caching
+    host allocator keeps the block until the copy is done), so the copy is queued on the current stream
+    and the host goes on; from pageable memory the driver may first wait for that stream."""
     if device.type == "cuda" and values.device.type == "cpu":
         values = values.pin_memory()
     return values.to(device, non_blocking=True)
