@@ -871,3 +871,22 @@ def test_parameters_drawn_on_the_cpu_give_the_same_views_on_any_device_layout() 
     grouped = aug(images, torch.Generator().manual_seed(3), group_views=True)
     for a, b in zip(one_by_one, grouped, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_packed_copy_gives_every_tensor_back_by_its_key() -> None:
+    from dino.data.gpu_augment import _packed_copy
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        ("keep", 0): torch.rand(4, 6, generator=generator),
+        ("rest", 0): torch.rand(4, 6, generator=generator),  # same shape and dtype as the one above
+        ("index", 1): torch.randperm(9, generator=generator),
+        ("empty", 1): torch.empty(0, dtype=torch.long),
+        ("flags", 0): torch.rand(5, generator=generator) < 0.5,
+        ("boxes", 2): torch.randint(0, 100, (2, 3), generator=generator),
+    }
+    moved = _packed_copy(tensors, torch.device("cpu"))
+    assert moved.keys() == tensors.keys()
+    for key, value in tensors.items():
+        assert moved[key].dtype == value.dtype and moved[key].shape == value.shape, key
+        assert torch.equal(moved[key], value), key

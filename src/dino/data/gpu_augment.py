@@ -806,12 +806,7 @@ def _move_plans(plans: list[_RunPlan], device: torch.device) -> list[_RunPlan]:
                 tensors[(i, name, None)] = value
     if all(t.device == device for t in tensors.values()):
         return plans
-    moved = {}
-    for dtype in {t.dtype for t in tensors.values()}:
-        keys = [k for k, t in tensors.items() if t.dtype == dtype]
-        flat = torch.cat([tensors[k].reshape(-1) for k in keys])
-        parts = to_device(flat, device).split([tensors[k].numel() for k in keys])
-        moved.update({k: part.view(tensors[k].shape) for k, part in zip(keys, parts, strict=True)})
+    moved = _packed_copy(tensors, device)
     out = []
     for i, plan in enumerate(plans):
         values = plan._asdict()
@@ -824,6 +819,18 @@ def _move_plans(plans: list[_RunPlan], device: torch.device) -> list[_RunPlan]:
                 values[name] = moved[(i, name, None)]
         out.append(_RunPlan(**values))
     return out
+
+
+def _packed_copy(tensors: dict, device: torch.device) -> dict:
+    """``tensors`` (a dict of tensors) on ``device``, in one copy per dtype: each dtype's tensors are
+    flattened and concatenated, copied, and split there into views of their own shapes."""
+    moved = {}
+    for dtype in {t.dtype for t in tensors.values()}:
+        keys = [k for k, t in tensors.items() if t.dtype == dtype]
+        flat = torch.cat([tensors[k].reshape(-1) for k in keys])
+        parts = to_device(flat, device).split([tensors[k].numel() for k in keys])
+        moved.update({k: part.view(tensors[k].shape) for k, part in zip(keys, parts, strict=True)})
+    return moved
 
 
 def _colour_jitter(x: Tensor, plan: _RunPlan) -> Tensor:
