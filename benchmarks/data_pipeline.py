@@ -62,14 +62,13 @@ def _crop_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def _loader(dataset, args: argparse.Namespace, workers: int, collate, pin_memory: bool = False) -> DataLoader:
+def _loader(dataset, args: argparse.Namespace, workers: int, collate) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=args.batch,
         num_workers=workers,
         collate_fn=collate,
         drop_last=True,
-        pin_memory=pin_memory,
         prefetch_factor=4 if workers > 0 else None,
     )
 
@@ -94,7 +93,7 @@ def measure_tensor(
     prefetch: bool | None = None,
 ) -> dict:
     dataset = Subset(EncodedImageDataset(root), indices)
-    loader = _loader(dataset, args, args.tensor_workers, collate_encoded, pin_memory=device.type == "cuda")
+    loader = _loader(dataset, args, args.tensor_workers, collate_encoded)  # no pinning, as in training
     augment = BatchMultiCrop(**_crop_kwargs(args))
     pipeline = DeviceMultiCropLoader(loader, augment, device, seed=0, prefetch=prefetch)
     return _steady_rate(pipeline, device, args.seconds) | {

@@ -752,6 +752,24 @@ def test_a_batch_of_file_bytes_crosses_from_a_worker_as_one_packed_tensor(odd_fo
     assert len(PackedBytes([])) == 0 and list(PackedBytes([])) == []
 
 
+def test_pinning_a_packed_batch_pins_one_tensor(monkeypatch) -> None:
+    # DataLoader(pin_memory=True) pins each batch through its pin_memory(); a packed batch must stay one
+    # tensor (pinning needs CUDA, so the tensor's own pinning is stood in for by a copy here).
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    calls = []
+
+    def fake_pin(self, *args, **kwargs):
+        calls.append(self.numel())
+        return self.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    parts = [torch.arange(3, dtype=torch.uint8), torch.arange(5, dtype=torch.uint8)]
+    pinned = pin_memory(PackedBytes(parts))
+    assert isinstance(pinned, PackedBytes) and calls == [8]
+    assert [t.tolist() for t in pinned] == [t.tolist() for t in parts]
+
+
 def test_device_loader_yields_views_labels_and_skips_and_resumes_exactly(odd_folder: Path) -> None:
     dataset = EncodedImageDataset(odd_folder)
     loader = DataLoader(dataset, batch_size=4, shuffle=False, collate_fn=collate_encoded)
