@@ -103,11 +103,10 @@ def measure_tensor(
 
 
 def _unpacked(batch):
-    """:func:`collate_encoded` with the file bytes left as a list of tensors, one per file (each with its
-    own storage: views of one packed tensor would cross as one)."""
-    kept = [item for item in batch if item is not None]
-    labels = torch.tensor([int(label) for _, label in kept], dtype=torch.long)
-    return [data for data, _ in kept], labels, len(batch) - len(kept)
+    """:func:`collate_encoded` with the file bytes as a list of tensors, one per file, each with its own
+    storage (views of the packed tensor would cross as one)."""
+    packed, labels, unreadable = collate_encoded(batch)
+    return [data.clone() for data in packed], labels, unreadable
 
 
 def measure_bytes_only(root: Path, indices: list[int], args: argparse.Namespace, packed: bool) -> dict:

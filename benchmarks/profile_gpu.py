@@ -58,35 +58,6 @@ def summarise(prof, iterations: int, wall: float, device: torch.device) -> tuple
     return body, text
 
 
-class _CountOps(TorchDispatchMode):
-    """Counts the operators that reach the dispatcher (after autograd, before the backends)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def run_profiled(fn, iterations: int, device: torch.device):
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for _ in range(3):
-        fn()
-    sync(device)
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(iterations):
-            fn()
-        sync(device)
-        wall = time.perf_counter() - start
-    body, text = summarise(prof, iterations, wall, device)
-    with _CountOps() as counter:
-        fn()
-    return body | {"dispatched_ops_per_iteration": counter.count}, text
-
-
 class _CountOpsByDevice(TorchDispatchMode):
     """Counts the operators that touch ``device`` (kernels there, views apart) and the others (host)."""
 
@@ -103,6 +74,23 @@ class _CountOpsByDevice(TorchDispatchMode):
         else:
             self.counts["host"] += 1
         return out
+
+
+def run_profiled(fn, iterations: int, device: torch.device):
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for _ in range(3):
+        fn()
+    sync(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(iterations):
+            fn()
+        sync(device)
+        wall = time.perf_counter() - start
+    body, text = summarise(prof, iterations, wall, device)
+    with _CountOpsByDevice(device.type) as counter:
+        fn()
+    return body | {"dispatched_ops_per_iteration": sum(counter.counts.values())}, text
 
 
 def count_augment_ops(args: argparse.Namespace, device: torch.device) -> tuple[dict, str]:

@@ -745,6 +745,7 @@ def _plan_runs(
     shapes: Sequence[tuple[int, int]],
     device: torch.device,
     blur_reach: int,
+    blur_passes: int,
 ) -> list[_RunPlan]:
     """Turn each run's parameters into its :class:`_RunPlan`, computed where they were drawn, then moved
     to ``device``: with parameters drawn on the CPU, a GPU batch runs no kernel on them and needs no
@@ -787,7 +788,7 @@ def _plan_runs(
                 n[:4],
                 p.grayscale,
                 blur_index,
-                extended_box_kernels(p.blur_sigma[blur_index], blur_reach),
+                extended_box_kernels(p.blur_sigma[blur_index], blur_reach, blur_passes),
                 p.solarize,
             )
         )
@@ -880,6 +881,7 @@ class BatchMultiCrop(nn.Module):
     FLIP_P = 0.5
     GRAYSCALE_P = 0.2
     BLUR_SIGMA = (0.1, 2.0)
+    BLUR_PASSES = 3  # extended box blurs per direction, as PIL's GaussianBlur
 
     def __init__(
         self,
@@ -1030,7 +1032,8 @@ class BatchMultiCrop(nn.Module):
         the images are on a GPU (see :func:`_plan_runs`)."""
         device = _device_of(images)
         shapes = [(self.views[a].size, b - a) for a, b in runs]
-        plans = _plan_runs(params, shapes, device, box_blur_reach(self.BLUR_SIGMA[1]))
+        passes = self.BLUR_PASSES
+        plans = _plan_runs(params, shapes, device, box_blur_reach(self.BLUR_SIGMA[1], passes), passes)
         crops = _render_crop_runs(images, [q.crops for q in plans], self.max_pixels_per_chunk)
         rendered: list[Tensor] = []
         for x, q in zip(crops, plans, strict=True):
@@ -1038,7 +1041,7 @@ class BatchMultiCrop(nn.Module):
             x = torch.where(q.grayscale[:, None, None, None], rgb_to_grayscale(x).expand_as(x), x)
             if q.blur_index.numel():
                 # index_put (not index_copy): deterministic on CUDA under torch.use_deterministic_algorithms
-                x[q.blur_index] = separable_filter(x[q.blur_index], q.blur_kernels, "replicate", passes=3)
+                x[q.blur_index] = separable_filter(x[q.blur_index], q.blur_kernels, "replicate", passes)
             rendered.append(torch.where(q.solarize[:, None, None, None], solarize(x), x))
         return rendered
 
