@@ -41,9 +41,21 @@ from dino.hub import load_backbone
 from dino.train.config import load_config
 
 
-def prepare(scratch: Path, holdout: int, bank: int, train_limit: int = 0) -> tuple[Path, Path, Path]:
-    """train/ (all but the held-out, or the first ``train_limit`` of them per class), bank/ (a labelled
-    subset of the training images), test/ (held-out), as hard links."""
+class Split(NamedTuple):
+    """The three folders of a split: train/ (all but the held-out, or the first ``--train-per-class`` of
+    them per class), bank/ (a labelled subset of the training images), test/ (held-out)."""
+
+    train: Path
+    bank: Path
+    test: Path
+
+    def banks(self) -> dict[str, Path]:
+        """The k-NN banks every network is evaluated against: the labelled subset and the whole split."""
+        return {"bank": self.bank, "train": self.train}
+
+
+def prepare(scratch: Path, holdout: int, bank: int, train_limit: int = 0) -> Split:
+    """The folders of :class:`Split`, as hard links into the unpacked CIFAR-10 copy."""
     source = scratch / "all"
     if not (source / "train").is_dir():
         if not TARBALL.is_file():
@@ -67,7 +79,7 @@ def prepare(scratch: Path, holdout: int, bank: int, train_limit: int = 0) -> tup
                     target = split / name / class_dir.name / f.name
                     if not target.exists():
                         os.link(f, target)
-    return split / "train", split / "bank", split / "test"
+    return Split(split / "train", split / "bank", split / "test")
 
 
 def knn(weights: Path, random_init: bool, banks: dict[str, Path], test: Path, crop: int, mean, std) -> dict:
@@ -202,18 +214,18 @@ def main() -> None:
     unknown = [name for name in variants if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    train_dir, bank_dir, test_dir = prepare(args.scratch, args.holdout, args.bank, args.train_per_class)
+    split = prepare(args.scratch, args.holdout, args.bank, args.train_per_class)
     cfg = load_config(args.config, args.overrides)
-    n_train = sum(1 for _ in train_dir.rglob("*.jpg"))
+    n_train = sum(1 for _ in split.train.rglob("*.jpg"))
     gpu = pick_device("auto").type == "cuda"
     results = []
     for name in variants:
         overrides = [*args.overrides, *VARIANTS[name](gpu)]
-        dirs = (train_dir, bank_dir, test_dir)
-        results.append({"variant": name} | train_and_evaluate(args, name, overrides, n_train, *dirs))
+        results.append({"variant": name} | train_and_evaluate(args, name, overrides, n_train, split))
     d = cfg.data
-    banks = {"bank": bank_dir, "train": train_dir}
-    baseline = knn(Path(results[0]["run_dir"]), True, banks, test_dir, d.global_crop_size, d.mean, d.std)
+    baseline = knn(
+        Path(results[0]["run_dir"]), True, split.banks(), split.test, d.global_crop_size, d.mean, d.std
+    )
     body = {
         "dataset": "CIFAR-10 (JPEG copy), train split; held-out = "
         f"{args.holdout}/class never trained on; k-NN banks: bank = {args.bank}/class of the training "
@@ -241,9 +253,7 @@ def main() -> None:
     report("time_to_accuracy", pick_device("auto"), body, table, args.out)
 
 
-def train_and_evaluate(
-    args, name: str, overrides: list[str], n_train: int, train_dir: Path, bank_dir: Path, test_dir: Path
-) -> dict:
+def train_and_evaluate(args, name: str, overrides: list[str], n_train: int, split: Split) -> dict:
     """One variant: its epochs (fixed, or from a speed probe for --minutes, ``n_train`` images an epoch),
     the timed training command, then k-NN of its teacher."""
     cfg = load_config(args.config, overrides)
@@ -251,7 +261,7 @@ def train_and_evaluate(
     probe = None
     if not epochs:  # images/s of this setup on this machine is not known yet: probe it
         probe_dir = args.scratch / f"probe-{name}"
-        probe = probe_rate(args.config, train_dir, probe_dir, overrides, cfg.run.batch_size)
+        probe = probe_rate(args.config, split.train, probe_dir, overrides, cfg.run.batch_size)
         training_s = args.minutes * 60 - probe.startup_s  # the start-up counts in the budget too
         if training_s <= 0:
             sys.exit(
@@ -265,10 +275,10 @@ def train_and_evaluate(
         every = max(1, round(epochs / args.curve))
         monitor = [
             f"monitor.knn_every={every}",
-            f"monitor.knn_train={bank_dir}",
-            f"monitor.knn_val={test_dir}",
+            f"monitor.knn_train={split.bank}",
+            f"monitor.knn_val={split.test}",
         ]
-    cmd = [sys.executable, "-m", "dino.cli", "train", "--config", args.config, "--data", str(train_dir),
+    cmd = [sys.executable, "-m", "dino.cli", "train", "--config", args.config, "--data", str(split.train),
            "--output", str(run_dir), "--no-resume", *monitor, *overrides, f"run.epochs={epochs}",
            "run.progress_bar=never"]  # fmt: skip
     start = time.perf_counter()
@@ -276,9 +286,7 @@ def train_and_evaluate(
     subprocess.run(cmd, check=True)
     train_minutes = (time.perf_counter() - start) / 60
     d = cfg.data
-    trained = knn(
-        run_dir, False, {"bank": bank_dir, "train": train_dir}, test_dir, d.global_crop_size, d.mean, d.std
-    )
+    trained = knn(run_dir, False, split.banks(), split.test, d.global_crop_size, d.mean, d.std)
     return {
         "overrides": overrides,
         "epochs": epochs,
