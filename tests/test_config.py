@@ -20,7 +20,10 @@ def test_defaults_are_the_papers_vit_s16_recipe():
         3,
     )
     assert cfg.head.norm_last_layer and cfg.head.freeze_last_layer == 1 and not cfg.head.use_bn
-    assert (cfg.loss.student_temp, cfg.loss.teacher_temp, cfg.loss.center_momentum) == (0.1, 0.04, 0.9)
+    assert (cfg.loss.student_temp, cfg.loss.center_momentum) == (0.1, 0.9)
+    # the paper: teacher temperature warmed up linearly from 0.04 to 0.07 during the first 30 epochs
+    lo = cfg.loss
+    assert (lo.warmup_teacher_temp, lo.teacher_temp, lo.warmup_teacher_temp_epochs) == (0.04, 0.07, 30)
     assert (cfg.teacher.momentum, cfg.teacher.final_momentum) == (0.996, 1.0)
     o = cfg.optim
     assert (o.name, o.lr, o.min_lr, o.warmup_epochs, o.weight_decay, o.weight_decay_end, o.clip_grad) == (

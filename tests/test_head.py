@@ -29,7 +29,9 @@ def test_output_is_cosine_to_unit_prototypes_when_norm_fixed():
 def test_trainable_norm_and_bn_variant():
     lin = WeightNormLinear(4, 3, fix_norm=False)
     assert lin.weight_g.requires_grad
-    torch.testing.assert_close(lin.weight_g.squeeze(1), lin.weight_v.norm(dim=1))
+    # As the original: g starts at 1 (unit rows) whether or not it trains
+    torch.testing.assert_close(lin.weight_g, torch.ones(3, 1))
+    torch.testing.assert_close(lin.weight.norm(dim=1), torch.ones(3))
     head = DINOHead(8, out_dim=10, hidden_dim=16, bottleneck_dim=4, nlayers=2, use_bn=True)
     assert isinstance(head.mlp[1], torch.nn.BatchNorm1d)
     assert head(torch.randn(5, 8)).shape == (5, 10)
@@ -82,3 +84,13 @@ def test_weight_norm_layer_gives_the_same_outputs_and_gradients_for_few_and_many
             if not fix_norm:
                 torch.testing.assert_close(got_g, lin.weight_g.grad)
             lin.zero_grad(set_to_none=True)
+
+
+def test_the_last_layer_starts_from_nn_linear_initialisation():
+    """v as nn.Linear(256, K, bias=False)'s default weight (uniform in ±1/√256): its row norms (≈ 1/√3) set
+    how far each optimiser step turns a prototype, so a different scale would change the recipe."""
+    torch.manual_seed(0)
+    v = WeightNormLinear(256, 4096).weight_v.detach()
+    bound = 1 / 256**0.5
+    assert v.abs().max() <= bound and v.abs().max() > 0.99 * bound
+    assert abs(v.norm(dim=1).mean().item() - 3**-0.5) < 0.01

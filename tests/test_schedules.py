@@ -25,3 +25,9 @@ def test_teacher_temperature():
     assert len(t) == 100 and t[0] == pytest.approx(0.04) and t[29] == pytest.approx(0.07)
     assert np.all(t[30:] == 0.07)
     assert teacher_temperature_schedule(0.04, 0.04, 0, 5).tolist() == [0.04] * 5
+
+
+def test_a_run_shorter_than_the_teacher_temperature_warmup_follows_its_beginning():
+    """3 epochs of a 30-epoch warm-up: the first 3 values of that warm-up, not a warm-up squeezed into 3."""
+    t = teacher_temperature_schedule(0.04, 0.07, warmup_epochs=30, epochs=3)
+    np.testing.assert_allclose(t, [0.04, 0.04 + 0.03 / 29, 0.04 + 0.06 / 29])

@@ -51,3 +51,26 @@ def test_variants(mode):
 def test_unknown_mode():
     with pytest.raises(ValueError, match="teacher mode"):
         TeacherUpdater("frozen")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["momentum", "student", "previous_epoch"])
+def test_the_teacher_keeps_its_own_batch_norm_statistics(mode):
+    """As in the original code, only parameters follow the student: the teacher's BatchNorm running
+    statistics are those of its own forward passes (global views), not the student's (local views last)."""
+    student, teacher = pair()
+    student.train(), teacher.train()
+    torch.manual_seed(1)
+    teacher(torch.randn(16, 3))  # the teacher sees its views
+    student(torch.randn(16, 3) * 5 + 3)  # the student sees others
+    own = {k: v.clone() for k, v in teacher.state_dict().items() if "running" in k or "tracked" in k}
+    assert not torch.allclose(own["1.running_mean"], student[1].running_mean)
+    with torch.no_grad():
+        student[0].weight.add_(1.0)  # an optimiser step
+    start = teacher[0].weight.clone()
+    rule = TeacherUpdater(mode)
+    rule.after_step(teacher, student, momentum=0.5)
+    rule.end_of_epoch(teacher, student)
+    for key, value in own.items():
+        assert torch.equal(teacher.state_dict()[key], value), key
+    moved = {"momentum": 0.5, "student": 1.0, "previous_epoch": 1.0}[mode]
+    torch.testing.assert_close(teacher[0].weight, start + moved)  # the parameters did follow

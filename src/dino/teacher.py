@@ -19,7 +19,7 @@ TEACHER_MODES = ("momentum", "student", "previous_iter", "previous_epoch")
 
 
 def init_teacher(teacher: nn.Module, student: nn.Module) -> nn.Module:
-    """Copy the student's weights into ``teacher`` and freeze it."""
+    """Copy the student's weights (and buffers) into ``teacher`` and freeze it."""
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -30,7 +30,11 @@ def init_teacher(teacher: nn.Module, student: nn.Module) -> nn.Module:
 def ema_update(
     teacher: nn.Module, student: nn.Module, momentum: float, skip: torch.Tensor | None = None
 ) -> None:
-    """θ_t ← m·θ_t + (1 − m)·θ_s for every parameter (multi-tensor ops; buffers are copied).
+    """θ_t ← m·θ_t + (1 − m)·θ_s for every parameter (multi-tensor ops).
+
+    Buffers are not touched: the teacher's BatchNorm statistics are its own, gathered by its forward
+    passes on the global views (in training mode, as the original code keeps it), not the student's,
+    whose last forward pass of a step is on the small local views.
 
     ``skip``: a 0-dim 0/1 tensor on the device; where it is 1 the teacher is left as it is, decided
     without a host synchronisation.
@@ -41,15 +45,11 @@ def ema_update(
         raise ValueError("teacher and student have different parameter lists")
     weight = 1.0 - momentum if skip is None else (1.0 - momentum) * (1.0 - skip.float())
     torch._foreach_lerp_(t_params, s_params, weight)
-    for t_buf, s_buf in zip(teacher.buffers(), student.buffers(), strict=True):
-        if skip is None:
-            t_buf.copy_(s_buf)
-        else:
-            t_buf.copy_(torch.where(skip.bool(), t_buf, s_buf))
 
 
 @torch.no_grad()
 def copy_weights(teacher: nn.Module, student: nn.Module) -> None:
+    """The student's parameters into the teacher (its buffers stay its own, as with the EMA)."""
     ema_update(teacher, student, 0.0)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -11,18 +13,17 @@ class WeightNormLinear(nn.Module):
     """Bias-free linear layer with weight = g · v / ‖v‖ (row-wise), stored as ``weight_g``/``weight_v``.
 
     The key names are those of ``torch.nn.utils.weight_norm`` that the released DINO checkpoints use.
-    With ``fix_norm`` the gain g stays at 1 and is excluded from training (the paper's ``norm_last_layer``).
+    The gain g starts at 1 (unit-norm rows); with ``fix_norm`` it stays there and is excluded from training
+    (the paper's ``norm_last_layer``). v starts as ``nn.Linear``'s default weight, as in the original
+    code: its norm (≈ 1/√3 per row) sets how far an optimiser step turns a row, so it is part of the recipe.
     """
 
     def __init__(self, in_dim: int, out_dim: int, fix_norm: bool = True) -> None:
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
-        self.weight_g = nn.Parameter(self.weight_v.detach().norm(dim=1, keepdim=True).clone())
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # nn.Linear's default
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not fix_norm)
         self.fix_norm = fix_norm
-        if fix_norm:
-            self.weight_g.data.fill_(1.0)
-            self.weight_g.requires_grad_(False)
 
     @property
     def weight(self) -> Tensor:

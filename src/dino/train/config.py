@@ -53,9 +53,9 @@ class HeadConfig:
 @dataclass
 class LossConfig:
     student_temp: float = 0.1
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
+    warmup_teacher_temp: float = 0.04  # the paper: linear warm-up 0.04 -> 0.07 over the first 30 epochs
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
     center_momentum: float = 0.9
     teacher_norm: str = "centering"  # centering | sinkhorn | batch_softmax | none (paper ablations)
 

@@ -93,8 +93,8 @@ class NonFiniteGuard:
 class BatchNormStatsKeeper:
     """Puts back the BatchNorm running statistics of a skipped step.
 
-    The forward pass updates them before the loss is known to be finite, so a step whose student output
-    is NaN would leave NaN statistics behind (and the teacher copies the student's at its next step).
+    The forward passes (student's and teacher's) update them before the loss is known to be finite, so a
+    step whose outputs are NaN would leave NaN statistics behind.
     :meth:`save` before the forward passes; :meth:`restore` after the guard's decision: unconditionally
     when the host decided to skip, or where the device flag says so (no host synchronisation). Each
     costs a few kernels: the statistics are gathered into one flat tensor per dtype.

@@ -27,7 +27,8 @@ def cosine_schedule(
 def teacher_temperature_schedule(
     warmup_temp: float, final_temp: float, warmup_epochs: int, epochs: int
 ) -> np.ndarray:
-    """Per-epoch teacher temperature: linear from ``warmup_temp`` to ``final_temp``, then constant."""
-    warmup_epochs = min(warmup_epochs, epochs)
+    """Per-epoch teacher temperature: linear from ``warmup_temp`` to ``final_temp`` over ``warmup_epochs``,
+    then constant. A run shorter than the warm-up follows its beginning (the slope does not depend on the
+    run's length, as in the original code)."""
     warmup = np.linspace(warmup_temp, final_temp, warmup_epochs)
-    return np.concatenate((warmup, np.full(epochs - warmup_epochs, final_temp)))
+    return np.concatenate((warmup, np.full(max(epochs - warmup_epochs, 0), final_temp)))[:epochs]
