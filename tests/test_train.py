@@ -13,6 +13,7 @@ from dino.cli import main
 from dino.hub import load_backbone
 from dino.train.config import ConfigError, load_config
 from dino.train.loop import train
+from dino.train.setup import build_student_teacher, model_state_dict
 
 from .conftest import TINY_OVERRIDES
 
@@ -191,6 +192,24 @@ def _torchrun(small_folder, out, extra, port, env=None):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stderr[-3000:]
     return [r["loss"] for r in records(out, "iter")], done.stderr
+
+
+def test_every_process_builds_the_same_student_and_teacher():
+    """Processes seed their random streams differently (run.seed + rank, for augmentation and stochastic
+    depth), but the models come from run.seed alone: DDP makes the students equal, nothing would make the
+    teachers equal. And building them leaves the caller's stream where it was."""
+    cfg = load_config(None, TINY_OVERRIDES)
+    built = []
+    for rank in (0, 1):
+        torch.manual_seed(cfg.run.seed + rank)
+        student, teacher = build_student_teacher(cfg, torch.device("cpu"))
+        built.append((model_state_dict(student), model_state_dict(teacher), torch.rand(3)))
+        torch.manual_seed(cfg.run.seed + rank)
+        assert torch.equal(built[-1][2], torch.rand(3))  # the stream continues as if nothing was drawn
+    for key in built[0][0]:
+        assert torch.equal(built[0][0][key], built[1][0][key]), key
+        assert torch.equal(built[0][1][key], built[1][1][key]), key
+    assert not torch.equal(built[0][2], built[1][2])
 
 
 @pytest.mark.slow

@@ -77,7 +77,17 @@ def _head(cfg: DINOConfig, embed_dim: int) -> DINOHead:
 
 
 def build_student_teacher(cfg: DINOConfig, device: torch.device) -> tuple[MultiCropWrapper, MultiCropWrapper]:
-    """Student (with stochastic depth) and teacher (without), same weights at the start."""
+    """Student (with stochastic depth) and teacher (without), same weights at the start.
+
+    The weights are drawn from ``run.seed`` alone, whatever the random state before, so every process of a
+    distributed run builds the same student and teacher (DDP would make the students equal, not the
+    teachers); the caller's random streams continue as if this had drawn nothing."""
+    with torch.random.fork_rng(devices=[]):  # the CPU stream: modules are built there, then moved
+        torch.manual_seed(cfg.run.seed)
+        return _build_student_teacher(cfg, device)
+
+
+def _build_student_teacher(cfg: DINOConfig, device: torch.device) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     student_backbone, dim = _backbone(cfg, cfg.model.drop_path_rate)
     if cfg.model.pretrained:
         from dino.hub import load_backbone_weights
