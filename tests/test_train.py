@@ -52,7 +52,9 @@ def test_training_learns_and_writes_a_run(small_folder, tmp_path):
     epochs = records(out, "epoch")
     assert [e["epoch"] for e in epochs] == list(range(5)) and all(e["bad_files"] == 0 for e in epochs)
     assert (out / "config.yaml").is_file()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1].startswith("last-")
+    rolling = sorted(p.name for p in (out / "checkpoints").glob("last-*.pth"))
+    assert rolling == ["last-000000012.pth", "last-000000015.pth"]  # keep_last = 2 of the epoch ends
+    assert torch.load(out / "checkpoints" / rolling[-1], weights_only=True)["epoch"] == 5
     backbone = load_backbone(out)  # teacher backbone, architecture read from the run
     state = torch.load(out / "teacher_backbone.pth", weights_only=True)
     assert set(state) == set(backbone.model.state_dict())
@@ -60,7 +62,10 @@ def test_training_learns_and_writes_a_run(small_folder, tmp_path):
 
 @pytest.mark.slow
 def test_mid_epoch_resume_is_bit_exact(small_folder, tmp_path):
-    common = TINY_OVERRIDES + [f"data.path={small_folder}", "run.deterministic=true", "run.epochs=3"]
+    """Two blocks, so that stochastic depth draws from the process's random stream (with one block its
+    rate is 0), which the checkpoint restores to where it was."""
+    common = TINY_OVERRIDES + [f"data.path={small_folder}", "run.deterministic=true", "run.epochs=3",
+                               "model.depth=2"]  # fmt: skip
     full = tmp_path / "full"
     train(
         load_config(
@@ -79,6 +84,88 @@ def test_mid_epoch_resume_is_bit_exact(small_folder, tmp_path):
     last_resumed = torch.load(resumed / "checkpoints" / "last-000000009.pth", weights_only=True)
     assert all(torch.equal(v, last_resumed["student"][k]) for k, v in last_full["student"].items())
     assert torch.equal(last_full["dino_loss"]["center"], last_resumed["dino_loss"]["center"])
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_fresh_start_in_a_used_run_directory_sets_the_old_run_aside(small_folder, tmp_path):
+    """--no-resume where a longer run left its checkpoints: the new run's own files must not be deleted
+    by the rolling window (which keeps the highest iterations) nor mixed with the old ones."""
+    out = tmp_path / "run"
+    common = TINY_OVERRIDES + [f"data.path={small_folder}", f"run.output_dir={out}"]
+    train(load_config(None, common + ["run.epochs=2"]))
+    old_last = torch.load(out / "checkpoints" / "last-000000006.pth", weights_only=True)
+    train(load_config(None, common + ["run.epochs=1", "run.seed=1"]), resume=False)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last-000000003.pth"]
+    assert torch.load(out / "checkpoints" / "last-000000003.pth", weights_only=True)["epoch"] == 1
+    assert len(records(out, "start")) == 1 and len(records(out, "epoch")) == 1  # a log of its own
+    (replaced,) = out.glob("replaced-*")
+    kept = torch.load(replaced / "checkpoints" / "last-000000006.pth", weights_only=True)
+    assert _same_tensors(kept["teacher"], old_last["teacher"])
+    assert len(records(replaced, "epoch")) == 2 and (replaced / "teacher_backbone.pth").is_file()
+
+
+@pytest.mark.slow
+def test_resuming_from_an_earlier_checkpoint_of_the_run_sets_its_later_ones_aside(small_folder, tmp_path):
+    """Continued from iteration 3 of a run that went to 9: the later checkpoints are moved aside (else the
+    rolling window would keep them over the new ones, and a crash would resume the abandoned branch);
+    the run then goes through the same points again, bit for bit (deterministic)."""
+    out = tmp_path / "run"
+    common = TINY_OVERRIDES + [f"data.path={small_folder}", f"run.output_dir={out}", "run.deterministic=true",
+                               "run.keep_last=10", "run.epochs=3"]  # fmt: skip
+    train(load_config(None, common))
+    train(load_config(None, common), resume=out / "checkpoints" / "last-000000003.pth")
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["last-000000003.pth", "last-000000006.pth", "last-000000009.pth"]
+    (replaced,) = out.glob("replaced-*")
+    for name in ("last-000000006.pth", "last-000000009.pth"):
+        old = torch.load(replaced / "checkpoints" / name, weights_only=True)
+        new = torch.load(out / "checkpoints" / name, weights_only=True)
+        assert _same_tensors(old["teacher"], new["teacher"]), name
+
+
+@pytest.mark.slow
+def test_a_checkpoint_taken_at_the_last_step_of_an_epoch_resumes_with_that_epochs_end(small_folder, tmp_path):
+    """Saved after the epoch's last batch but before its end (a kill during the k-NN, or a mid-epoch
+    checkpoint with no epoch-end one): the epoch's end — here the previous-epoch teacher rule — must run."""
+    common = TINY_OVERRIDES + [f"data.path={small_folder}", "run.deterministic=true", "run.epochs=2",
+                               "teacher.mode=previous_epoch", "run.checkpoint_every_epochs=2",
+                               "run.checkpoint_every_iters=3", "run.keep_last=10"]  # fmt: skip
+    full = tmp_path / "full"
+    train(load_config(None, common + [f"run.output_dir={full}"]))
+    mid = torch.load(full / "checkpoints" / "last-000000003.pth", weights_only=True)
+    assert (mid["epoch"], mid["step_in_epoch"]) == (0, 3)
+    resumed = tmp_path / "resumed"
+    train(
+        load_config(None, common + [f"run.output_dir={resumed}"]),
+        resume=full / "checkpoints" / "last-000000003.pth",
+    )
+    a = torch.load(full / "teacher_backbone.pth", weights_only=True)
+    assert _same_tensors(a, torch.load(resumed / "teacher_backbone.pth", weights_only=True))
+    assert [e["epoch"] for e in records(resumed, "epoch")] == [0, 1]
+
+
+@pytest.mark.slow
+def test_a_mid_epoch_checkpoint_resumes_with_another_batch_size(small_folder, tmp_path, caplog):
+    """2 steps of 16 images done; at 24 images a step the epoch goes on after 1 step (32 // 24), and the
+    schedules continue from iteration 1 of the new length (2 steps an epoch)."""
+    common = TINY_OVERRIDES + [f"data.path={small_folder}"]
+    first = tmp_path / "first"
+    train(load_config(None, common + [f"run.output_dir={first}", "run.epochs=1", "run.checkpoint_every_iters=2",
+                                      "run.keep_last=10"]))  # fmt: skip
+    mid = first / "checkpoints" / "last-000000002.pth"
+    assert torch.load(mid, weights_only=True)["global_batch_size"] == 16
+    resumed = tmp_path / "resumed"
+    with caplog.at_level("WARNING"):
+        train(load_config(None, common + [f"run.output_dir={resumed}", "run.epochs=3", "run.batch_size=24"]),
+              resume=mid)  # fmt: skip
+    assert "goes on from step 1" in caplog.text
+    iters = records(resumed, "iter")
+    assert [r["iteration"] for r in iters] == [1, 2, 3, 4, 5]  # 1 left of epoch 0, then 2 + 2
+    assert [e["epoch"] for e in records(resumed, "epoch")] == [0, 1, 2]
 
 
 @pytest.mark.slow
@@ -221,6 +308,24 @@ def test_two_processes_with_torchrun(small_folder, tmp_path):
     assert start["world_size"] == 2 and start["iters_per_epoch"] == 3  # 48 images / (2 × 8)
     state = torch.load(sorted((out / "checkpoints").glob("last-*.pth"))[-1], weights_only=True)
     assert state["iteration"] == 6 and torch.isfinite(state["dino_loss"]["center"]).all()
+
+
+@pytest.mark.slow
+def test_two_processes_resume_mid_epoch_bit_exact(small_folder, tmp_path):
+    """Each process draws its own random stream (stochastic depth here); a checkpoint keeps them all and
+    each process takes back its own, so a resumed two-process run ends where the uninterrupted one does.
+    (Two blocks: with one, the stochastic-depth rate of its only block is 0.)"""
+    same = ["run.epochs=2", "run.deterministic=true", "run.checkpoint_every_iters=2", "run.keep_last=10",
+            "model.depth=2"]  # fmt: skip
+    _torchrun(small_folder, tmp_path / "full", same, 29536)
+    mid = tmp_path / "full" / "checkpoints" / "last-000000002.pth"
+    state = torch.load(mid, weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 2) and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    _torchrun(small_folder, tmp_path / "resumed", [*same, "--resume", str(mid)], 29537)
+    a = torch.load(tmp_path / "full" / "teacher_backbone.pth", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "teacher_backbone.pth", weights_only=True)
+    assert _same_tensors(a, b)
 
 
 @pytest.mark.slow

@@ -12,6 +12,8 @@ import logging
 import os
 import re
 import shutil
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "dino-checkpoint"
 _ROLLING = re.compile(r"^last-(\d{9})\.pth$")
+_KEEPER = re.compile(r"^epoch-(\d{4,})\.pth$")
 
 
 class CheckpointError(RuntimeError):
@@ -83,12 +86,15 @@ class CheckpointManager:
             for leftover in self.directory.glob(".*.tmp-*"):
                 leftover.unlink(missing_ok=True)
 
-    def rolling(self) -> list[Path]:
-        """Rolling checkpoints, newest first."""
+    def _numbered(self, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
+        """(number, path) of the files whose name matches ``pattern``, in increasing order."""
         if not self.directory.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _ROLLING.match(p.name))]
-        return [p for _, p in sorted(found, reverse=True)]
+        return sorted((int(m.group(1)), p) for p in self.directory.iterdir() if (m := pattern.match(p.name)))
+
+    def rolling(self) -> list[Path]:
+        """Rolling checkpoints, newest first."""
+        return [p for _, p in reversed(self._numbered(_ROLLING))]
 
     def save(self, state: dict[str, Any], iteration: int, epoch_keeper: int | None = None) -> Path:
         state = {"format": CHECKPOINT_FORMAT, **state}
@@ -107,6 +113,14 @@ class CheckpointManager:
             old.unlink(missing_ok=True)
         return path
 
+    def newer_than(self, iteration: int, epoch: int) -> list[Path]:
+        """Checkpoints of a later point than (``iteration``, ``epoch``): what a run continued from an
+        earlier checkpoint would otherwise mistake for its own (its rolling window keeps the highest
+        iterations, and resuming picks the newest)."""
+        return [p for i, p in self._numbered(_ROLLING) if i > iteration] + [
+            p for e, p in self._numbered(_KEEPER) if e > epoch
+        ]
+
     def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
         """Newest readable rolling checkpoint; unreadable ones are reported and passed over."""
         for path in self.rolling():
@@ -115,3 +129,24 @@ class CheckpointManager:
             except CheckpointError as err:
                 log.warning("%s; falling back to the previous checkpoint", err)
         return None
+
+
+def set_aside(run_dir: Path, names: Iterable[str | Path]) -> Path | None:
+    """Move ``names`` (relative to ``run_dir``; missing ones are passed over) into a new
+    ``run_dir/replaced-<UTC time>/``, keeping their relative paths; returns that folder, or None when
+    nothing was there. Nothing is deleted: a run that starts afresh, or continues from an earlier point,
+    must neither overwrite nor mix with the files of the run it replaces."""
+    run_dir = Path(run_dir)
+    present = [Path(n) for n in names if (run_dir / n).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target, n = run_dir / f"replaced-{stamp}", 1
+    while target.exists():
+        n += 1
+        target = run_dir / f"replaced-{stamp}-{n}"
+    for name in present:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(run_dir / name, target / name)
+    _fsync_dir(run_dir)
+    return target

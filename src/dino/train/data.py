@@ -67,7 +67,7 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         return self.num_samples // self.world_size
 
     def __len__(self) -> int:
-        return self.per_rank() - self.start
+        return max(self.per_rank() - self.start, 0)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -165,6 +165,11 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=_ignore_preemption_signals,
+        # Its own generator: each epoch's iterator draws its workers' base seed from it, not from the
+        # process's stream, which stochastic depth draws from and a mid-epoch resume restores to the
+        # point of the checkpoint (after that epoch's iterator was made). The crops do not depend on it
+        # (SeededDataset seeds every sample).
+        generator=torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + rank),
     )
     if on_device:
         augment = BatchMultiCrop(**crop_args)

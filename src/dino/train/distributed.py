@@ -75,3 +75,10 @@ def any_process(flag: bool | torch.Tensor, device: torch.device) -> bool:
         flag.detach().float().reshape(1) if isinstance(flag, torch.Tensor) else torch.tensor([float(flag)])
     )
     return bool(max_over_processes_(value.to(device)).item() > 0)
+
+
+def any_processes(flags: list[bool], device: torch.device) -> list[bool]:
+    """For each flag, True when it is true on at least one process: several decisions agreed on with one
+    collective (and one host synchronisation)."""
+    value = torch.tensor([float(f) for f in flags], device=device)
+    return [v > 0 for v in max_over_processes_(value).tolist()]

@@ -26,10 +26,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dino.loss import DINOLoss
 from dino.teacher import TeacherUpdater
-from dino.train.checkpoint import CheckpointManager
+from dino.train.checkpoint import CheckpointManager, set_aside
 from dino.train.config import DINOConfig, save_config
 from dino.train.data import build_train_data
-from dino.train.distributed import DistEnv, any_process, cleanup, init_distributed
+from dino.train.distributed import DistEnv, any_processes, barrier, cleanup, init_distributed
 from dino.train.guard import BatchNormStatsKeeper, NonFiniteGuard
 from dino.train.guard import TrainingDiverged as TrainingDiverged  # re-exported: callers catch it here
 from dino.train.logger import RunLogger, peak_memory_gib
@@ -41,9 +41,10 @@ from dino.train.setup import (
     build_knn_monitor,
     build_student_teacher,
     check_compile_toolchain,
+    gather_process_rng,
     load_model_state_dict,
     resolve_precision,
-    restore_rng,
+    restore_process_rng,
     run_state_dict,
     save_backbone,
     unwrap_compiled,
@@ -103,6 +104,7 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
     state = TrainState()
 
     restored = _restore(resume, checkpoints, env.device)
+    global_batch = cfg.run.batch_size * env.world_size
     if restored is not None:
         checkpoint, path = restored
         load_model_state_dict(student, checkpoint["student"])
@@ -110,22 +112,17 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
         dino_loss.load_state_dict(checkpoint["dino_loss"])
         if checkpoint.get("fp16_scaler") is not None and precision.use_scaler:
             scaler.load_state_dict(checkpoint["fp16_scaler"])
-        state.epoch = checkpoint["epoch"]
         # A released full checkpoint of the original code has no optimiser state, random state or
         # iteration: continue with a fresh optimiser from the start of its next epoch.
         if "optimizer" in checkpoint:
             optimizer.load_state_dict(checkpoint["optimizer"])
-        state.iteration = checkpoint.get("iteration", state.epoch * data.iters_per_epoch)
-        state.step_in_epoch = checkpoint.get("step_in_epoch", 0)
-        if "rng" in checkpoint:
-            restore_rng(checkpoint["rng"])
-        if state.step_in_epoch >= data.iters_per_epoch:  # saved after more steps than this data gives
+        if "rng" in checkpoint and not restore_process_rng(checkpoint["rng"], env.rank, env.world_size):
             log.warning(
-                "the checkpoint is %d steps into epoch %d but the data gives %d per epoch now; "
-                "continuing from the next epoch",
-                state.step_in_epoch, state.epoch, data.iters_per_epoch,
-            )  # fmt: skip
-            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                "the checkpoint's random state is not for %d process(es): random streams start from "
+                "run.seed (the run goes on, not bit for bit as it would have)",
+                env.world_size,
+            )
+        state = resume_point(checkpoint, data.iters_per_epoch, global_batch)
         if state.epoch >= cfg.run.epochs:
             log.warning(
                 "the checkpoint is at epoch %d of run.epochs=%d: nothing left to train",
@@ -134,7 +131,11 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
             )
         log.info("resumed from %s at epoch %d, iteration %d", path, state.epoch, state.iteration)
 
+    barrier()  # every process has read its checkpoint before files are moved
     if env.is_main:
+        replaced = _set_aside_replaced_files(run_dir, checkpoints, restored)
+        if replaced is not None:
+            log.warning("files of the run this one replaces moved to %s", replaced)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         checkpoints.remove_stale_temporaries()
@@ -157,13 +158,16 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
     )
 
     def save(epoch_keeper: int | None = None) -> None:
-        # Never while non-finite losses are being skipped: the last good checkpoint must stay the newest.
-        if guard.poll() == 0 and env.is_main:
-            checkpoints.save(
-                run_state_dict(cfg, student, teacher, optimizer, dino_loss, scaler, state),
-                state.iteration,
-                epoch_keeper,
+        # Never while non-finite losses are being skipped: the last good checkpoint must stay the newest
+        # (every process gets the same answer: the flags are agreed on).
+        if guard.poll() != 0:
+            return
+        rng = gather_process_rng(env.world_size)  # a collective: every process takes part
+        if env.is_main:
+            run = run_state_dict(
+                cfg, student, teacher, optimizer, dino_loss, scaler, state, global_batch, rng
             )
+            checkpoints.save(run, state.iteration, epoch_keeper)
 
     logger.start(cfg, env, len(data.dataset), data.iters_per_epoch)
     # The k-NN monitor runs the teacher's backbone uncompiled: its eval mode and batch sizes would each
@@ -177,6 +181,7 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
     graph_steps = cfg.run.compile and uses_cuda_graphs(cfg.run.compile_mode)
     profiler = StepProfiler(cfg.run.profile_steps, run_dir, env.device, enabled=env.is_main)
     bn_stats = BatchNormStatsKeeper(student, teacher)  # empty (and skipped) for models without BatchNorm
+    replacement: tuple[list[torch.Tensor], torch.Tensor] | None = None  # a batch for an unreadable one
     with PreemptionGuard() as preemption:
         while state.epoch < cfg.run.epochs:
             epoch = state.epoch
@@ -186,8 +191,21 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
             for crops, labels, n_bad in data.loader:
                 logger.count_bad_files(n_bad)
                 if labels.numel() == 0:  # every image of this batch failed to decode
-                    state.step_in_epoch += 1
-                    continue
+                    if not env.distributed:
+                        state.iteration += 1
+                        state.step_in_epoch += 1
+                        continue
+                    # The other processes are about to take this step (DDP's collectives): take it too.
+                    if replacement is None:
+                        raise RuntimeError(
+                            f"every image of batch {state.step_in_epoch} of epoch {epoch} on process "
+                            f"{env.rank} failed to decode, before any batch it could stand in for; "
+                            "check the data (the unreadable files are logged above)"
+                        )
+                    log.warning("every image of a batch failed to decode: its step reuses the previous batch")
+                    crops, labels = replacement
+                elif env.distributed:
+                    replacement = (crops, labels)
                 it = state.iteration
                 set_schedules(optimizer, float(schedules.lr[it]), float(schedules.weight_decay[it]))
                 crops = [c.to(env.device, non_blocking=True) for c in crops]
@@ -252,18 +270,22 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
                     for kind in collapse.check(record["teacher_entropy"], record["kl"]):
                         logger.event("collapse_warning", kind=kind, iteration=it)
 
-                if env.distributed:  # agreeing takes a collective and a host sync: every few steps only
-                    stop = (it + 1) % PREEMPTION_POLL_STEPS == 0 and any_process(
-                        preemption.requested, env.device
+                # A stop request and a checkpoint due by the clock are each process's own; all must take
+                # the same branch (saving is a collective), and agreeing takes a collective and a host
+                # sync: every few steps only.
+                stop, minutes_due = preemption.requested, _minutes_due(cfg, last_save_time)
+                if env.distributed:
+                    agree = (it + 1) % PREEMPTION_POLL_STEPS == 0
+                    stop, minutes_due = (
+                        any_processes([stop, minutes_due], env.device) if agree else (False, False)
                     )
-                else:
-                    stop = preemption.requested
                 if stop:
                     save()
                     logger.event("preempted", iteration=state.iteration, signal=preemption.signal_name)
                     logger.close()
                     raise Preempted()
-                if _mid_epoch_checkpoint_due(cfg, state, last_save_time):
+                every_iters = cfg.run.checkpoint_every_iters
+                if minutes_due or (every_iters and state.iteration % every_iters == 0):
                     save()
                     last_save_time = time.monotonic()
 
@@ -312,10 +334,66 @@ def _restore(resume: str | Path | bool, checkpoints: CheckpointManager, device: 
     return load_training_checkpoint(resume, map_location=device), Path(resume)
 
 
-def _mid_epoch_checkpoint_due(cfg: DINOConfig, state: TrainState, last_save_time: float) -> bool:
-    every_iters, every_minutes = cfg.run.checkpoint_every_iters, cfg.run.checkpoint_every_minutes
-    if every_iters and state.iteration % every_iters == 0:
-        return True
+def resume_point(checkpoint: dict, iters_per_epoch: int, global_batch: int) -> TrainState:
+    """Where a run continues from ``checkpoint`` with the data and batch size it has now.
+
+    The iteration is recomputed as epoch × iterations per epoch + step, so the schedules (built for the
+    current data and batch) continue where the epoch is. A checkpoint taken mid-epoch with another
+    global batch size (batch size or number of processes changed) continues after as many samples as
+    were done (rounded down to whole batches: a few samples come again); one taken at the last step
+    of an epoch (or beyond the batches the data gives now) continues with that epoch's end (its k-NN,
+    teacher rule and summary), not past it."""
+    epoch = int(checkpoint["epoch"])
+    step = int(checkpoint.get("step_in_epoch", 0))
+    saved_batch = checkpoint.get("global_batch_size")
+    if step and saved_batch is not None and int(saved_batch) != global_batch:
+        samples = step * int(saved_batch)
+        log.warning(
+            "the checkpoint is %d steps of %d images into epoch %d; with %d images a step now, the epoch "
+            "goes on from step %d",
+            step, saved_batch, epoch, global_batch, samples // global_batch,
+        )  # fmt: skip
+        step = samples // global_batch
+    if step > iters_per_epoch:
+        log.warning(
+            "the checkpoint is %d steps into epoch %d but the data gives %d per epoch now; "
+            "finishing that epoch",
+            step, epoch, iters_per_epoch,
+        )  # fmt: skip
+        step = iters_per_epoch
+    return TrainState(epoch=epoch, iteration=epoch * iters_per_epoch + step, step_in_epoch=step)
+
+
+RUN_OUTPUTS = (
+    "checkpoints", "log.jsonl", "config.yaml", "teacher_backbone.pth",
+    "profile.json", "profile.txt", "profile_trace.json",
+)  # fmt: skip
+
+
+def _set_aside_replaced_files(
+    run_dir: Path, checkpoints: CheckpointManager, restored: tuple[dict, Path] | None
+) -> Path | None:
+    """Move out of the way (into ``run_dir/replaced-<time>/``) what the run would otherwise overwrite
+    or take for its own: when it continues from one of this directory's checkpoints, the checkpoints of
+    later points (its rolling window keeps the highest iterations and resuming takes the newest, so a
+    run continued from an earlier point would lose its own files to them); when it starts afresh or
+    from a checkpoint elsewhere, the previous run's files. Nothing is deleted."""
+    if restored is not None and _is_in(restored[1], run_dir):
+        checkpoint = restored[0]
+        later = checkpoints.newer_than(int(checkpoint.get("iteration", 0)), int(checkpoint["epoch"]))
+        return set_aside(run_dir, [p.relative_to(run_dir) for p in later])
+    return set_aside(run_dir, RUN_OUTPUTS)
+
+
+def _is_in(path: Path, run_dir: Path) -> bool:
+    """``path`` is ``run_dir`` itself or one of its checkpoints."""
+    path, run_dir = Path(path).resolve(), run_dir.resolve()
+    return path == run_dir or path.parent == run_dir / "checkpoints"
+
+
+def _minutes_due(cfg: DINOConfig, last_save_time: float) -> bool:
+    """A mid-epoch checkpoint is due by the clock (``run.checkpoint_every_minutes``)."""
+    every_minutes = cfg.run.checkpoint_every_minutes
     return bool(every_minutes) and time.monotonic() - last_save_time >= every_minutes * 60
 
 

@@ -87,7 +87,9 @@ def build_student_teacher(cfg: DINOConfig, device: torch.device) -> tuple[MultiC
         return _build_student_teacher(cfg, device)
 
 
-def _build_student_teacher(cfg: DINOConfig, device: torch.device) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+def _build_student_teacher(
+    cfg: DINOConfig, device: torch.device
+) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     student_backbone, dim = _backbone(cfg, cfg.model.drop_path_rate)
     if cfg.model.pretrained:
         from dino.hub import load_backbone_weights
@@ -226,6 +228,29 @@ def restore_rng(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
 
+def gather_process_rng(world_size: int) -> dict[str, Any] | list[dict[str, Any]]:
+    """This process's random streams (one process), or every process's, in rank order (a collective:
+    every process calls it). Each process draws its own stream (seeded run.seed + rank), so a checkpoint
+    keeps them all for the run to continue exactly."""
+    rng = capture_rng()
+    if world_size == 1:
+        return rng
+    gathered: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, rng)
+    return gathered
+
+
+def restore_process_rng(rng: dict[str, Any] | list[dict[str, Any]], rank: int, world_size: int) -> bool:
+    """Put back this process's streams from a checkpoint's ``rng`` (see :func:`gather_process_rng`);
+    False when it holds no state for this process (saved with another number of processes), in which
+    case the streams stay as seeded."""
+    per_process = rng if isinstance(rng, list) else [rng]
+    if len(per_process) != world_size:
+        return False
+    restore_rng(per_process[rank])
+    return True
+
+
 def model_state_dict(model: MultiCropWrapper) -> dict[str, torch.Tensor]:
     """``backbone.*`` / ``head.*`` keys, whether or not the backbone was compiled."""
     state = {f"backbone.{k}": v for k, v in unwrap_compiled(model.backbone).state_dict().items()}
@@ -248,8 +273,12 @@ def run_state_dict(
     dino_loss: DINOLoss,
     scaler: torch.amp.GradScaler,
     state: TrainState,
+    global_batch_size: int,
+    rng: dict[str, Any] | list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """Everything needed to continue exactly; key names follow the released DINO checkpoints."""
+    """Everything needed to continue exactly; key names follow the released DINO checkpoints. ``rng``:
+    from :func:`gather_process_rng`; ``global_batch_size`` (images per step over all processes) lets a
+    run resumed with another batch size continue mid-epoch after the same number of images."""
     return {
         "student": model_state_dict(student),
         "teacher": model_state_dict(teacher),
@@ -259,7 +288,8 @@ def run_state_dict(
         "epoch": state.epoch,
         "iteration": state.iteration,
         "step_in_epoch": state.step_in_epoch,
-        "rng": capture_rng(),
+        "global_batch_size": global_batch_size,
+        "rng": rng,
         "config": config_to_dict(cfg),
     }
 
