@@ -20,20 +20,24 @@ QUERY = torch.tensor([[2.0, 0.0]])  # cosine similarities to the bank: 1, 0.8, 0
 
 def test_three_class_vote_matches_hand_computation():
     # k = 3 neighbours (sims 1, 0.8, 0.6); T = 0.5: class 0 gets e^2, class 1 gets e^1.6 + e^1.2, class 2 nothing.
+    # (Scores come scaled per row, by exp(-best sim / T): compare shares of the vote.)
     scores = knn_predict(BANK, BANK_LABELS, QUERY, k=3, temperature=0.5, num_classes=3)
-    expected = torch.tensor([[math.exp(2.0), math.exp(1.6) + math.exp(1.2), 0.0]])
-    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+    expected = torch.tensor([[math.exp(2.0), math.exp(1.6) + math.exp(1.2), 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(scores / scores.sum(), expected / expected.sum(), rtol=1e-5, atol=1e-6)
     assert scores.argmax().item() == 1  # two fairly close neighbours outvote the nearest one at T = 0.5
     # At T = 0.07 the nearest neighbour's weight dominates: e^(1/0.07) > e^(0.8/0.07) + e^(0.6/0.07).
     sharp = knn_predict(BANK, BANK_LABELS, QUERY, k=3, temperature=0.07, num_classes=3)
     assert sharp.argmax().item() == 0
-    torch.testing.assert_close(sharp[0, 0], torch.tensor(math.exp(1 / 0.07)), rtol=1e-5, atol=0)
+    share = math.exp(1 / 0.07) / (math.exp(1 / 0.07) + math.exp(0.8 / 0.07) + math.exp(0.6 / 0.07))
+    assert (sharp[0, 0] / sharp.sum()).item() == pytest.approx(share, rel=1e-6)
 
 
 def test_k_larger_than_bank_uses_every_sample():
     scores = knn_predict(BANK, BANK_LABELS, QUERY, k=50, temperature=1.0, num_classes=4)
-    expected = torch.tensor([[math.e, math.exp(0.8) + math.exp(0.6), math.exp(0.0) + math.exp(-1.0), 0.0]])
-    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+    expected = torch.tensor(
+        [[math.e, math.exp(0.8) + math.exp(0.6), math.exp(0.0) + math.exp(-1.0), 0.0]], dtype=torch.float64
+    )
+    torch.testing.assert_close(scores / scores.sum(), expected / expected.sum(), rtol=1e-5, atol=1e-6)
 
 
 def test_accuracy_top1_top5_by_hand():
@@ -76,7 +80,8 @@ def test_matches_independent_implementation_with_chunks():
         scores = knn_predict(
             bank, bank_labels, queries, 20, 0.07, 6, chunk_size=chunk, bank_chunk_size=bank_chunk
         )
-        np.testing.assert_allclose(scores.double().numpy(), expected, rtol=1e-4)
+        shares = scores / scores.sum(dim=1, keepdim=True)  # the scores are scaled per row
+        np.testing.assert_allclose(shares.numpy(), expected / expected.sum(axis=1, keepdims=True), rtol=1e-4)
 
 
 def test_chunked_and_unchunked_neighbours_are_identical():
@@ -99,6 +104,7 @@ def test_knn_accuracy_reuses_neighbours_across_k():
     acc = knn_accuracy(bank, bank_labels, queries, test_labels, ks=(10, 20, 100, 200), num_classes=4)
     for k in (10, 20, 100, 200):
         scores = knn_predict(bank, bank_labels, queries, k, 0.07, 4)
+        scores[scores == 0] = -math.inf  # classes without a vote are no prediction (top-5 with k < 5)
         assert acc[k] == pytest.approx(tuple(topk_accuracy(scores, test_labels)))
 
 
@@ -114,7 +120,33 @@ def test_single_test_sample_and_many_classes():
 def test_weighted_vote_by_hand():
     sims = torch.tensor([[0.5, 0.25]])
     scores = weighted_vote(sims, torch.tensor([[1, 1]]), temperature=0.25, num_classes=2)
-    torch.testing.assert_close(scores, torch.tensor([[0.0, math.exp(2) + math.exp(1)]]))
+    # exp(sim / T) per neighbour, the row scaled by exp(-best sim / T): the best neighbour weighs 1
+    expected = torch.tensor([[0.0, math.exp(2) + math.exp(1)]], dtype=torch.float64) / math.exp(2)
+    torch.testing.assert_close(scores, expected)
+
+
+def test_a_small_temperature_does_not_overflow_into_ties():
+    """T = 0.01: exp(sim / T) overflows float32 (both weights inf, a tie the arg-max breaks for class 0);
+    the nearer neighbour (class 1, cos 0.991 against 0.951) must win."""
+    angle = [math.acos(0.991), math.acos(0.951)]
+    bank = torch.tensor([[math.cos(a), math.sin(a)] for a in angle])
+    acc = knn_accuracy(bank, torch.tensor([1, 0]), torch.tensor([[1.0, 0.0]]), torch.tensor([0]),
+                       ks=(2,), temperature=0.01)  # fmt: skip
+    assert acc[2][0] == 0.0
+
+
+def test_top5_counts_only_classes_that_got_a_vote():
+    """With k < 5 fewer than 5 classes get a vote; the others (all at 0, in arbitrary order) are not
+    predictions: at k = 1 top-5 equals top-1, at k = 3 it is the share of queries whose class is among
+    their 3 neighbours' classes."""
+    g = torch.Generator().manual_seed(0)
+    bank, bank_labels = torch.randn(500, 16, generator=g), torch.randint(0, 10, (500,), generator=g)
+    queries, labels = torch.randn(300, 16, generator=g), torch.randint(0, 10, (300,), generator=g)
+    acc = knn_accuracy(bank, bank_labels, queries, labels, ks=(1, 3))
+    assert acc[1][0] == acc[1][1] < 30
+    _, idx = nearest_neighbors(bank, queries, 3)
+    among = (bank_labels[idx] == labels[:, None]).any(dim=1).double().mean().item() * 100
+    assert acc[3][1] == pytest.approx(among) and among < 50
 
 
 def test_errors_are_clear():

@@ -115,3 +115,24 @@ def test_sweep_on_separable_data_learns():
     )
     assert result.best_lr == 1.0 and result.val_top1[1] > result.val_top1[0]
     assert result.test_top1 == 100.0 and result.test_top5 == 100.0
+
+
+def test_head_accuracies_count_chunk_by_chunk_as_on_the_whole_set():
+    """Counted per chunk (the logits of every head for a whole evaluation set would not fit in memory on
+    ImageNet), the accuracies are those of each head's logits on all samples at once."""
+    torch.manual_seed(0)
+    heads = MultiLinearHeads(6, 12, [0.1, 0.01, 0.001])
+    features, labels = torch.randn(101, 6), torch.randint(0, 12, (101,))
+    with torch.no_grad():
+        logits = heads(features)
+    expected = []
+    for head_logits in logits:
+        top5 = head_logits.topk(5, dim=1).indices
+        expected.append(
+            (
+                100.0 * (head_logits.argmax(1) == labels).double().mean().item(),
+                100.0 * (top5 == labels[:, None]).any(1).double().mean().item(),
+            )
+        )
+    got = head_accuracies(heads, features, labels, chunk=7)
+    assert [pytest.approx(e) for e in expected] == got and len({g[0] for g in got}) > 1

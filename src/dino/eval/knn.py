@@ -8,11 +8,15 @@ scanned in chunks too, keeping a running top-k, so memory stays bounded on CPU a
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
 DEFAULT_TEMPERATURE = 0.07
@@ -63,8 +67,12 @@ def nearest_neighbors(
 
 
 def weighted_vote(sims: Tensor, neighbor_labels: Tensor, temperature: float, num_classes: int) -> Tensor:
-    """Class scores [N, C]: each neighbour adds exp(sim / T) to its class."""
-    weights = (sims.float() / temperature).exp()
+    """Class scores [N, C] (float64): each neighbour adds exp(sim / T) to its class, every row scaled by
+    exp(-best sim / T) — the same ranking, without the overflow of exp(sim / T) for small T (float32
+    overflows below T ≈ 0.011). A class no neighbour voted for scores exactly 0, a voted one above 0."""
+    sims = sims.double()
+    best = sims.amax(dim=1, keepdim=True) if sims.shape[1] else sims.new_zeros(sims.shape[0], 1)
+    weights = ((sims - best) / temperature).exp()
     votes = torch.zeros(sims.shape[0], num_classes, dtype=weights.dtype, device=sims.device)
     return votes.scatter_add_(1, neighbor_labels.long(), weights)
 
@@ -101,11 +109,18 @@ def knn_predict(
     return weighted_vote(sims, train_labels.cpu()[idx], temperature, num_classes)
 
 
+def topk_hits(scores: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
+    """Rows whose target is among the ``k`` highest scores, for each k (capped at C). A score of -inf
+    never counts: a class that is not a candidate (see :func:`topk_accuracy`) is not a hit by position."""
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1)
+    hits = (top.indices == targets.to(top.indices.device).long()[:, None]) & (top.values > -math.inf)
+    return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
+
+
 def topk_accuracy(scores: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) -> list[float]:
-    """Percent of rows whose target is among the ``k`` highest scores, for each k (capped at C)."""
-    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
-    hits = top == targets.to(top.device).long()[:, None]
-    return [hits[:, :k].any(dim=1).double().mean().item() * 100 for k in ks]
+    """Percent of rows whose target is among the ``k`` highest scores, for each k (capped at C); scores
+    of -inf mark classes out of the running (the k-NN vote's classes without a vote)."""
+    return [100.0 * h / max(scores.shape[0], 1) for h in topk_hits(scores, targets, ks)]
 
 
 @torch.no_grad()
@@ -138,11 +153,20 @@ def knn_accuracy(
         raise ValueError(
             f"test labels must lie in [0, {num_classes}); relabel the test set onto the train classes"
         )
+    bank_size = train_features.shape[0]
+    if max(ks) > bank_size:
+        log.warning(
+            "k = %s: the bank has %d samples, so every k above that votes with all of them",
+            ", ".join(str(k) for k in ks if k > bank_size), bank_size,
+        )  # fmt: skip
     sims, idx = nearest_neighbors(train_features, test_features, max(ks), chunk_size, bank_chunk_size, device)
     neighbor_labels = train_labels.cpu().long()[idx]
     results: dict[int, tuple[float, float]] = {}
     for k in ks:
         scores = weighted_vote(sims[:, :k], neighbor_labels[:, :k], temperature, num_classes)
+        # Top-5 among the classes that got a vote: with fewer than 5 voted classes (small k), the
+        # unvoted ones (all at 0, in arbitrary order) are not predictions.
+        scores = scores.masked_fill(scores == 0, -math.inf)
         top1, top5 = topk_accuracy(scores, test_labels.cpu())
         results[k] = (top1, top5)
     return results

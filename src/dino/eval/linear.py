@@ -26,7 +26,7 @@ from torchvision.transforms import InterpolationMode
 
 from dino.data.datasets import collate_skipping_bad
 from dino.eval.features import Representation, compute_representations, show_progress
-from dino.eval.knn import topk_accuracy
+from dino.eval.knn import topk_hits
 
 DEFAULT_LRS: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 """Learning rates swept by default, for a batch of 256 (scaled linearly with the batch size)."""
@@ -234,12 +234,16 @@ def train_heads(
 def head_accuracies(
     heads: MultiLinearHeads, features: Tensor, labels: Tensor, chunk: int = 4096
 ) -> list[tuple[float, float]]:
-    """(top-1, top-5) percent of every head on a feature tensor."""
+    """(top-1, top-5) percent of every head on a feature tensor, counted chunk by chunk (the logits of
+    all heads for a whole evaluation set would take heads × N × C floats: gigabytes on ImageNet)."""
     device = next(heads.parameters()).device
-    logits = torch.cat(
-        [heads(features[i : i + chunk].to(device)).cpu() for i in range(0, features.shape[0], chunk)], 1
-    )
-    return [tuple(topk_accuracy(head_logits, labels.cpu())) for head_logits in logits]  # type: ignore[misc]
+    hits = torch.zeros(len(heads.heads), 2, dtype=torch.long)
+    for i in range(0, features.shape[0], chunk):
+        chunk_labels = labels[i : i + chunk].to(device)
+        for h, head_logits in enumerate(heads(features[i : i + chunk].to(device))):
+            hits[h] += torch.tensor(topk_hits(head_logits, chunk_labels))
+    total = max(features.shape[0], 1)
+    return [(100.0 * top1 / total, 100.0 * top5 / total) for top1, top5 in hits.tolist()]
 
 
 def select_and_test(
