@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import struct
 import warnings
@@ -253,8 +254,10 @@ def test_check_usable_raises_when_most_files_fail(tmp_path: Path) -> None:
         (tmp_path / f"bad{i}.jpg").write_bytes(b"garbage")
     _save_rgb(tmp_path / "good.jpg")
     ds = ImageFolderDataset(tmp_path)
-    with pytest.raises(DatasetError, match=r"3 of 4 sampled failed.*bad0\.jpg"):
+    with pytest.raises(DatasetError, match=r"3 of 4 sampled failed, more than the 50% .*bad0\.jpg"):
         check_usable(ds)
+    with pytest.raises(DatasetError, match=r"too many files .* 3 of 4 sampled failed, more than the 10%"):
+        check_usable(ds, min_valid_fraction=0.9)  # not "most": 3 of 4 against a 10 % allowance
     report = check_usable(ds, min_valid_fraction=0.25)
     assert report.checked == 4 and len(report.failures) == 3
     _save_rgb(tmp_path / "good2.jpg")
@@ -349,3 +352,21 @@ def test_training_uses_reduced_decoding_unless_turned_off(tmp_path: Path) -> Non
     )
     views, _ = on[0]
     assert [tuple(v.shape) for v in views] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 8
+
+
+def test_samples_are_two_arrays_that_read_back_as_paths_and_labels(tmp_path):
+    """The (path, label) list lives in two numpy arrays (forked loader workers would copy a list of
+    Python objects page by page as they touch it); reads give the same paths and labels, including a
+    file name that is not valid UTF-8, and slices."""
+    odd = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not UTF-8
+    for name, cls in [("a.png", "cat"), (odd, "cat"), ("b.png", "dog")]:
+        (tmp_path / cls).mkdir(exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / cls / name, format="PNG")
+    ds = ImageFolderDataset(tmp_path)
+    assert isinstance(ds.samples.labels, np.ndarray) and ds.samples.labels.dtype == np.int64
+    expected = sorted(
+        [(tmp_path / "cat" / "a.png", 0), (tmp_path / "cat" / odd, 0), (tmp_path / "dog" / "b.png", 1)]
+    )
+    assert sorted(ds.samples) == expected
+    assert all(path.is_file() for path, _ in ds.samples)
+    assert ds.samples[1:] == list(ds.samples)[1:] and len(ds.samples) == 3

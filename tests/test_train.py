@@ -199,6 +199,9 @@ def test_cli_takes_overrides_before_and_after_options(capsys):
     assert "unrecognized arguments: stray" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["presets", "run.epochs=2"])  # only train takes overrides
+    # -v before or after the command; absent, not verbose
+    assert parse_args(["-v", "presets"]).verbose and parse_args(["presets", "-v"]).verbose
+    assert not parse_args(["presets"]).verbose
 
 
 def test_batch_larger_than_dataset(small_folder, tmp_path, capsys):

@@ -37,6 +37,7 @@ from dino.data.datasets import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     ImageFolderDataset,
+    SampleList,
     SkippedImageWarning,
     _to_rgb,
 )
@@ -87,7 +88,7 @@ class EncodedImageDataset(Dataset):
         # An already-scanned dataset is reused as is, so a large folder is listed only once.
         folder = root if isinstance(root, ImageFolderDataset) else ImageFolderDataset(root, labelled=labelled)
         self.root: Path = folder.root
-        self.samples: list[tuple[Path, int]] = folder.samples
+        self.samples: SampleList = folder.samples
         self.classes: list[str] = folder.classes
         self.labelled: bool = folder.labelled
 

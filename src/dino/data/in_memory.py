@@ -150,7 +150,7 @@ class DecodedImages:
                 if used > budget:
                     raise _too_large(used, budget, self.device, f"the first {start + len(names)} images take")
         self.slot = slot
-        self.labels = torch.tensor([label for _, label in dataset.samples], dtype=torch.long)
+        self.labels = torch.from_numpy(dataset.samples.labels.copy())
         self.skipped = len(paths) - len(kept)
         self.nbytes = used
         sizes = {tuple(image.shape) for image in kept}
