@@ -70,6 +70,22 @@ def test_shared_steps_follow_the_paper(name: str) -> None:
     assert isinstance(pipeline.transforms[-2], transforms.ToTensor)
     assert isinstance(pipeline.transforms[-1], transforms.Normalize)
     assert tuple(pipeline.transforms[-1].mean) == (0.485, 0.456, 0.406)
+    assert tuple(pipeline.transforms[-1].std) == (0.229, 0.224, 0.225)
+
+
+def test_the_defaults_are_the_papers_multi_crop() -> None:
+    """MultiCropAugmentation() itself (what library users call): 2 global 224² crops of scale (0.4, 1),
+    8 local 96² crops of scale (0.05, 0.4), blur p = 1 / 0.1 / 0.5, solarize 0.2 on the second global."""
+    aug = MultiCropAugmentation()
+    assert aug.local_crops_number == 8
+    for name, size, scale in [
+        ("global1", 224, (0.4, 1.0)),
+        ("global2", 224, (0.4, 1.0)),
+        ("local", 96, (0.05, 0.4)),
+    ]:
+        (crop,) = _find(getattr(aug, name), transforms.RandomResizedCrop)
+        assert crop.size == (size, size) and crop.scale == pytest.approx(scale)
+    assert tuple(aug.blur_probs) == (1.0, 0.1, 0.5) and aug.solarize_prob == 0.2
 
 
 def test_view_specific_blur_and_solarize() -> None:

@@ -35,11 +35,12 @@ def test_parameter_names_match_released_layout():
 
 
 @pytest.mark.parametrize("size", sorted(VIT_SIZES))
-def test_sizes(size):
+def test_sizes(size, monkeypatch):
     dim, depth, heads = VIT_SIZES[size]
     model = vit(size, patch_size=16, depth=1)
     assert model.embed_dim == dim and model.blocks[0].attn.num_heads == heads
-    assert len(vit(size, patch_size=16).blocks) == depth if size == "tiny" else True
+    monkeypatch.setattr(torch.nn.init, "trunc_normal_", lambda tensor, *args, **kwargs: tensor)  # speed
+    assert len(vit(size, patch_size=16).blocks) == depth  # the size's own depth by default
 
 
 def test_fused_attention_equals_explicit_softmax():
