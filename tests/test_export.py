@@ -218,6 +218,52 @@ def test_export_refuses_to_overwrite_without_force_and_writes_by_default_into_th
     assert export_backbone(run_dir, "dino", overwrite=True).path == first.path
 
 
+def test_export_into_an_existing_directory_writes_the_default_name_there(run_dir, tmp_path, capsys):
+    source = export_backbone(run_dir, "dino", tmp_path / "b.pth").path
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    expected = outdir / "b_teacher.safetensors"
+    for force in ([], ["--force"]):  # the folder exists either way; the file inside it is what --force is for
+        assert main(["export", str(source), "--format", "safetensors", "-o", str(outdir), *force]) == 0
+        assert f"wrote {expected}" in capsys.readouterr().out
+        assert expected.is_file() and torch.equal(
+            features(hub.load(expected).model), features(hub.load(source).model)
+        )
+    assert main(["export", str(source), "--format", "safetensors", "-o", str(outdir)]) == 2
+    assert f"{expected} exists; pass --force" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "-o", str(outdir)]) == 0  # a run: <which>_backbone<suffix>
+    assert (outdir / "teacher_backbone.pth").is_file()
+    assert sorted(p.name for p in outdir.iterdir()) == ["b_teacher.safetensors", "teacher_backbone.pth"]
+
+
+def test_student_of_a_backbone_only_file_is_refused(run_dir, run_features, tmp_path, capsys):
+    """A backbone file (released, or exported) holds the teacher; asking for the student is an error, not
+    the teacher labelled as student. Full checkpoints and runs, and student exports, still give it."""
+    backbone = export_backbone(run_dir, "dino", tmp_path / "b.pth").path
+    with pytest.raises(WeightsError, match="one backbone .*no student"):
+        export_backbone(backbone, "safetensors", which="student")
+    assert main(["export", str(backbone), "--which", "student"]) == 2
+    assert "--which student" in capsys.readouterr().err
+    assert not list(tmp_path.glob("b_student*"))
+    assert export_backbone(backbone, "safetensors").weights.which is None  # teacher, the default, works
+    student = export_backbone(run_dir, "safetensors", tmp_path / "s.safetensors", which="student")
+    assert student.weights.which == "student"
+    again = export_backbone(student.path, "safetensors", tmp_path / "s2.safetensors", which="student")
+    assert torch.equal(features(hub.load(again.path).model), run_features["student"])
+    with pytest.raises(WeightsError, match="no student"):  # a plain .pth carries no label: refused
+        export_backbone(export_backbone(run_dir, "dino", tmp_path / "s.pth", which="student").path,
+                        "dino", which="student")  # fmt: skip
+
+
+def test_img_size_is_refused_for_resnets(tmp_path):
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "rn.pth")
+    with pytest.raises(WeightsError, match="only .*ViT position embeddings"):
+        export_backbone(tmp_path / "rn.pth", "safetensors", img_size=999)
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
 def test_export_of_a_malicious_file_is_refused(tmp_path):
     import os
 

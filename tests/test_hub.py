@@ -273,6 +273,21 @@ def test_download_only_when_asked_writes_into_the_cache(monkeypatch, tmp_path):
     assert len(requested) == 1
 
 
+def test_student_of_a_single_backbone_file_is_refused(tmp_path):
+    """A released (or exported) backbone file holds one backbone, the teacher: there is no student to give."""
+    torch.save(documented_vit_state(), tmp_path / "b.pth")
+    assert hub.load(tmp_path / "b.pth").arch == "vit_tiny"  # the default, the teacher, still loads
+    assert hub.load(tmp_path / "b.pth", which="teacher").arch == "vit_tiny"
+    with pytest.raises(
+        WeightsError, match="one backbone and no student.*is the teacher.*full training checkpoint"
+    ):
+        hub.load(tmp_path / "b.pth", which="student")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    safetensors_torch.save_file(documented_vit_state(), str(tmp_path / "b.safetensors"))
+    with pytest.raises(WeightsError, match="no student"):
+        hub.load(tmp_path / "b.safetensors", which="student")
+
+
 # --- full checkpoints, ours and released ------------------------------------------------------------------
 
 
@@ -416,6 +431,29 @@ def test_img_size_resamples_position_embeddings_bicubically(tmp_path):
         hub.load(tmp_path / "b.pth", img_size=IMG + 1)
 
 
+def test_run_that_kept_only_the_teacher_backbone_says_the_student_needs_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(documented_vit_state(), run / "teacher_backbone.pth")
+    assert hub.load(run).arch == "vit_tiny"
+    with pytest.raises(WeightsError) as err:
+        hub.load(run, which="student")
+    message = str(err.value)
+    assert "kept only the teacher backbone" in message and "checkpoints/" in message
+    assert "no teacher_backbone.pth" not in message
+    with pytest.raises(WeightsError, match="no checkpoints/ and no teacher_backbone.pth"):
+        hub.load(tmp_path, which="student")  # a folder that is no run at all
+
+
+def test_img_size_is_refused_for_resnets(tmp_path):
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "rn.pth")
+    with pytest.raises(WeightsError, match="img_size .*only .*ViT position embeddings.*resnet18"):
+        hub.load(tmp_path / "rn.pth", img_size=999)
+    assert hub.load(tmp_path / "rn.pth").img_size == 224
+
+
 # --- actionable errors ------------------------------------------------------------------------------------
 
 
@@ -444,6 +482,45 @@ def test_position_embedding_grid_mismatch_suggests_img_size():
     model, _ = build_backbone("vit_tiny", PATCH, 2 * IMG, 0.0, DEPTH)
     with pytest.raises(WeightsError, match="pos_embed: file .* img_size="):
         hub.load_strict(model, documented_vit_state(), "b.pth")
+
+
+def no_class_token_position_state() -> dict[str, torch.Tensor]:
+    """A ViT state whose position embeddings have no class-token slot (timm's ``no_embed_class=True``)."""
+    state = documented_vit_state()
+    state["pos_embed"] = state["pos_embed"][:, 1:].clone()  # 4 x 4 patch positions only
+    return state
+
+
+def test_position_embeddings_without_a_class_slot_or_on_a_non_square_grid_are_refused(tmp_path):
+    """Resampling needs a class-token position plus a square grid; other layouts are refused up front,
+    never answered with a hint to pass img_size (which could not work)."""
+    torch.save(no_class_token_position_state(), tmp_path / "no_cls.pth")
+    for kwargs in ({}, {"img_size": IMG}, {"img_size": 2 * IMG}, {"arch": "vit_tiny"}):
+        with pytest.raises(WeightsError) as err:
+            hub.load(tmp_path / "no_cls.pth", **kwargs)
+        message = str(err.value)
+        assert "no class-token" in message and "not supported" in message, kwargs
+        assert "img_size=" not in message
+    non_square = documented_vit_state()
+    non_square["pos_embed"] = torch.randn(1, 1 + 3 * 4, DIM)  # class token + a 3 x 4 grid
+    torch.save(non_square, tmp_path / "3x4.pth")
+    with pytest.raises(WeightsError, match="not a square.*not supported"):
+        hub.load(tmp_path / "3x4.pth", img_size=IMG)
+    model, _ = build_backbone("vit_tiny", PATCH, IMG, 0.0, DEPTH)
+    with pytest.raises(WeightsError) as err:
+        hub.load_strict(model, no_class_token_position_state(), "no_cls.pth")
+    assert "no class-token" in str(err.value) and "img_size=" not in str(err.value)
+
+
+def test_timm_vit_without_class_token_position_is_refused_with_the_reason(tmp_path):
+    timm = pytest.importorskip("timm")
+    for extra in ({"no_embed_class": True, "img_size": IMG}, {"img_size": (12, IMG)}):
+        model = timm.create_model(
+            "vit_tiny_patch16_224", pretrained=False, num_classes=0, patch_size=PATCH, depth=1, **extra
+        )
+        torch.save(model.state_dict(), tmp_path / "timm.pth")
+        with pytest.raises(WeightsError, match="not supported"):
+            hub.load(tmp_path / "timm.pth", img_size=IMG)
 
 
 def test_non_weights_content_is_refused_with_a_reason(tmp_path):

@@ -26,6 +26,7 @@ from dino.hub import (
     WeightsError,
     Which,
     add_weights_arguments,
+    check_img_size_applies,
     describe_architecture,
     read_backbone_weights,
     resize_pos_embed,
@@ -146,19 +147,27 @@ def export_backbone(
 ) -> Exported:
     """Write the ``which`` backbone of ``source`` (anything :func:`dino.hub.load` accepts) as ``fmt``.
 
-    ``img_size`` resamples ViT position embeddings first (e.g. 224 for tools that build the model at
-    224 px). The file is written atomically and verified by reading it back.
+    ``output`` is the file to write, or an existing folder to write the default file name
+    (:func:`default_output`) into; by default the file goes beside the source (or into ``<run>/export/``).
+    ``which="student"`` needs a full training checkpoint or a run directory: a backbone-only file holds the
+    teacher alone. ``img_size`` resamples ViT position embeddings first (e.g. 224 for tools that build the
+    model at 224 px); it does not apply to convolutional networks. The file is written atomically and
+    verified by reading it back.
     """
     if fmt not in EXPORT_FORMATS:
         raise WeightsError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     resolved = resolve_weights(source, weights_dir, download)
-    target = Path(output).expanduser() if output is not None else default_output(resolved, fmt, which)
+    target = default_output(resolved, fmt, which)
+    if output is not None:
+        chosen = Path(output).expanduser()
+        target = chosen / target.name if chosen.is_dir() else chosen
     if target.exists() and target.resolve() == resolved.resolve():
         raise WeightsError(f"the output {target} is the source itself; choose another --output")
     if target.exists() and not overwrite:
         raise WeightsError(f"{target} exists; pass --force to replace it or choose another --output")
     weights = read_backbone_weights(source, which, weights_dir=weights_dir)
-    if img_size is not None and weights.arch.startswith("vit_"):
+    if img_size is not None:
+        check_img_size_applies(weights.arch, img_size)
         weights = replace(weights, state=resize_pos_embed(weights.state, img_size), img_size=img_size)
     weights = replace(weights, state={k: v.detach().cpu().contiguous() for k, v in weights.state.items()})
     state = to_timm_state_dict(weights) if fmt == "timm" else weights.state
@@ -263,8 +272,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="run directory, weights file or released name")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="dino", help="output format (default: dino)")
-    p.add_argument("--which", choices=("teacher", "student"), default="teacher", help="default: teacher")
-    p.add_argument("--output", "-o", help="output file (default: beside the source, or <run>/export/)")
+    p.add_argument(
+        "--which",
+        choices=("teacher", "student"),
+        default="teacher",
+        help="default: teacher (student needs a full training checkpoint or a run directory)",
+    )
+    p.add_argument(
+        "--output",
+        "-o",
+        help="output file, or an existing folder to write the default file name into "
+        "(default: beside the source, or <run>/export/)",
+    )
     p.add_argument("--img-size", type=int, help="resample ViT position embeddings to this input size")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     add_weights_arguments(p)

@@ -289,7 +289,7 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, int, int, i
                 f"ViT width {dim} is not one of {sorted(_HEADS_BY_DIM)} (tiny/small/base/large)"
             )
         patch = int(state["patch_embed.proj.weight"].shape[-1])
-        grid = int(math.isqrt(int(state["pos_embed"].shape[1]) - 1)) if "pos_embed" in state else 224 // patch
+        grid = pos_embed_grid(state) or 224 // patch
         depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
         return f"vit_{_HEADS_BY_DIM[dim]}", patch, grid * patch, depth
     if "conv1.weight" in state and "layer1.0.conv1.weight" in state:
@@ -310,6 +310,41 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, int, int, i
     )
 
 
+def pos_embed_grid(state: dict[str, torch.Tensor]) -> int | None:
+    """The side S of the square patch grid the ViT position embeddings of ``state`` are stored for (None
+    without ``pos_embed``), or a WeightsError for a layout that cannot be loaded or resampled."""
+    problem = _pos_embed_problem(state)
+    if problem:
+        raise WeightsError(problem)
+    return math.isqrt(int(state["pos_embed"].shape[1]) - 1) if "pos_embed" in state else None
+
+
+def _pos_embed_problem(state: dict[str, torch.Tensor]) -> str | None:
+    """Why the position embeddings of ``state`` are unusable, or None. The DINO ViT (like the original)
+    stores one class-token position then an S×S patch grid: [1, 1 + S*S, D]."""
+    pos = state.get("pos_embed")
+    if pos is None:
+        return None
+    if pos.ndim != 3 or pos.shape[0] != 1:
+        return f"pos_embed has shape {tuple(pos.shape)}, not [1, 1 + S*S, dim]; is it a ViT state dict?"
+    n = int(pos.shape[1])
+    if n >= 2 and math.isqrt(n - 1) ** 2 == n - 1:
+        return None
+    side = math.isqrt(n)
+    if side * side == n:
+        layout = (
+            f"{n} = {side}×{side} positions: a patch grid with no class-token position (timm's "
+            "no_embed_class=True), or a class token plus a non-square grid"
+        )
+    else:
+        layout = f"{n} positions: a class token plus {n - 1} patches, which is not a square S×S grid"
+    return (
+        f"the ViT position embeddings hold {layout}. Position embeddings with no class-token position or "
+        "for a non-square patch grid are not supported (img_size cannot resample them either): only "
+        "ViTs with a class-token position and a square grid, as DINO's, load"
+    )
+
+
 def describe_architecture(arch: str, patch_size: int, img_size: int, depth: int) -> str:
     """``vit_small/16 (224 px, 12 blocks)`` or ``resnet50``."""
     return f"{arch}/{patch_size} ({img_size} px, {depth} blocks)" if arch.startswith("vit_") else arch
@@ -325,6 +360,7 @@ def resize_pos_embed(state: dict[str, torch.Tensor], img_size: int) -> dict[str,
 
     if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
         return state
+    pos_embed_grid(state)  # refuses layouts the resampling cannot handle
     patch = int(state["patch_embed.proj.weight"].shape[-1])
     grid = img_size // patch
     if grid < 1 or grid * patch != img_size:
@@ -371,7 +407,10 @@ def load_strict(
             f"{describe_architecture(*wanted)}: build the model with the file's architecture"
         )
     elif set(wrong) == {"pos_embed"}:
-        hints.append("the file's position embeddings are for another image size: pass img_size=… to resample")
+        hints.append(
+            _pos_embed_problem(state)
+            or "the file's position embeddings are for another image size: pass img_size=… to resample"
+        )
     elif wrong:
         hints.append("the architecture differs (tiny/small/base/large, patch size or ResNet depth)")
     if any(k.startswith(_FULL_CHECKPOINT_PREFIXES) for k in unexpected):
@@ -455,28 +494,35 @@ def read_backbone_weights(
 
     The architecture comes from (in order) ``arch``/``patch_size``, the released name, our safetensors
     metadata or checkpoint config, and the tensor shapes. ``which`` picks the teacher or the student of a
-    full checkpoint (ours or released); files holding a single backbone ignore it.
+    full checkpoint (ours or released) or run directory. A file holding a single backbone gives it for the
+    default ``which="teacher"`` (released and run backbone files hold the teacher); ``which="student"`` is
+    refused for it unless it is one of our safetensors exports of a student.
     """
     path = resolve_weights(spec, weights_dir, download)
     if path.is_dir():
         path = _run_weights(path, which)
     declared: tuple[str, int, int, int] | None = None
     from_full = False
+    labelled: Which | None = None  # the backbone a single-backbone export of ours says it holds
     if is_safetensors(path):
         tensors, meta = read_safetensors(path)
         state = backbone_state_dict(tensors, which)
         if meta.get("format") == SAFETENSORS_FORMAT:
             declared = _declared_by_metadata(meta, path)
+            labelled = meta["which"] if meta.get("which") in ("teacher", "student") else None
     else:
         obj = read_weights_file(path)
         state = backbone_state_dict(obj, which)
         from_full = isinstance(obj, dict) and ("teacher" in obj or "student" in obj)
         if isinstance(obj, dict) and isinstance(obj.get("config"), dict):  # one of our training checkpoints
             declared = _declared_by_config(obj["config"])
+    if which == "student" and not from_full and labelled != "student":
+        raise WeightsError(_no_student_message(path))
     if str(spec) in RELEASES and declared is None:
         release = RELEASES[str(spec)]
         declared = (release.arch, release.patch_size, 0, 0)
     inferred = _architecture_or_none(state)
+    pos_embed_grid(state)  # a position-embedding layout we cannot use is refused whatever declared the arch
     base = declared or inferred
     if base is None and arch is None:
         infer_architecture(state)  # raises the explanation
@@ -491,7 +537,15 @@ def read_backbone_weights(
     details = [str(path)] if str(spec) != str(path) else []
     details += [which] if from_full else []
     source = f"{spec} ({', '.join(details)})" if details else str(spec)
-    return BackboneWeights(state, arch_, patch, img or 224, depth, source, which if from_full else None)
+    return BackboneWeights(state, arch_, patch, img or 224, depth, source, which if from_full else labelled)
+
+
+def _no_student_message(path: Path) -> str:
+    return (
+        f"{path} holds one backbone and no student: a released backbone file, or a run's "
+        "teacher_backbone.pth, is the teacher. Drop --which student (which='student') to use it, or give a "
+        "full training checkpoint or a run directory with checkpoints/ to get the student"
+    )
 
 
 def _declared_by_metadata(meta: dict[str, str], path: Path) -> tuple[str, int, int, int]:
@@ -516,6 +570,24 @@ def _declared_by_config(config: dict[str, Any]) -> tuple[str, int, int, int] | N
         int(model.get("patch_size", 16)),
         int(data.get("global_crop_size", 0)) if isinstance(data, dict) else 0,
         int(model.get("depth", 0)),
+    )
+
+
+def check_img_size_applies(arch: str, img_size: int) -> None:
+    """Refuse an ``img_size`` request for a backbone it means nothing to: it resamples the position
+    embeddings of the DINO ViTs (``vit_*``); convolutional networks have none and take any input size."""
+    from dino.models.backbones import is_resnet
+
+    if arch.startswith("vit_"):
+        return
+    what = (
+        "a convolutional network that has none and takes any input size"
+        if is_resnet(arch.removeprefix("torchvision:"))
+        else "not one of them"
+    )
+    raise WeightsError(
+        f"img_size {img_size} applies only to ViT position embeddings (the vit_* architectures); {arch} is "
+        f"{what}: drop img_size (--img-size)"
     )
 
 
@@ -571,12 +643,15 @@ def load(
 
     spec = str(name_or_path)
     if spec.startswith("torchvision:"):
+        if img_size is not None:
+            check_img_size_applies(spec, img_size)
         return _torchvision_backbone(spec.removeprefix("torchvision:"), random_init)
     weights = read_backbone_weights(
         spec, which, arch=arch, patch_size=patch_size, weights_dir=weights_dir, download=download
     )
     state, size = weights.state, weights.img_size
-    if img_size is not None and weights.arch.startswith("vit_"):
+    if img_size is not None:
+        check_img_size_applies(weights.arch, img_size)
         state, size = resize_pos_embed(state, img_size), img_size
     model, dim = build_backbone(weights.arch, weights.patch_size or 16, size, 0.0, weights.depth)
     if not random_init:
@@ -616,8 +691,15 @@ def _run_weights(run_dir: Path, which: Which) -> Path:
     from dino.train.checkpoint import CheckpointManager
 
     newest = CheckpointManager(run_dir).rolling()
-    if which == "teacher" and (run_dir / "teacher_backbone.pth").is_file() and not newest:
+    kept_teacher = (run_dir / "teacher_backbone.pth").is_file()
+    if which == "teacher" and kept_teacher and not newest:
         return run_dir / "teacher_backbone.pth"
+    if not newest and kept_teacher:
+        raise WeightsError(
+            f"{run_dir} kept only the teacher backbone (teacher_backbone.pth) and no training checkpoint: "
+            "the student needs a checkpoint in checkpoints/. Drop --which student (which='student') to use "
+            "the teacher, or point at a run that kept its checkpoints"
+        )
     if not newest:
         raise WeightsError(
             f"{run_dir} has no checkpoints/ and no teacher_backbone.pth; is it a dino run directory?"
