@@ -36,8 +36,8 @@ from dino.train.logger import RunLogger, peak_memory_gib
 from dino.train.monitors import CollapseMonitor
 from dino.train.optim import build_optimizer, cancel_last_layer_gradients, clip_gradients, set_schedules
 from dino.train.profiling import StepProfiler
+from dino.train.schedules import Schedules
 from dino.train.setup import (
-    Schedules,
     build_knn_monitor,
     build_student_teacher,
     check_compile_toolchain,

@@ -1,8 +1,15 @@
-"""Per-iteration schedules: linear warmup then cosine (lr, weight decay, teacher momentum)."""
+"""Schedules: linear warmup then cosine (lr, weight decay, teacher momentum) per iteration, the teacher
+temperature per epoch, and the set of them a run follows (:class:`Schedules`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from dino.train.config import DINOConfig
 
 
 def cosine_schedule(
@@ -32,3 +39,31 @@ def teacher_temperature_schedule(
     run's length, as in the original code)."""
     warmup = np.linspace(warmup_temp, final_temp, warmup_epochs)
     return np.concatenate((warmup, np.full(max(epochs - warmup_epochs, 0), final_temp)))[:epochs]
+
+
+@dataclass(frozen=True)
+class Schedules:
+    """Per-iteration lr, weight decay and teacher momentum; per-epoch teacher temperature."""
+
+    lr: np.ndarray
+    weight_decay: np.ndarray
+    momentum: np.ndarray
+    teacher_temp: np.ndarray
+
+    @classmethod
+    def build(cls, cfg: DINOConfig, iters_per_epoch: int, world_size: int) -> Schedules:
+        o, r = cfg.optim, cfg.run
+        peak_lr = o.lr * r.batch_size * world_size / 256.0  # linear scaling rule
+        return cls(
+            lr=cosine_schedule(peak_lr, o.min_lr, r.epochs, iters_per_epoch, o.warmup_epochs),
+            weight_decay=cosine_schedule(o.weight_decay, o.weight_decay_end, r.epochs, iters_per_epoch),
+            momentum=cosine_schedule(
+                cfg.teacher.momentum, cfg.teacher.final_momentum, r.epochs, iters_per_epoch
+            ),
+            teacher_temp=teacher_temperature_schedule(
+                cfg.loss.warmup_teacher_temp,
+                cfg.loss.teacher_temp,
+                cfg.loss.warmup_teacher_temp_epochs,
+                r.epochs,
+            ),
+        )

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -20,7 +19,6 @@ from dino.teacher import init_teacher
 from dino.train.checkpoint import atomic_save
 from dino.train.config import COMPILE_MODES, ConfigError, DINOConfig, config_to_dict
 from dino.train.data import resolve_num_workers
-from dino.train.schedules import cosine_schedule, teacher_temperature_schedule
 
 if TYPE_CHECKING:
     from dino.data.datasets import ImageFolderDataset
@@ -182,34 +180,6 @@ def memory_format_for(model: nn.Module, device: torch.device) -> torch.memory_fo
 
 def _has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-@dataclass(frozen=True)
-class Schedules:
-    """Per-iteration lr, weight decay and teacher momentum; per-epoch teacher temperature."""
-
-    lr: np.ndarray
-    weight_decay: np.ndarray
-    momentum: np.ndarray
-    teacher_temp: np.ndarray
-
-    @classmethod
-    def build(cls, cfg: DINOConfig, iters_per_epoch: int, world_size: int) -> Schedules:
-        o, r = cfg.optim, cfg.run
-        peak_lr = o.lr * r.batch_size * world_size / 256.0  # linear scaling rule
-        return cls(
-            lr=cosine_schedule(peak_lr, o.min_lr, r.epochs, iters_per_epoch, o.warmup_epochs),
-            weight_decay=cosine_schedule(o.weight_decay, o.weight_decay_end, r.epochs, iters_per_epoch),
-            momentum=cosine_schedule(
-                cfg.teacher.momentum, cfg.teacher.final_momentum, r.epochs, iters_per_epoch
-            ),
-            teacher_temp=teacher_temperature_schedule(
-                cfg.loss.warmup_teacher_temp,
-                cfg.loss.teacher_temp,
-                cfg.loss.warmup_teacher_temp_epochs,
-                r.epochs,
-            ),
-        )
 
 
 def capture_rng() -> dict[str, Any]:
