@@ -180,10 +180,11 @@ def test_retrieval_command_end_to_end(
     out = tmp_path / "retrieval.json"
     rc = main(
         ["retrieval", "--data", str(FIXTURE), "--dataset", "roxford5k", "--imsize", "64", "--multiscale",
-         "--device", "cpu", "--num-workers", "0", "--quiet", "--output", str(out), *model_args]
+         "--query-crop", "--device", "cpu", "--num-workers", "0", "--quiet", "--output", str(out), *model_args]
     )  # fmt: skip
     assert rc == 0
     results = json.loads(out.read_text())
+    assert results["query_crop"] is True
     for setup in ("medium", "hard"):
         assert results[setup] == {"mAP": 100.0, "mP@1": 100.0, "mP@5": 100.0, "mP@10": 100.0}
     assert set(results["per_query"]) == {"balliol_000051", "ashmolean_000301"}
@@ -199,3 +200,17 @@ def test_retrieval_command_checks_files_first(tmp_path: Path, capsys) -> None:
     rc = main(["retrieval", "--data", str(tmp_path), "--weights", "does-not-matter.pth"])
     assert rc == 2
     assert "10 of 10 images are missing" in capsys.readouterr().err
+
+
+def test_queries_are_used_whole_by_default_as_the_papers_script_does() -> None:
+    """The paper's retrieval table comes from the DINO script, which does not crop the queries to their
+    box; the revisitop protocol's crop is an option (its numbers are not comparable with the paper's)."""
+    import inspect
+
+    from dino.cli import parse_args
+    from dino.eval.retrieval import evaluate_retrieval
+
+    assert inspect.signature(evaluate_retrieval).parameters["crop_queries"].default is False
+    args = parse_args(["retrieval", "--data", "d", "--weights", "w.pth"])
+    assert args.query_crop is False
+    assert parse_args(["retrieval", "--data", "d", "--weights", "w.pth", "--query-crop"]).query_crop is True

@@ -316,9 +316,10 @@ def register_retrieval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--multiscale", action="store_true", help="average features at scales 1, 1/√2 and 1/2")
     p.add_argument(
-        "--no-query-crop",
+        "--query-crop",
         action="store_true",
-        help="do not crop queries to their bbx (the DINO script's variant)",
+        help="crop queries to their bbx (the revisitop protocol); by default they are used whole, as the DINO "
+        "script behind the paper's table does",
     )
     p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="k values of mP@k (default: 1 5 10)")
     p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
@@ -346,14 +347,14 @@ def _retrieval(args: argparse.Namespace) -> int:
     loaded = model_from_args(args)
     scores = evaluate_retrieval(
         loaded.model, images, truth, resolve_device(args.device), args.imsize, args.multiscale,
-        not args.no_query_crop, args.batch_size, args.num_workers, args.ks, progress=not args.quiet, **norm,
+        args.query_crop, args.batch_size, args.num_workers, args.ks, progress=not args.quiet, **norm,
     )  # fmt: skip
     results = {
         "dataset": name,
         "model": model_info(loaded),
         "imsize": args.imsize,
         "multiscale": args.multiscale,
-        "query_crop": not args.no_query_crop,
+        "query_crop": args.query_crop,
         "normalization": norm,
         "queries": len(truth.qimlist),
         "database": len(truth.imlist),

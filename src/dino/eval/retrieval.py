@@ -15,8 +15,9 @@ Protocol, as in the revisitop evaluation:
   ``k' = min(k, R)`` and ``P@k = #{positives with rank ≤ k'} / k'``. (So a query whose every positive is
   retrieved in the first ``R < k`` places scores 1, not ``n/k``.)
 
-Features: images are cropped to ``bbx`` for queries (the revisitop protocol; the DINO script skips the crop,
-``crop_queries=False`` reproduces it), resized so that the long side is ``imsize`` (PIL ``thumbnail`` with
+Features: queries are used whole, as the DINO script that produced the paper's retrieval table does
+(``crop_queries=True`` crops them to their ``bbx`` first: the revisitop protocol, which other papers
+report; the two are not comparable), resized so that the long side is ``imsize`` (PIL ``thumbnail`` with
 Lanczos when shrinking, as the DINO script does; small images are enlarged), normalised, and embedded by
 the backbone's global output ([CLS] for a ViT, the pooled vector for a ResNet). With ``multiscale``, the
 outputs at scales 1, 1/√2 and 1/2 (bilinear resize of the input tensor) are averaged. Features are
@@ -426,7 +427,7 @@ def evaluate_retrieval(
     device: torch.device,
     imsize: int = 224,
     multiscale: bool = False,
-    crop_queries: bool = True,
+    crop_queries: bool = False,
     batch_size: int = 32,
     num_workers: int = 0,
     ks: Sequence[int] = (1, 5, 10),
