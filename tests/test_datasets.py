@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import struct
@@ -314,7 +315,7 @@ def test_reduced_decoding_picks_the_largest_dct_scale_the_factor_allows(tmp_path
 
 
 @pytest.mark.parametrize(
-    "size", [(500, 375), (1000, 750), (2000, 1500), (4000, 3000), (3000, 400), (300, 4000)]
+    "size", [(500, 375), (1000, 750), (2000, 1500), (4000, 3000), (3000, 400), (300, 4000), (8000, 1200)]
 )
 def test_multicrop_decode_reduction_never_leaves_a_crop_smaller_than_its_output(size) -> None:
     from torchvision.transforms import RandomResizedCrop
@@ -330,9 +331,15 @@ def test_multicrop_decode_reduction_never_leaves_a_crop_smaller_than_its_output(
                  for _ in range(2000)]  # fmt: skip
         if scale > 1:  # a reduced decode: every crop still has at least the pixels it outputs
             assert min(sides) >= out
-    expected_scale = {(500, 375): 1, (1000, 750): 1, (2000, 1500): 2, (4000, 3000): 4}
-    if size in expected_scale:  # ImageNet-sized images: local crops (5 % of the area) need every pixel
-        assert scale == expected_scale[size]
+        # The bound itself, worked out here: the smallest crop side (smallest area at ratio 3/4, or the
+        # shorter image side) of the reduced image still covers the output.
+        smallest = min(math.sqrt(crop_scale[0] * w * h * 3 / 4), w, h)
+        assert scale == 1 or smallest >= out
+    # ImageNet-sized images: local crops (5 % of the area) need every pixel. Elongated ones: the shorter
+    # side bounds the global crops (400 / 224 and 300 / 224 < 2: no reduction; 1200 / 224 > 4: 4 times).
+    expected_scale = {(500, 375): 1, (1000, 750): 1, (2000, 1500): 2, (4000, 3000): 4, (3000, 400): 1,
+                      (300, 4000): 1, (8000, 1200): 4}  # fmt: skip
+    assert scale == expected_scale[size]
 
 
 def test_training_uses_reduced_decoding_unless_turned_off(tmp_path: Path) -> None:
