@@ -18,16 +18,16 @@ from dino.eval.copy_detection import (
     PCAWhitening,
     block_average_precisions,
     copy_descriptor,
-    gem,
     positives_for,
 )
+from dino.eval.features import gem_pool
 from dino.models.vision_transformer import vit
 
 
 def test_gem_by_hand() -> None:
     x = torch.tensor([[[1.0, 0.0], [2.0, -3.0]]])  # [1, 2 tokens, 2 dims]
     # dim 0: ((1 + 16) / 2)^(1/4); dim 1: both clamped to 1e-6
-    out = gem(x, p=4, dim=1)
+    out = gem_pool(x, p=4, dim=1)
     assert out[0, 0].item() == pytest.approx((17 / 2) ** 0.25)
     assert out[0, 1].item() == pytest.approx(1e-6, rel=1e-4)
 
@@ -154,9 +154,39 @@ def test_copydetect_command_end_to_end(tmp_path: Path, copydays: Path, capsys) -
     assert results["whitening"]["dim"] == 5  # 6 whitening images: at most 5 components
     assert results["mAP"]["original"] == pytest.approx(100.0)
     assert results["mAP"]["jpegqual/100"] == pytest.approx(100.0)  # byte-identical copies
-    assert 0.0 <= results["mAP_strong"] <= 100.0
-    assert results["mAP_strong"] == pytest.approx(np.mean(list(results["per_query"]["strong"].values())))
+    assert set(results["per_query"]["strong"]) == {f"20{i}001.jpg" for i in range(4)}
     assert "mAP.strong" in capsys.readouterr().out
+
+
+def test_strong_block_with_a_known_answer(tmp_path: Path) -> None:
+    """Strong queries that are exact copies, so each one's ranking, hence the block's mAP, is known.
+
+    Two very different originals A (group 3000) and B (group 3100). ``300001`` is a copy of A and ``310001``
+    a copy of B: their positive (found by the group prefix) comes first, AP 1. ``310002`` is a copy of A but
+    named in B's group: A comes first, its positive B second, AP = (0 + 1/2) / 2 = 1/4 (trapezoid rule).
+    """
+    root = tmp_path / "copydays"
+    for sub in ("original", "strong"):
+        (root / sub).mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    _texture(rng).save(root / "original" / "300000.jpg", quality=95)
+    ImageOps.invert(_texture(rng)).rotate(90).save(root / "original" / "310000.jpg", quality=95)
+    for source, copy in (("300000", "300001"), ("310000", "310001"), ("300000", "310002")):
+        shutil.copy(root / "original" / f"{source}.jpg", root / "strong" / f"{copy}.jpg")
+    torch.manual_seed(0)
+    weights = tmp_path / "vit.pth"
+    torch.save(vit("tiny", patch_size=8, img_size=32, depth=1).state_dict(), weights)
+    out = tmp_path / "copy.json"
+    rc = main(
+        ["copydetect", "--data", str(root), "--imsize", "32", "--weights", str(weights), "--device", "cpu",
+         "--num-workers", "0", "--quiet", "--output", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    results = json.loads(out.read_text())
+    assert results["per_query"]["strong"] == pytest.approx(
+        {"300001.jpg": 100.0, "310001.jpg": 100.0, "310002.jpg": 25.0}
+    )
+    assert results["mAP_strong"] == pytest.approx(100 * (1 + 1 + 0.25) / 3)
 
 
 def test_copydetect_without_whitening_and_with_a_resnet(copydays: Path, tmp_path: Path) -> None:

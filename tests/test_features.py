@@ -9,7 +9,9 @@ from PIL import Image
 
 from dino.data.datasets import ImageFolderDataset
 from dino.data.transforms import EvalTransform
+from dino.eval.copy_detection import copy_descriptor
 from dino.eval.features import (
+    DEFAULT_GEM_P,
     FeatureSet,
     Representation,
     check_representations,
@@ -77,6 +79,22 @@ def test_gem_by_hand():
     tokens = torch.tensor([[[1.0, 2.0], [3.0, -5.0]]])  # negatives are clamped to eps
     expected = torch.tensor([[((1 + 27) / 2) ** (1 / 3), ((8 + 1e-18) / 2) ** (1 / 3)]])
     torch.testing.assert_close(gem_pool(tokens, 3.0), expected)
+    # The default exponent is the paper's copy-detection p = 4; ``dim`` picks the pooled axis.
+    assert DEFAULT_GEM_P == 4.0
+    torch.testing.assert_close(gem_pool(tokens), torch.tensor([[((1 + 81) / 2) ** 0.25, (16 / 2) ** 0.25]]))
+    torch.testing.assert_close(gem_pool(tokens.transpose(1, 2), dim=2), gem_pool(tokens))
+
+
+def test_cls_gem_is_the_copy_detection_descriptor(vit, images):
+    # ViT: [CLS] ⊕ GeM(p=4) of the final patch tokens, the same numbers from both code paths.
+    out = compute_representations(vit, images, [Representation.parse("cls+gem")])
+    torch.testing.assert_close(out["cls+gem"], copy_descriptor(vit, images))
+    # ResNet: the copy-detection descriptor is GeM(p=4) of the last feature map, i.e. ``gem``.
+    model, _ = build_backbone("resnet18")
+    model.eval()
+    big = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))  # a 2x2 feature map
+    out = compute_representations(model, big, [Representation.parse("gem")])
+    torch.testing.assert_close(out["gem"], copy_descriptor(model, big))
 
 
 def test_resnet_representations(images):
@@ -132,6 +150,28 @@ def test_feature_file_round_trip(tmp_path, suffix):
         }
 
 
+def test_pt_feature_files_are_memory_mapped(tmp_path, monkeypatch):
+    fs = _feature_set()
+    path = fs.save(tmp_path / "feats.pt")
+    legacy = tmp_path / "legacy.pt"  # the same content in torch's pre-zip format, which cannot be mapped
+    torch.save(torch.load(path, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    real_load, calls = torch.load, []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    for file, mapped in ((path, True), (legacy, False)):
+        back = FeatureSet.load(file)
+        assert calls[-1]["mmap"] is mapped and calls[-1]["weights_only"] is True
+        assert back.paths == fs.paths and back.meta == fs.meta and torch.equal(back.labels, fs.labels)
+        for name, value in fs.features.items():
+            assert torch.equal(back.features[name], value)
+        # A mapped set subsets like an in-memory one.
+        assert torch.equal(back.only("cls").subset([2, 0]).get("cls"), fs.features["cls"][[2, 0]])
+
+
 def test_feature_file_errors(tmp_path):
     with pytest.raises(ValueError, match=".pt or .npz"):
         _feature_set().save(tmp_path / "x.txt")
@@ -140,6 +180,21 @@ def test_feature_file_errors(tmp_path):
         FeatureSet.load(tmp_path / "other.pt")
     with pytest.raises(ValueError, match="stored: cls, cls\\+mean"):
         _feature_set().get("gem")
+
+
+def test_only_keeps_one_representation_before_subsetting():
+    fs = _feature_set()
+    one = fs.only("cls+mean")
+    assert list(one.features) == ["cls+mean"]
+    assert one.get("cls+mean") is fs.get("cls+mean")  # shared, not copied
+    sub, before = one.subset([3, 1]), fs.subset([3, 1])
+    assert list(sub.features) == ["cls+mean"]  # the other representation is not carried (nor copied)
+    assert torch.equal(sub.get("cls+mean"), before.get("cls+mean"))
+    assert torch.equal(sub.get("cls+mean"), fs.get("cls+mean")[[3, 1]])
+    assert sub.paths == before.paths and sub.classes == before.classes and sub.meta == before.meta
+    assert torch.equal(sub.labels, before.labels)
+    with pytest.raises(ValueError, match="stored: cls, cls\\+mean"):
+        fs.only("gem")
 
 
 def test_subset_and_relabel():

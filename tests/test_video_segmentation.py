@@ -152,6 +152,12 @@ def test_static_video_propagates_the_first_mask(tmp_path: Path) -> None:
     assert scores["J-mean"] == pytest.approx(scores["sequences"]["still"]["J-mean"])
 
 
+def _iou(gt: np.ndarray, pred: np.ndarray, valid: np.ndarray) -> float:
+    """Intersection over union of two boolean masks within ``valid``; 1 when both are empty there."""
+    union = np.count_nonzero((gt | pred) & valid)
+    return 1.0 if union == 0 else np.count_nonzero(gt & pred & valid) / union
+
+
 def test_evaluate_davis_on_fixture_sequences(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = vit("tiny", patch_size=8, img_size=32, depth=1).eval()
@@ -170,7 +176,20 @@ def test_evaluate_davis_on_fixture_sequences(tmp_path: Path) -> None:
         progress=False,
     )
     assert scores["objects"] == 4
-    assert 0.0 <= scores["J-mean"] <= 1.0 and 0.0 <= scores["F-mean"] <= 1.0
+    # J recomputed from the written PNGs: per object, the mean IoU (void pixels ignored) over frames
+    # 1 .. N-2 (frame 1 alone for a 2-frame sequence), then the mean over every object of every sequence.
+    per_object = []
+    for seq in sequences:
+        gts = [
+            np.array(Image.open(p)) for p in sorted((DAVIS / "Annotations" / "480p" / seq).glob("*.png"))[:4]
+        ]
+        preds = [np.array(Image.open(tmp_path / seq / f"{i:05d}.png")) for i in range(len(gts))]
+        scored = range(1, len(gts) - 1) if len(gts) > 2 else [1]
+        for k in range(1, int(gts[0][gts[0] != 255].max()) + 1):
+            per_object.append(np.mean([_iou(gts[t] == k, preds[t] == k, gts[t] != 255) for t in scored]))
+    assert len(per_object) == 4
+    assert scores["J-mean"] == pytest.approx(np.mean(per_object))
+    assert 0.0 <= scores["F-mean"] <= 1.0
     assert scores["sequences"]["blackswan"]["frames_scored"] == 2  # frames 1, 2 of the first 4
     for seq, n in (("blackswan", 4), ("dog", 4), ("tennis", 2)):
         written = sorted((tmp_path / seq).glob("*.png"))

@@ -91,11 +91,21 @@ def _needs_model(args: argparse.Namespace, sources: tuple[str, ...]) -> None:
 
 
 def _train_test(
-    provider: FeatureProvider, sources: tuple[str, str], rep: str, what: str
+    provider: FeatureProvider,
+    sources: tuple[str, str],
+    rep: str,
+    what: str,
+    train: FeatureSet | None = None,
 ) -> tuple[FeatureSet, FeatureSet]:
-    """Labelled train and test features in representation ``rep``, test labels indexed like train's."""
-    train = provider.get(sources[0], [rep], f"{what} train")
-    test = provider.get(sources[1], [rep], f"{what} test").relabelled(train.classes)
+    """Labelled train and test features holding only representation ``rep``, test labels indexed like train's.
+
+    ``train``: the training features when the caller has already read them (from ``sources[0]``). The other
+    representations of a feature file are dropped, so later subsets copy only the one used.
+    """
+    if train is None:
+        train = provider.get(sources[0], [rep], f"{what} train")
+    train = train.only(rep)
+    test = provider.get(sources[1], [rep], f"{what} test").relabelled(train.classes).only(rep)
     check_same_model(train, test)
     return train, test
 
@@ -128,7 +138,10 @@ def register_extract(sub: argparse._SubParsersAction) -> None:
         help="what to save (default for a ViT: cls cls_last4 cls+mean gem; for a ResNet: cls gem)",
     )
     p.add_argument(
-        "--gem-p", type=float, default=DEFAULT_GEM_P, help=f"GeM exponent (default {DEFAULT_GEM_P})"
+        "--gem-p",
+        type=float,
+        default=DEFAULT_GEM_P,
+        help=f"GeM exponent (default {DEFAULT_GEM_P:g}, the paper's copy-detection descriptor)",
     )
     add_model_arguments(p)
     add_image_arguments(p)
@@ -361,8 +374,10 @@ def run_linear(args: argparse.Namespace) -> int:
         raise ValueError("--epochs must be >= 1, --val-fraction in (0, 1) and every --lrs value positive")
     cached = args.fast or is_feature_file(train_src)
     provider = FeatureProvider(args)
+    stored: FeatureSet | None = None  # a training feature file, read once (memory-mapped for .pt)
     if is_feature_file(train_src):
-        info = FeatureSet.load(train_src).meta.get("model", {})
+        stored = provider.get(train_src, [], "linear train")
+        info = stored.meta.get("model", {})
         rep = _linear_representation_name(args, int(info.get("embed_dim", 0)), int(info.get("depth", 0)))
     else:
         loaded = provider.loaded
@@ -372,7 +387,8 @@ def run_linear(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     start = time.perf_counter()
     if cached:
-        train_all, test = _train_test(provider, (train_src, test_src), rep, "linear")
+        # Only ``rep`` is kept, so the two subsets below copy it alone, not every stored representation.
+        train_all, test = _train_test(provider, (train_src, test_src), rep, "linear", stored)
         train_idx, val_idx = stratified_split(train_all.labels, args.val_fraction, args.seed)
         train, val = train_all.subset(train_idx), train_all.subset(val_idx)
         result = sweep_on_cached(

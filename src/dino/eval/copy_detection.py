@@ -8,7 +8,8 @@ Protocol (the paper's, after Berman et al.'s Multigrain):
   images), the originals sharing the first ``group_chars`` (4) characters, Copydays' image-group id.
 * Images are resized to ``imsize`` × ``imsize`` (320, bicubic). A ViT's descriptor is its final [CLS] token
   concatenated with GeM pooling (p = 4) of its final patch tokens (clamped at 1e-6); a torchvision ResNet's
-  is GeM (p = 4) of its last feature map.
+  is GeM (p = 4) of its last feature map. The GeM is :func:`dino.eval.features.gem_pool`, so ``dino extract
+  --representations cls+gem`` (``gem`` for a ResNet) stores the same descriptor.
 * Optional distractors (another folder) are added to the database.
 * Optional whitening learned on a separate folder: descriptors are centred with that folder's mean,
   projected on the eigenvectors of its covariance and divided by ``sqrt(max(λ, 1e-5 · λ_max))`` (the
@@ -36,13 +37,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from dino.data.datasets import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dino.eval.features import DEFAULT_GEM_P, gem_pool
 from dino.eval.retrieval import average_precision
 from dino.models.vision_transformer import VisionTransformer
 
 log = logging.getLogger(__name__)
 
-GEM_P = 4.0
-GEM_EPS = 1e-6
 EIGENVALUE_FLOOR = 1e-5
 
 
@@ -129,11 +129,6 @@ class SquareImages(Dataset):
         return (pixels - self.mean) / self.std
 
 
-def gem(features: Tensor, p: float = GEM_P, eps: float = GEM_EPS, dim: int = 1) -> Tensor:
-    """Generalised mean ``(mean(clamp(x, eps)^p))^(1/p)`` over ``dim``."""
-    return features.clamp(min=eps).pow(p).mean(dim=dim).pow(1.0 / p)
-
-
 def check_descriptor_support(model: nn.Module) -> None:
     """Refuse, before any work, a backbone whose copy-detection descriptor is not defined here."""
     if not isinstance(model, VisionTransformer) and not hasattr(model, "layer4"):
@@ -145,12 +140,12 @@ def copy_descriptor(model: nn.Module, images: Tensor) -> Tensor:
     """[CLS] ⊕ GeM(p=4) of the patch tokens for a ViT; GeM(p=4) of the last feature map for a ResNet."""
     if isinstance(model, VisionTransformer):
         tokens = model.forward_features(images).float()
-        return torch.cat([tokens[:, 0], gem(tokens[:, 1:], dim=1)], dim=1)
+        return torch.cat([tokens[:, 0], gem_pool(tokens[:, 1:], DEFAULT_GEM_P, dim=1)], dim=1)
     check_descriptor_support(model)
     x = model.maxpool(model.relu(model.bn1(model.conv1(images))))  # type: ignore[operator]
     for layer in (model.layer1, model.layer2, model.layer3, model.layer4):  # type: ignore[attr-defined]
         x = layer(x)
-    return gem(x.float().flatten(2), dim=2)
+    return gem_pool(x.float().flatten(2), DEFAULT_GEM_P, dim=2)
 
 
 @torch.no_grad()

@@ -6,12 +6,14 @@ A representation is named by ``+``-joined parts, concatenated in order:
 * ``cls_last{n}``: the [CLS] tokens of the last ``n`` blocks, each through the final norm, concatenated
   (``cls_last4`` is the paper's linear-probe feature for ViT-S; ``cls_last1`` equals ``cls``);
 * ``mean``: the mean of the final patch tokens (global average pooling for a ResNet);
-* ``gem``: generalised-mean pooling of the final patch tokens, ``(mean(clamp(x, eps)^p))^(1/p)``.
+* ``gem``: generalised-mean pooling of the final patch tokens, ``(mean(clamp(x, eps)^p))^(1/p)`` with
+  p = 4 by default (:func:`gem_pool`, which copy detection uses too).
 
-So ``cls+mean`` is the paper's ViT-B linear feature and ``cls+gem`` the copy-detection one. Every requested
-representation comes from one forward pass per batch. :class:`FeatureSet` holds the result with the file
-paths, labels and class names, and saves to / loads from ``.pt`` (loadable with ``weights_only=True``) or
-``.npz``.
+So ``cls+mean`` is the paper's ViT-B linear feature and ``cls+gem`` a ViT's copy-detection descriptor (for a
+ResNet, ``gem`` is), the same numbers as :func:`dino.eval.copy_detection.copy_descriptor` gives on the same
+images. Every requested representation comes from one forward pass per batch. :class:`FeatureSet` holds the
+result with the file paths, labels and class names, and saves to / loads from ``.pt`` (loadable with
+``weights_only=True``, memory-mapped when read back) or ``.npz``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +36,8 @@ from dino.data.datasets import collate_skipping_bad
 
 FEATURE_FILE_FORMAT = "dino-features"
 FEATURE_FILE_VERSION = 1
-DEFAULT_GEM_P = 3.0
+DEFAULT_GEM_P = 4.0  # the paper's copy-detection GeM (after Berman et al.'s Multigrain)
+GEM_EPS = 1e-6
 _PART = re.compile(r"^(cls(?:_last(\d+))?|mean|gem)$")
 
 
@@ -134,9 +138,12 @@ def check_representations(model: nn.Module, names: Sequence[str]) -> list[Repres
     return reps
 
 
-def gem_pool(tokens: Tensor, p: float = DEFAULT_GEM_P, eps: float = 1e-6) -> Tensor:
-    """Generalised mean over dim 1 of [B, N, D] tokens: (mean_i clamp(x_i, eps)^p)^(1/p)."""
-    return tokens.clamp(min=eps).pow(p).mean(dim=1).pow(1.0 / p)
+def gem_pool(tokens: Tensor, p: float = DEFAULT_GEM_P, eps: float = GEM_EPS, dim: int = 1) -> Tensor:
+    """Generalised mean ``(mean_i clamp(x_i, eps)^p)^(1/p)`` over ``dim`` (the tokens of [B, N, D] by default).
+
+    The one GeM of the package: ``dino extract``'s ``gem`` part and the copy-detection descriptor both use it.
+    """
+    return tokens.clamp(min=eps).pow(p).mean(dim=dim).pow(1.0 / p)
 
 
 @torch.no_grad()
@@ -223,8 +230,21 @@ class FeatureSet:
             )
         return self.features[name]
 
+    def only(self, *names: str) -> FeatureSet:
+        """The same rows with only the representations ``names`` (their tensors shared, not copied).
+
+        Call it before :meth:`subset` when one representation is used: subsetting copies every stored one.
+        """
+        return FeatureSet(
+            {name: self.get(name) for name in names},
+            self.labels,
+            list(self.paths),
+            list(self.classes),
+            dict(self.meta),
+        )
+
     def subset(self, indices: Tensor | Sequence[int]) -> FeatureSet:
-        """The rows ``indices`` (same classes, same meta)."""
+        """The rows ``indices`` (same classes, same meta) of every stored representation, copied."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         return FeatureSet(
             {k: v[idx] for k, v in self.features.items()},
@@ -287,7 +307,12 @@ class FeatureSet:
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureSet:
-        """Read a file written by :meth:`save` (no code is ever executed while loading)."""
+        """Read a file written by :meth:`save` (no code is ever executed while loading).
+
+        A ``.pt`` file (torch's zip format, what :meth:`save` writes) is memory-mapped: a representation's
+        bytes are read from disk only when used, so the unused ones of a large file cost no memory. A
+        ``.npz`` file is read whole.
+        """
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"feature file {path} does not exist; create it with `dino extract`")
@@ -309,7 +334,7 @@ class FeatureSet:
                     meta,
                 )
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except Exception as err:
             raise ValueError(f"cannot read {path} as a feature file ({type(err).__name__}: {err})") from err
         if not isinstance(obj, dict):
