@@ -380,3 +380,17 @@ def test_extract_flat_folder_is_unlabelled(data, tmp_path, capsys):
         capsys,
     )
     assert code == 2 and "no labels" in text
+
+
+def test_feature_extraction_precision_is_a_choice():
+    """bf16 autocast on a GPU by default (fast); fp32 on request, as the original scripts compute."""
+    from dino.cli import parse_args
+    from dino.eval.common import autocast_dtype_for
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert autocast_dtype_for(cuda) is torch.bfloat16 and autocast_dtype_for(cpu) is None
+    assert autocast_dtype_for(cuda, "fp32") is None and autocast_dtype_for(cpu, "bf16") is torch.bfloat16
+    required = {"extract": ["folder", "--out", "f.pt"], "knn": [], "linear": [], "lowshot": []}
+    for command, args in required.items():
+        assert parse_args([command, *args]).precision == "auto"
+        assert parse_args([command, *args, "--precision", "fp32"]).precision == "fp32"

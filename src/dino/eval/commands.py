@@ -18,6 +18,7 @@ from dino.data.datasets import ImageFolderDataset
 from dino.eval.common import (
     add_image_arguments,
     add_model_arguments,
+    add_precision_argument,
     autocast_dtype_for,
     model_info,
     num_blocks,
@@ -144,6 +145,7 @@ def register_extract(sub: argparse._SubParsersAction) -> None:
         help=f"GeM exponent (default {DEFAULT_GEM_P:g}, the paper's copy-detection descriptor)",
     )
     add_model_arguments(p)
+    add_precision_argument(p)
     add_image_arguments(p)
     p.set_defaults(func=run_extract)
 
@@ -168,6 +170,7 @@ def run_extract(args: argparse.Namespace) -> int:
         args.num_workers,
         args.gem_p,
         desc="extract",
+        precision=args.precision,
     )
     features.save(out)
     results = {
@@ -210,6 +213,7 @@ def register_knn(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--query-chunk-size", type=int, default=1024, help="test rows compared at once")
     add_model_arguments(p)
+    add_precision_argument(p)
     add_image_arguments(p)
     p.set_defaults(func=run_knn)
 
@@ -278,6 +282,7 @@ def register_lowshot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations at most (default 1000)")
     p.add_argument("--representation", default="cls", help="feature representation (default: cls)")
     add_model_arguments(p)
+    add_precision_argument(p)
     add_image_arguments(p)
     p.set_defaults(func=run_lowshot)
 
@@ -355,6 +360,7 @@ def register_linear(sub: argparse._SubParsersAction) -> None:
         "--seed", type=int, default=0, help="seed of the split, the initialisation and the batches"
     )
     add_model_arguments(p)
+    add_precision_argument(p)
     add_image_arguments(p)
     p.set_defaults(func=run_linear)
 
@@ -412,7 +418,7 @@ def run_linear(args: argparse.Namespace) -> int:
         eval_ds = ImageFolderDataset(train_src, transform=transform, labelled=True)
         labels = torch.tensor([label for _, label in eval_ds.samples])
         train_idx, val_idx = stratified_split(labels, args.val_fraction, args.seed)
-        autocast = autocast_dtype_for(device)
+        autocast = autocast_dtype_for(device, args.precision)
         extract = dict(batch_size=args.batch_size, num_workers=args.num_workers, autocast_dtype=autocast)
         val = extract_representations(
             loaded.model, eval_ds, device, [rep], desc="linear val", indices=val_idx.tolist(), **extract

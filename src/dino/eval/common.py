@@ -103,9 +103,28 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def autocast_dtype_for(device: torch.device) -> torch.dtype | None:
-    """bfloat16 autocast on CUDA (fast, no overflow), full precision elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" else None
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """``--precision`` of the commands that run the backbone over image folders for features."""
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="feature extraction: auto = bfloat16 autocast on a GPU (several times faster), fp32 on a CPU; "
+        "fp32 computes as the original scripts do (features then match them to float rounding)",
+    )
+
+
+def autocast_dtype_for(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of feature extraction: bfloat16 on CUDA for ``auto`` (fast, no overflow), None
+    (full precision) for ``fp32`` and on other devices; ``bf16`` asks for it anywhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 @dataclass(frozen=True)

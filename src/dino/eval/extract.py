@@ -49,6 +49,7 @@ def extract_folder(
     gem_p: float = DEFAULT_GEM_P,
     labelled: bool | None = None,
     desc: str = "features",
+    precision: str = "auto",
 ) -> FeatureSet:
     """Features of every image under ``folder`` (class sub-folders give labels) in each representation."""
     check_representations(loaded.model, representations)
@@ -59,6 +60,7 @@ def extract_folder(
         "model": model_info(loaded),
         "transform": transform_info(transform),
         "gem_p": gem_p,
+        "precision": "bf16" if autocast_dtype_for(device, precision) is not None else "fp32",
     }
     start = time.perf_counter()
     features = extract_representations(
@@ -68,7 +70,7 @@ def extract_folder(
         representations,
         batch_size=batch_size,
         num_workers=num_workers,
-        autocast_dtype=autocast_dtype_for(device),
+        autocast_dtype=autocast_dtype_for(device, precision),
         gem_p=gem_p,
         meta=meta,
         desc=desc,
@@ -136,6 +138,7 @@ class FeatureProvider:
                 getattr(self.args, "gem_p", DEFAULT_GEM_P),
                 labelled=True,
                 desc=desc,
+                precision=getattr(self.args, "precision", "auto"),
             )
         if not features.labelled:
             raise ValueError(f"{source} has no labels; give a folder with one sub-folder per class")
