@@ -162,8 +162,15 @@ def test_linear_on_feature_files_by_hand(tmp_path, capsys):
     code, text = _run(["linear", *files, *args, "--batch-size", 32, "--device", "cpu"], capsys)
     assert code == 0, text
     results = _results(out)
-    assert results["train_images"] == 126 and results["val_images"] == 14 and results["classes"] == 7
+    # the lr chosen on 14 held-out images, the reported head trained again on all 140
+    assert results["train_images"] == 140 and results["val_images"] == 14 and results["classes"] == 7
+    assert results["refit"] is True
     assert results["test"] == pytest.approx({"top1": 87.5, "top5": 87.5})  # 7 of 8 right, either way
+    code, text = _run(["linear", *files, *args, "--batch-size", 32, "--device", "cpu", "--no-refit"], capsys)
+    assert code == 0, text
+    sweep_only = _results(out)
+    assert sweep_only["refit"] is False and sweep_only["train_images"] == 126
+    assert sweep_only["test"] == sweep_only["test_sweep_head"] == results["test_sweep_head"]
 
 
 def test_knn_on_folders_and_cached_features_agree_with_an_independent_vote(data, cached, tmp_path, capsys):
@@ -242,7 +249,7 @@ def test_linear_command_augmented_and_fast(data, cached, tmp_path, capsys):
     assert code == 0, text
     results = _results(out)
     assert results["mode"] == "augmented" and results["representation"] == "cls"  # 1 block: its [CLS]
-    assert results["train_images"] == 21 and results["val_images"] == 3 and results["test_images"] == 9
+    assert results["train_images"] == 24 and results["val_images"] == 3 and results["test_images"] == 9
     assert results["best_lr"] in (0.01, 1.0) and set(results["val_top1"]) == {"lr=0.01", "lr=1"}
     hits = results["test"]["top1"] * 9 / 100  # top-1 is a count of the 9 test images
     assert hits == pytest.approx(round(hits))

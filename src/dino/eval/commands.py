@@ -38,7 +38,14 @@ from dino.eval.features import (
     paper_linear_representation,
 )
 from dino.eval.knn import DEFAULT_BANK_CHUNK, DEFAULT_KS, DEFAULT_TEMPERATURE, knn_accuracy
-from dino.eval.linear import DEFAULT_LRS, stratified_split, sweep_augmented, sweep_on_cached, train_transform
+from dino.eval.linear import (
+    DEFAULT_LRS,
+    SweepResult,
+    stratified_split,
+    sweep_augmented,
+    sweep_on_cached,
+    train_transform,
+)
 from dino.eval.lowshot import DEFAULT_FRACTIONS, DEFAULT_L2, lowshot_evaluate
 
 log = logging.getLogger(__name__)
@@ -335,7 +342,7 @@ def register_linear(sub: argparse._SubParsersAction) -> None:
         description="Linear evaluation: frozen backbone, one linear head per learning rate trained together (SGD, "
         "momentum 0.9, no weight decay, cosine schedule, lr scaled by batch/256) on random-resized-crop + flip "
         "views; the head with the best accuracy on a validation split of --train is reported on --test (centre "
-        "crop). --fast (or feature files) trains on features computed once without augmentation. Features: "
+        "crop) after training it again with its lr on all of --train. --fast (or feature files) trains on features computed once without augmentation. Features: "
         "by default the paper's (last-4 [CLS] for ViT-S-sized models, last [CLS] + mean patch token for ViT-B "
         "and wider), or --n-last-blocks N [--avgpool-patchtokens]. " + _CROP_NOTE,
     )
@@ -355,6 +362,13 @@ def register_linear(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--val-fraction", type=float, default=0.1, help="share of each class held out to pick the lr"
+    )
+    p.add_argument(
+        "--no-refit",
+        dest="refit",
+        action="store_false",
+        help="report the sweep's head (trained without the held-out share) instead of training it again "
+        "with the chosen lr on all of --train (the refit doubles the time of augmented training)",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the split, the initialisation and the batches"
@@ -396,27 +410,19 @@ def run_linear(args: argparse.Namespace) -> int:
         # Only ``rep`` is kept, so the two subsets below copy it alone, not every stored representation.
         train_all, test = _train_test(provider, (train_src, test_src), rep, "linear", stored)
         train_idx, val_idx = stratified_split(train_all.labels, args.val_fraction, args.seed)
-        train, val = train_all.subset(train_idx), train_all.subset(val_idx)
-        result = sweep_on_cached(
-            train.get(rep),
-            train.labels,
-            val.get(rep),
-            val.labels,
-            test.get(rep),
-            test.labels,
-            len(train_all.classes),
-            args.lrs,
-            args.epochs,
-            args.batch_size,
-            args.momentum,
-            device,
-            args.seed,
-        )
-        classes, n_train, n_val = train_all.classes, len(train), len(val)
+        val = train_all.subset(val_idx)
+        classes = train_all.classes
+
+        def fit(indices: torch.Tensor, lrs: list[float]) -> SweepResult:
+            train = train_all.subset(indices)
+            return sweep_on_cached(
+                train.get(rep), train.labels, val.get(rep), val.labels, test.get(rep), test.labels,
+                len(classes), lrs, args.epochs, args.batch_size, args.momentum, device, args.seed,
+            )  # fmt: skip
     else:
         loaded, transform = provider.loaded, provider.transform
         eval_ds = ImageFolderDataset(train_src, transform=transform, labelled=True)
-        labels = torch.tensor([label for _, label in eval_ds.samples])
+        labels = torch.from_numpy(eval_ds.samples.labels.copy())
         train_idx, val_idx = stratified_split(labels, args.val_fraction, args.seed)
         autocast = autocast_dtype_for(device, args.precision)
         extract = dict(batch_size=args.batch_size, num_workers=args.num_workers, autocast_dtype=autocast)
@@ -424,34 +430,33 @@ def run_linear(args: argparse.Namespace) -> int:
             loaded.model, eval_ds, device, [rep], desc="linear val", indices=val_idx.tolist(), **extract
         )
         test = provider.get(test_src, [rep], "linear test").relabelled(eval_ds.classes)
+        check_same_model(val, test)
+        classes = eval_ds.classes
         aug_ds = ImageFolderDataset(
             train_src,
             transform=train_transform(transform.crop_size, transform.mean, transform.std),
             labelled=True,
         )
-        result = sweep_augmented(
-            loaded.model,
-            aug_ds,
-            train_idx,
-            rep,
-            Representation.parse(rep).dim(loaded.embed_dim),
-            val.get(rep),
-            val.labels,
-            test.get(rep),
-            test.labels,
-            len(eval_ds.classes),
-            device,
-            args.lrs,
-            args.epochs,
-            args.batch_size,
-            args.momentum,
-            args.num_workers,
-            autocast,
-            args.seed,
-        )
-        classes, n_train, n_val = eval_ds.classes, int(train_idx.numel()), len(val)
-        check_same_model(val, test)
         train_all = val  # describes the model and transform, like the train features in the cached mode
+
+        def fit(indices: torch.Tensor, lrs: list[float]) -> SweepResult:
+            return sweep_augmented(
+                loaded.model, aug_ds, indices, rep, Representation.parse(rep).dim(loaded.embed_dim),
+                val.get(rep), val.labels, test.get(rep), test.labels, len(classes), device, lrs,
+                args.epochs, args.batch_size, args.momentum, args.num_workers, autocast, args.seed,
+            )  # fmt: skip
+
+    # The learning rate is chosen on the held-out share of --train; the reported head is then trained
+    # again with it on all of --train (as the paper's heads see the whole training set), unless --no-refit.
+    result = fit(train_idx, list(args.lrs))
+    sweep_test = {"top1": result.test_top1, "top5": result.test_top5}
+    if args.refit:
+        all_idx = torch.sort(torch.cat((train_idx, val_idx))).values
+        final = fit(all_idx, [result.best_lr])
+        test_acc, n_train = {"top1": final.test_top1, "top5": final.test_top5}, int(all_idx.numel())
+    else:
+        test_acc, n_train = sweep_test, int(train_idx.numel())
+    n_val = len(val)
     if result.best_at_edge:
         log.warning(
             "the best learning rate %g is at the edge of the sweep %s; extend --lrs beyond it",
@@ -459,7 +464,9 @@ def run_linear(args: argparse.Namespace) -> int:
             args.lrs,
         )
     results: dict[str, Any] = {
-        "test": {"top1": result.test_top1, "top5": result.test_top5},
+        "test": test_acc,
+        "refit": args.refit,
+        "test_sweep_head": sweep_test,  # the chosen head of the sweep, trained without the held-out share
         "best_lr": result.best_lr,
         "val_top1": {f"lr={lr:g}": acc for lr, acc in zip(result.lrs, result.val_top1, strict=True)},
         "representation": rep,
