@@ -1,0 +1,76 @@
+"""Loading weights safely and exactly: the released DINO files, our runs and exports, timm state dicts.
+
+Files are read without executing anything, their keys normalised and the weights loaded strictly, with
+errors that name the mismatch and its likely cause. The modules:
+
+- :mod:`~dino.hub.releases`: the released model names, the cache folder (``$DINO_HOME``) and downloads
+  (only on ``download=True``);
+- :mod:`~dino.hub.files`: reading ``.pth`` (weights only) and ``.safetensors`` files;
+- :mod:`~dino.hub.state`: key normalisation, architecture inference, position-embedding resampling;
+- :mod:`~dino.hub.weights`: backbone weights from anything the user names, and strict loading;
+- :mod:`~dino.hub.loading`: the public loaders :func:`load` / :func:`load_backbone`;
+- :mod:`~dino.hub.checkpoints`: training checkpoints, ours and the released full ones.
+
+Everything is importable from ``dino.hub`` itself.
+"""
+
+from dino.hub.checkpoints import config_from_released_args, load_training_checkpoint
+from dino.hub.errors import WeightsError, Which
+from dino.hub.files import (
+    SAFETENSORS_FORMAT,
+    SAFETENSORS_FORMAT_VERSION,
+    is_safetensors,
+    read_safetensors,
+    read_weights_file,
+)
+from dino.hub.loading import LoadedBackbone, load, load_backbone
+from dino.hub.releases import (
+    DEFAULT_HOME,
+    ENV_HOME,
+    RELEASES,
+    Release,
+    add_weights_arguments,
+    resolve_weights,
+    weights_folder,
+)
+from dino.hub.state import (
+    backbone_state_dict,
+    check_img_size_applies,
+    describe_architecture,
+    infer_architecture,
+    pos_embed_grid,
+    resize_pos_embed,
+)
+from dino.hub.weights import BackboneWeights, load_backbone_weights, load_strict, read_backbone_weights
+
+__all__ = [
+    "DEFAULT_HOME",
+    "ENV_HOME",
+    "RELEASES",
+    "SAFETENSORS_FORMAT",
+    "SAFETENSORS_FORMAT_VERSION",
+    "BackboneWeights",
+    "LoadedBackbone",
+    "Release",
+    "WeightsError",
+    "Which",
+    "add_weights_arguments",
+    "backbone_state_dict",
+    "check_img_size_applies",
+    "config_from_released_args",
+    "describe_architecture",
+    "infer_architecture",
+    "is_safetensors",
+    "load",
+    "load_backbone",
+    "load_backbone_weights",
+    "load_strict",
+    "load_training_checkpoint",
+    "pos_embed_grid",
+    "read_backbone_weights",
+    "read_safetensors",
+    "read_weights_file",
+    "resize_pos_embed",
+    "resolve_weights",
+    "weights_folder",
+]

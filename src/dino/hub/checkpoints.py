@@ -1,0 +1,195 @@
+"""Training checkpoints: ours (files and run directories) and the released full ones of the original code.
+
+A released full checkpoint is converted to our layout (``backbone.*``/``head.*`` keys, the loss center,
+the next epoch and a config rebuilt from its ``args``), so training can resume from it. The training
+modules are imported lazily: :mod:`dino.train` imports this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from dino.hub.errors import WeightsError, Which, _short
+from dino.hub.files import is_safetensors, read_weights_file
+from dino.hub.releases import resolve_weights
+from dino.hub.state import _model_state, infer_architecture
+
+log = logging.getLogger("dino.hub")  # the package's logger: log records keep the name they always had
+
+
+def _run_weights(run_dir: Path, which: Which) -> Path:
+    from dino.train.checkpoint import CheckpointManager
+
+    newest = CheckpointManager(run_dir).rolling()
+    kept_teacher = (run_dir / "teacher_backbone.pth").is_file()
+    if which == "teacher" and kept_teacher and not newest:
+        return run_dir / "teacher_backbone.pth"
+    if not newest and kept_teacher:
+        raise WeightsError(
+            f"{run_dir} kept only the teacher backbone (teacher_backbone.pth) and no training checkpoint: "
+            "the student needs a checkpoint in checkpoints/. Drop --which student (which='student') to use "
+            "the teacher, or point at a run that kept its checkpoints"
+        )
+    if not newest:
+        raise WeightsError(
+            f"{run_dir} has no checkpoints/ and no teacher_backbone.pth; is it a dino run directory?"
+        )
+    return newest[0]
+
+
+# Released ``args`` field → (our config section, key).
+_ARGS_TO_CONFIG: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        "drop_path_rate": ("model", "drop_path_rate"),
+        "norm_last_layer": ("head", "norm_last_layer"),
+        "freeze_last_layer": ("head", "freeze_last_layer"),
+        "warmup_teacher_temp": ("loss", "warmup_teacher_temp"),
+        "teacher_temp": ("loss", "teacher_temp"),
+        "warmup_teacher_temp_epochs": ("loss", "warmup_teacher_temp_epochs"),
+        "momentum_teacher": ("teacher", "momentum"),
+        "optimizer": ("optim", "name"),
+        "lr": ("optim", "lr"),
+        "min_lr": ("optim", "min_lr"),
+        "warmup_epochs": ("optim", "warmup_epochs"),
+        "weight_decay": ("optim", "weight_decay"),
+        "weight_decay_end": ("optim", "weight_decay_end"),
+        "clip_grad": ("optim", "clip_grad"),
+        "global_crops_scale": ("data", "global_crops_scale"),
+        "local_crops_scale": ("data", "local_crops_scale"),
+        "local_crops_number": ("data", "local_crops_number"),
+        "epochs": ("run", "epochs"),
+        "batch_size_per_gpu": ("run", "batch_size"),
+        "seed": ("run", "seed"),
+    }
+)
+
+
+def load_training_checkpoint(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    weights_dir: str | Path | None = None,
+    download: bool = False,
+) -> dict[str, Any]:
+    """A training checkpoint in our layout, from one of ours or a released full DINO checkpoint.
+
+    Ours (a file, or a run directory's newest readable one) come back exactly as
+    :func:`dino.train.checkpoint.load_checkpoint` returns them. A released full checkpoint (or a released
+    name, which resolves to its ``*_full_checkpoint.pth``) comes back as ``format``, ``student`` and
+    ``teacher`` (``backbone.*``/``head.*`` keys), ``dino_loss`` (``{"center": [1, K]}``), ``epoch`` (the
+    next epoch to run), ``config`` (plain dict built from its ``args``, or None) and ``fp16_scaler`` when
+    present; it has no ``optimizer``, ``rng``, ``iteration`` or ``step_in_epoch``.
+    """
+    from dino.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager
+
+    resolved = resolve_weights(path, weights_dir, download, full=True)
+    if resolved.is_dir():
+        found = CheckpointManager(resolved).load_latest(map_location=map_location)
+        if found is None:
+            raise WeightsError(
+                f"{resolved} has no readable checkpoint in checkpoints/; is it a dino run directory?"
+            )
+        return found[0]
+    if is_safetensors(resolved):
+        raise WeightsError(_backbone_only_message(resolved))
+    obj = read_weights_file(resolved, map_location)
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        return obj
+    if not (
+        isinstance(obj, dict)
+        and isinstance(obj.get("student"), dict)
+        and isinstance(obj.get("teacher"), dict)
+    ):
+        raise WeightsError(_backbone_only_message(resolved))
+    return _convert_released_checkpoint(obj, str(resolved))
+
+
+def _backbone_only_message(path: Path) -> str:
+    return (
+        f"{path} holds backbone weights only, not a training checkpoint (student, teacher, heads, center); "
+        f"to start training from them, set model.pretrained={path} (a fresh head is trained)"
+    )
+
+
+def _convert_released_checkpoint(obj: dict[str, Any], origin: str) -> dict[str, Any]:
+    from dino.train.checkpoint import CHECKPOINT_FORMAT
+
+    student = _model_state(obj["student"], "student", origin)
+    teacher = _model_state(obj["teacher"], "teacher", origin)
+    if set(student) != set(teacher):
+        raise WeightsError(
+            f"{origin}: student and teacher keys differ ({_short(sorted(set(student) ^ set(teacher)))}); "
+            "the checkpoint is damaged or not from DINO"
+        )
+    loss = obj.get("dino_loss")
+    center = loss.get("center") if isinstance(loss, dict) else None
+    if not isinstance(center, torch.Tensor):
+        raise WeightsError(f"{origin} has no dino_loss center; it is not a full DINO training checkpoint")
+    converted: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "student": student,
+        "teacher": teacher,
+        "dino_loss": {"center": center},
+        "epoch": int(obj.get("epoch", 0)),
+        "config": config_from_released_args(obj.get("args"), teacher),
+    }
+    if isinstance(obj.get("fp16_scaler"), dict):
+        converted["fp16_scaler"] = obj["fp16_scaler"]
+    return converted
+
+
+def config_from_released_args(args: Any, model_state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """Our config (plain dict) for a released full checkpoint: shapes from ``model_state``
+    (``backbone.*``/``head.*``), training settings from its ``args`` (Namespace or dict); None if impossible.
+
+    The data path and precision are not carried over (they belong to the machine that trained it).
+    """
+    from dino.train.config import ConfigError, config_from_dict, config_to_dict
+
+    fields = vars(args) if isinstance(args, argparse.Namespace) else args
+    if not isinstance(fields, dict):
+        return None
+    backbone = {k.removeprefix("backbone."): v for k, v in model_state.items() if k.startswith("backbone.")}
+    head = {k.removeprefix("head."): v for k, v in model_state.items() if k.startswith("head.")}
+    try:
+        arch, patch, img, depth = infer_architecture(backbone)
+    except WeightsError as err:
+        log.warning("cannot rebuild the config of this checkpoint: %s", err)
+        return None
+    from dino.models.vision_transformer import VIT_SIZES
+
+    standard_depth = VIT_SIZES[arch.removeprefix("vit_")][1] if arch.startswith("vit_") else 0
+    linears = sorted(
+        (k for k, v in head.items() if k.startswith("mlp.") and k.endswith(".weight") and v.ndim == 2),
+        key=lambda k: int(k.split(".")[1]) if k.count(".") == 2 else 0,
+    )
+    if "last_layer.weight_v" not in head or not linears:
+        return None
+    data: dict[str, dict[str, Any]] = {
+        "model": {"arch": arch, "patch_size": patch or 16, "depth": 0 if depth == standard_depth else depth},
+        "head": {
+            "out_dim": int(head["last_layer.weight_v"].shape[0]),
+            "bottleneck_dim": int(head["last_layer.weight_v"].shape[1]),
+            "hidden_dim": int(head[linears[0]].shape[0]) if len(linears) > 1 else 2048,
+            "nlayers": len(linears),
+            "use_bn": any(k.endswith("running_mean") for k in head),
+        },
+        "data": {"global_crop_size": img},
+    }
+    for name, (section, key) in _ARGS_TO_CONFIG.items():
+        value = fields.get(name)
+        if value is None:
+            continue
+        data.setdefault(section, {})[key] = list(value) if isinstance(value, tuple) else value
+    try:
+        return config_to_dict(config_from_dict(data))
+    except ConfigError as err:
+        log.warning("cannot rebuild the config of this checkpoint: %s", err)
+        return None
