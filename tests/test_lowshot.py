@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dino.eval.common import shuffled_class_members
+from dino.eval.linear import stratified_split
 from dino.eval.lowshot import fit_logistic_regression, logistic_objective, lowshot_evaluate, lowshot_subset
 
 
@@ -28,6 +30,27 @@ def test_subsets_are_deterministic_and_nested():
     assert not torch.equal(large, lowshot_subset(labels, 0.1, seed=4))
     with pytest.raises(ValueError, match="fraction"):
         lowshot_subset(labels, 0.0)
+
+
+# Indices recorded from lowshot_subset and linear.stratified_split before they shared one per-class draw.
+_LABELS = [2, 0, 1, 2, 2, 0, -1, 1, 0, 2, 1, 0, 2, 1, 0, -1, 2, 1]
+_RECORDED = {
+    0: ([0, 1, 2, 9, 14, 17], [3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 16], [0, 1, 2, 9, 14, 15, 17]),
+    7: ([0, 1, 10, 11, 12, 17], [2, 3, 4, 5, 6, 7, 8, 9, 13, 14, 16], [0, 1, 10, 11, 12, 15, 17]),
+}
+
+
+@pytest.mark.parametrize("seed", sorted(_RECORDED))
+def test_shared_class_draw_keeps_the_recorded_subsets(seed):
+    labels = torch.tensor(_LABELS)
+    lowshot, train, val = _RECORDED[seed]
+    assert lowshot_subset(labels, 0.3, seed).tolist() == lowshot
+    assert [t.tolist() for t in stratified_split(labels, 0.4, seed)] == [train, val]
+    # the shared draw itself: the low-shot subset is the head of each labelled class's order
+    orders = list(shuffled_class_members(labels, seed, labelled_only=True))
+    heads = torch.cat([o[: max(1, round(0.3 * o.numel()))] for o in orders]).sort().values
+    assert heads.tolist() == lowshot
+    assert len(list(shuffled_class_members(labels, seed))) == len(orders) + 1  # -1 counted without the flag
 
 
 def test_objective_by_hand():

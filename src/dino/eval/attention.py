@@ -26,11 +26,12 @@ from torch import Tensor
 
 from dino.data.datasets import IMAGE_EXTENSIONS, load_rgb
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dino.eval.common import image_tensor, normalize
+from dino.eval.davis_metrics import VOID_LABEL, region_similarity
 from dino.models.vision_transformer import VisionTransformer
 
 log = logging.getLogger(__name__)
 
-VOID_LABEL = 255
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"})
 
 
@@ -46,8 +47,7 @@ def to_model_input(
     image: Image.Image, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> Tensor:
     """A normalised [3, H, W] float tensor of an RGB picture already at model resolution."""
-    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255.0
-    return (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    return normalize(image_tensor(image.convert("RGB")), mean, std)
 
 
 def resize_for_model(image: Image.Image, image_size: int | None, patch_size: int) -> Image.Image:
@@ -95,15 +95,12 @@ def jaccard(prediction: np.ndarray, labels: np.ndarray, void_label: int = VOID_L
     """Jaccard index of a predicted foreground mask with the foreground of a class-label mask.
 
     Foreground is any label other than 0 and ``void_label``; void pixels count in neither the intersection
-    nor the union. Two empty foregrounds give 1.
+    nor the union. Two empty foregrounds give 1. This is DAVIS's region similarity
+    (:func:`dino.eval.davis_metrics.region_similarity`) of the foreground, with the void pixels as void.
     """
     if prediction.shape != labels.shape:
         raise ValueError(f"mask is {prediction.shape} but the ground truth is {labels.shape}")
-    valid = labels != void_label
-    gt = (labels != 0) & valid
-    pred = prediction.astype(bool) & valid
-    union = int(np.count_nonzero(gt | pred))
-    return 1.0 if union == 0 else int(np.count_nonzero(gt & pred)) / union
+    return region_similarity(labels != 0, prediction, labels == void_label)
 
 
 # --- Pictures --------------------------------------------------------------------------------------------

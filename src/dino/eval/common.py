@@ -4,7 +4,10 @@ Every ``dino <evaluation>`` command takes the same model options (:func:`add_mod
 backbone the same way (:func:`model_from_args`, through :func:`dino.hub.load_backbone`) and reports the same
 way (:func:`write_results`: a table on stdout and a JSON file). Evaluation images go through one
 deterministic transform whose defaults follow the model (:func:`add_image_arguments`,
-:func:`eval_transform_from_args`).
+:func:`eval_transform_from_args`); the dense protocols, which size images their own way, share its
+normalisation options (:func:`add_normalization_arguments`, :func:`normalization_from_args`) and read image
+files through :class:`ImageFileDataset`. Seeded per-class subsets (validation splits, low-shot label
+subsets) all draw from :func:`shuffled_class_members`.
 """
 
 from __future__ import annotations
@@ -13,13 +16,18 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
 
+from dino.data.datasets import ImageDecodeError, load_rgb
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from dino.hub import LoadedBackbone, add_weights_arguments, load_backbone
 
@@ -83,10 +91,15 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--resize", type=int, help="shorter side before cropping; default: crop size × 8/7 (256 for 224)"
     )
-    g.add_argument(
+    add_normalization_arguments(g)
+
+
+def add_normalization_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Add ``--mean``/``--std`` (defaults: :func:`normalization_from_args`) to a parser or an option group."""
+    parser.add_argument(
         "--mean", type=float, nargs=3, help="normalisation mean; default: the run's config, else ImageNet's"
     )
-    g.add_argument(
+    parser.add_argument(
         "--std", type=float, nargs=3, help="normalisation std; default: the run's config, else ImageNet's"
     )
 
@@ -251,9 +264,76 @@ def eval_transform_from_args(args: argparse.Namespace, loaded: LoadedBackbone) -
         raise ValueError(
             f"--resize {resize} is smaller than --crop-size {crop}; use a resize of at least the crop"
         )
-    mean = args.mean or stored.mean or IMAGENET_MEAN
-    std = args.std or stored.std or IMAGENET_STD
+    mean, std = normalization_from_args(args, stored)
     return EvalTransform(resize=resize, crop_size=crop, mean=mean, std=std)
+
+
+def normalization_from_args(
+    args: argparse.Namespace, stored: TrainingImageSettings | None = None
+) -> tuple[Sequence[float], Sequence[float]]:
+    """(mean, std): ``--mean``/``--std``, else the training config's (``stored``, read from ``--weights``
+    when not given), else ImageNet's."""
+    if stored is None:
+        stored = training_image_settings(getattr(args, "weights", None))
+    return args.mean or stored.mean or IMAGENET_MEAN, args.std or stored.std or IMAGENET_STD
+
+
+def image_tensor(image: Image.Image) -> Tensor:
+    """[3, H, W] float tensor in [0, 1] of an 8-bit RGB picture."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0
+
+
+def normalize(pixels: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
+    """``(pixels - mean) / std`` per channel of [3, H, W] pixels."""
+    return (pixels - torch.as_tensor(mean).view(3, 1, 1)) / torch.as_tensor(std).view(3, 1, 1)
+
+
+class ImageFileDataset(Dataset):
+    """Base of the datasets over a list of image files: ``paths``, the normalisation and the decoding.
+
+    Subclasses size each image their own way in ``__getitem__``, from :meth:`load` (or their own decoder),
+    and finish with :meth:`normalized`.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        self.paths = list(paths)
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image:
+        """The ``index``-th file as RGB (:func:`~dino.data.datasets.load_rgb`); ValueError if unusable."""
+        try:
+            return load_rgb(self.paths[index])
+        except ImageDecodeError as err:
+            raise ValueError(f"cannot use {self.paths[index]}: {err}") from err
+
+    def normalized(self, image: Image.Image | Tensor) -> Tensor:
+        """A picture (or its [3, H, W] pixels in [0, 1]) normalised with the dataset's mean and std."""
+        pixels = image if isinstance(image, Tensor) else image_tensor(image)
+        return normalize(pixels, self.mean, self.std)
+
+
+def shuffled_class_members(labels: Tensor, seed: int, labelled_only: bool = False) -> Iterator[Tensor]:
+    """The sample indices of each class c of ``labels`` (ascending c), in a random order seeded by
+    ``seed × 1000003 + c``: the same seed gives the same order however the other classes change.
+
+    ``labelled_only`` skips negative labels (unlabelled samples).
+    """
+    labels = labels.cpu().long()
+    for c in torch.unique(labels).tolist():
+        if labelled_only and c < 0:
+            continue
+        members = (labels == c).nonzero().flatten()
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + c)
+        yield members[torch.randperm(members.numel(), generator=generator)]
 
 
 def transform_info(transform: EvalTransform) -> dict[str, Any]:

@@ -33,11 +33,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from dino.data.datasets import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
+from dino.data.datasets import IMAGE_EXTENSIONS
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from dino.eval.features import DEFAULT_GEM_P, gem_pool
+from dino.eval.common import ImageFileDataset
+from dino.eval.features import DEFAULT_GEM_P, gem_pool, resnet_feature_map
 from dino.eval.retrieval import average_precision
 from dino.models.vision_transformer import VisionTransformer
 
@@ -101,7 +102,7 @@ def positives_for(query: Path, originals: Sequence[Path], group_chars: int = 4) 
 # --- Descriptors -----------------------------------------------------------------------------------------
 
 
-class SquareImages(Dataset):
+class SquareImages(ImageFileDataset):
     """Images resized to ``imsize`` × ``imsize`` (bicubic) and normalised."""
 
     def __init__(
@@ -111,22 +112,11 @@ class SquareImages(Dataset):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        self.paths = list(paths)
+        super().__init__(paths, mean, std)
         self.imsize = imsize
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def __getitem__(self, index: int) -> Tensor:
-        try:
-            image = load_rgb(self.paths[index])
-        except ImageDecodeError as err:
-            raise ValueError(f"cannot use {self.paths[index]}: {err}") from err
-        image = image.resize((self.imsize, self.imsize), Image.BICUBIC)
-        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0
-        return (pixels - self.mean) / self.std
+        return self.normalized(self.load(index).resize((self.imsize, self.imsize), Image.BICUBIC))
 
 
 def check_descriptor_support(model: nn.Module) -> None:
@@ -142,10 +132,7 @@ def copy_descriptor(model: nn.Module, images: Tensor) -> Tensor:
         tokens = model.forward_features(images).float()
         return torch.cat([tokens[:, 0], gem_pool(tokens[:, 1:], DEFAULT_GEM_P, dim=1)], dim=1)
     check_descriptor_support(model)
-    x = model.maxpool(model.relu(model.bn1(model.conv1(images))))  # type: ignore[operator]
-    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):  # type: ignore[attr-defined]
-        x = layer(x)
-    return gem_pool(x.float().flatten(2), DEFAULT_GEM_P, dim=2)
+    return gem_pool(resnet_feature_map(model, images).float().flatten(2), DEFAULT_GEM_P, dim=2)
 
 
 @torch.no_grad()

@@ -13,33 +13,22 @@ from contextlib import redirect_stdout
 from dataclasses import asdict
 from pathlib import Path
 
-from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dino.eval.common import (
     add_model_arguments,
+    add_normalization_arguments,
     model_from_args,
     model_info,
+    normalization_from_args,
     resolve_device,
-    training_image_settings,
     write_results,
 )
 
 _QUIET_HELP = "no progress bars"
 
 
-def _add_normalization(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--mean", type=float, nargs=3, help="normalisation mean; default: the run's config, else ImageNet's"
-    )
-    parser.add_argument(
-        "--std", type=float, nargs=3, help="normalisation std; default: the run's config, else ImageNet's"
-    )
-
-
 def _normalization(args: argparse.Namespace) -> dict[str, list[float]]:
-    """``mean``/``std`` keyword arguments: the options, else the training config's, else ImageNet's."""
-    stored = training_image_settings(getattr(args, "weights", None))
-    mean = args.mean or stored.mean or IMAGENET_MEAN
-    std = args.std or stored.std or IMAGENET_STD
+    """``mean``/``std`` keyword arguments (:func:`normalization_from_args`), the std checked positive."""
+    mean, std = normalization_from_args(args)
     if any(v <= 0 for v in std):
         raise ValueError(f"--std values must be positive, got {std}")
     return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
@@ -101,7 +90,7 @@ def register_videoseg(sub: argparse._SubParsersAction) -> None:
         "--size-multiple", type=int, help="round the long side down to this (default: 64, or the patch size)"
     )
     p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
-    _add_normalization(p)
+    add_normalization_arguments(p)
     add_model_arguments(p)
     p.set_defaults(func=_videoseg, batch_size=8)
 
@@ -212,7 +201,7 @@ def register_attention(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--fps", type=float, help="frames per second (default: the input's, else 10)")
     g.add_argument("--head", type=int, help="animate this head instead of the mean over heads")
     p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
-    _add_normalization(p)
+    add_normalization_arguments(p)
     add_model_arguments(p)
     p.set_defaults(func=_attention, batch_size=8)
 
@@ -323,7 +312,7 @@ def register_retrieval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="k values of mP@k (default: 1 5 10)")
     p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
-    _add_normalization(p)
+    add_normalization_arguments(p)
     add_model_arguments(p)
     p.set_defaults(func=_retrieval, batch_size=16)
 
@@ -397,7 +386,7 @@ def register_copydetect(sub: argparse._SubParsersAction) -> None:
         help="name prefix identifying a Copydays image group (default: 4)",
     )
     p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
-    _add_normalization(p)
+    add_normalization_arguments(p)
     add_model_arguments(p)
     p.set_defaults(func=_copydetect, batch_size=32)
 

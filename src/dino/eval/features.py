@@ -24,6 +24,7 @@ import sys
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -182,17 +183,18 @@ def compute_representations(
     return out
 
 
+def resnet_feature_map(model: nn.Module, images: Tensor) -> Tensor:
+    """The final [B, D, H, W] feature map of a torchvision ResNet (stem, then ``layer1`` … ``layer4``)."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(images))))  # type: ignore[operator]
+    return model.layer4(model.layer3(model.layer2(model.layer1(x))))  # type: ignore[operator]
+
+
 def _feature_map_fn(model: nn.Module):
     """A function giving the final [B, D, H, W] feature map of a torchvision ResNet, else None."""
     needed = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
     if not all(hasattr(model, name) for name in needed):
         return None
-
-    def feature_map(x: Tensor) -> Tensor:
-        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-        return model.layer4(model.layer3(model.layer2(model.layer1(x))))
-
-    return feature_map
+    return partial(resnet_feature_map, model)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from dino.data.datasets import collate_skipping_bad
+from dino.eval.common import shuffled_class_members
 from dino.eval.features import Representation, compute_representations, show_progress
 from dino.eval.knn import topk_hits
 
@@ -76,12 +77,8 @@ def stratified_split(labels: Tensor, val_fraction: float, seed: int = 0) -> tupl
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"validation fraction must be in (0, 1), got {val_fraction}")
-    labels = labels.cpu().long()
     train, val = [], []
-    for c in torch.unique(labels).tolist():
-        members = (labels == c).nonzero().flatten()
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + c)
-        members = members[torch.randperm(members.numel(), generator=generator)]
+    for members in shuffled_class_members(labels, seed):
         n_val = min(max(1, round(val_fraction * members.numel())), members.numel() - 1)
         val.append(members[:n_val])
         train.append(members[n_val:])

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dino.eval.common import shuffled_class_members
 from dino.eval.knn import topk_accuracy
 
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.01, 0.1)
@@ -30,15 +31,10 @@ def lowshot_subset(labels: Tensor, fraction: float, seed: int = 0) -> Tensor:
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
-    labels = labels.cpu().long()
-    chosen = []
-    for c in torch.unique(labels).tolist():
-        if c < 0:
-            continue
-        members = (labels == c).nonzero().flatten()
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + c)
-        order = members[torch.randperm(members.numel(), generator=generator)]
-        chosen.append(order[: max(1, round(fraction * members.numel()))])
+    chosen = [
+        order[: max(1, round(fraction * order.numel()))]
+        for order in shuffled_class_members(labels, seed, labelled_only=True)
+    ]
     if not chosen:
         raise ValueError("no labelled sample to draw a low-shot subset from")
     return torch.cat(chosen).sort().values

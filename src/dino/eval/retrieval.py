@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from dino.data.datasets import ImageDecodeError, load_rgb
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dino.eval.common import ImageFileDataset
 
 PROTOCOLS = ("easy", "medium", "hard")
 MULTISCALE_FACTORS = (1.0, 1 / math.sqrt(2), 0.5)
@@ -256,7 +256,7 @@ def crop_box(image: Image.Image, bbx: Sequence[float]) -> Image.Image:
     return image.crop((x1, y1, x2, y2))
 
 
-class RetrievalImages(Dataset):
+class RetrievalImages(ImageFileDataset):
     """Images of a list of paths (optionally cropped), resized by the long side and normalised."""
 
     def __init__(
@@ -267,26 +267,16 @@ class RetrievalImages(Dataset):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        self.paths = list(paths)
+        super().__init__(paths, mean, std)
         self.boxes = list(boxes) if boxes is not None else [None] * len(self.paths)
         self.imsize = imsize
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, Tensor]:
-        try:
-            image = load_rgb(self.paths[index])
-        except ImageDecodeError as err:
-            raise ValueError(f"cannot use {self.paths[index]}: {err}") from err
+        image = self.load(index)
         box = self.boxes[index]
         if box is not None:
             image = crop_box(image, box)
-        image = resize_long_side(image, self.imsize)
-        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0
-        return index, (pixels - self.mean) / self.std
+        return index, self.normalized(resize_long_side(image, self.imsize))
 
 
 def batches_by_size(

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dino.eval.common import ImageFileDataset, image_tensor
 from dino.eval.davis_metrics import VOID_LABEL, evaluate_results, read_label_map
 from dino.models.vision_transformer import VisionTransformer
 
@@ -81,8 +82,12 @@ def processing_size(
     return (short, long) if height <= width else (long, short)
 
 
-class FrameDataset(Dataset):
-    """Video frames resized to ``size`` (bilinear, no antialiasing) and normalised, in file order."""
+class FrameDataset(ImageFileDataset):
+    """Video frames resized to ``size`` (bilinear, no antialiasing) and normalised, in file order.
+
+    Frames are decoded with PIL's plain RGB conversion (no EXIF rotation, no pixel limit), not with
+    :meth:`ImageFileDataset.load`, and resized as tensors before normalisation.
+    """
 
     def __init__(
         self,
@@ -91,19 +96,14 @@ class FrameDataset(Dataset):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        self.paths = list(paths)
+        super().__init__(paths, mean, std)
         self.size = size
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def __getitem__(self, index: int) -> Tensor:
         with Image.open(self.paths[index]) as img:
-            pixels = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).float() / 255.0
+            pixels = image_tensor(img.convert("RGB"))
         pixels = F.interpolate(pixels[None], size=self.size, mode="bilinear", align_corners=False)[0]
-        return (pixels - self.mean) / self.std
+        return self.normalized(pixels)
 
 
 @torch.no_grad()
