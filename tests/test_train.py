@@ -128,6 +128,25 @@ def test_resuming_from_an_earlier_checkpoint_of_the_run_sets_its_later_ones_asid
 
 
 @pytest.mark.slow
+def test_continuing_a_run_with_a_larger_batch_keeps_its_new_checkpoints_newest(small_folder, tmp_path):
+    """16 images a step (3 an epoch, checkpoints last-3 and last-6), then 48 (1 an epoch): the continued
+    run numbers its steps for the new length (epoch 3 ends at iteration 3), below the old files; those
+    are set aside, or the rolling window would keep last-6 (epoch 2) as the newest."""
+    out = tmp_path / "run"
+    common = TINY_OVERRIDES + [f"data.path={small_folder}", f"run.output_dir={out}"]
+    train(load_config(None, common + ["run.epochs=2"]))
+    train(load_config(None, common + ["run.epochs=3", "run.batch_size=48"]))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last-000000003.pth"]
+    assert torch.load(out / "checkpoints" / "last-000000003.pth", weights_only=True)["epoch"] == 3
+    (replaced,) = out.glob("replaced-*")
+    assert sorted(p.name for p in (replaced / "checkpoints").iterdir()) == [
+        "last-000000003.pth",
+        "last-000000006.pth",
+    ]
+    assert [e["epoch"] for e in records(out, "epoch")] == [0, 1, 2]  # the same run's log, continued
+
+
+@pytest.mark.slow
 def test_a_checkpoint_taken_at_the_last_step_of_an_epoch_resumes_with_that_epochs_end(small_folder, tmp_path):
     """Saved after the epoch's last batch but before its end (a kill during the k-NN, or a mid-epoch
     checkpoint with no epoch-end one): the epoch's end — here the previous-epoch teacher rule — must run."""

@@ -133,7 +133,7 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
 
     barrier()  # every process has read its checkpoint before files are moved
     if env.is_main:
-        replaced = _set_aside_replaced_files(run_dir, checkpoints, restored)
+        replaced = _set_aside_replaced_files(run_dir, checkpoints, restored, state.iteration)
         if replaced is not None:
             log.warning("files of the run this one replaces moved to %s", replaced)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -371,16 +371,19 @@ RUN_OUTPUTS = (
 
 
 def _set_aside_replaced_files(
-    run_dir: Path, checkpoints: CheckpointManager, restored: tuple[dict, Path] | None
+    run_dir: Path, checkpoints: CheckpointManager, restored: tuple[dict, Path] | None, iteration: int
 ) -> Path | None:
     """Move out of the way (into ``run_dir/replaced-<time>/``) what the run would otherwise overwrite
-    or take for its own: when it continues from one of this directory's checkpoints, the checkpoints of
-    later points (its rolling window keeps the highest iterations and resuming takes the newest, so a
-    run continued from an earlier point would lose its own files to them); when it starts afresh or
-    from a checkpoint elsewhere, the previous run's files. Nothing is deleted."""
+    or take for its own: when it continues (at ``iteration``) from one of this directory's checkpoints,
+    the rolling checkpoints numbered above where it goes on — later points, or, after a change of batch
+    size, the same points numbered for the old length — and the periodic ones of later epochs (the
+    rolling window keeps the highest numbers and resuming takes the newest, so the run would lose its
+    own files to them); when it starts afresh or from a checkpoint elsewhere, the previous run's files.
+    Nothing is deleted."""
     if restored is not None and _is_in(restored[1], run_dir):
         checkpoint = restored[0]
-        later = checkpoints.newer_than(int(checkpoint.get("iteration", 0)), int(checkpoint["epoch"]))
+        saved = int(checkpoint.get("iteration", 0))
+        later = checkpoints.newer_than(min(saved, iteration), int(checkpoint["epoch"]))
         return set_aside(run_dir, [p.relative_to(run_dir) for p in later])
     return set_aside(run_dir, RUN_OUTPUTS)
 
