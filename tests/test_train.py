@@ -290,7 +290,7 @@ def test_the_compile_check_finds_a_missing_cpp_compiler(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def _torchrun(small_folder, out, extra, port, env=None):
+def _torchrun(small_folder, out, extra, port, env=None, timeout=600):
     import os
     import subprocess
     import sys
@@ -298,7 +298,9 @@ def _torchrun(small_folder, out, extra, port, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            "-m", "dino.cli", "train", "--data", str(small_folder), "--output", str(out), *TINY_OVERRIDES,
            "run.batch_size=8", *extra]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return [r["loss"] for r in records(out, "iter")], done.stderr
 
@@ -348,6 +350,26 @@ def test_two_processes_resume_mid_epoch_bit_exact(small_folder, tmp_path):
     a = torch.load(tmp_path / "full" / "teacher_backbone.pth", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "teacher_backbone.pth", weights_only=True)
     assert _same_tensors(a, b)
+
+
+@pytest.mark.slow
+def test_an_unreadable_batch_on_one_process_does_not_hang_the_others(small_folder, tmp_path):
+    """Every file of process 1's second batch is broken: it takes that step with its previous batch (the
+    other process is in DDP's collectives for it) instead of skipping it and leaving the other waiting."""
+    import shutil
+
+    from dino.data.datasets import ImageFolderDataset
+    from dino.train.data import ResumableSampler
+
+    data = tmp_path / "data"
+    shutil.copytree(small_folder, data)
+    dataset = ImageFolderDataset(data)
+    mine = [index for index, _ in ResumableSampler(len(dataset), seed=0, rank=1, world_size=2)]
+    for index in mine[8:16]:  # batch 8 per process: process 1's second batch
+        dataset.samples.path(index).write_bytes(b"not an image")
+    losses, stderr = _torchrun(data, tmp_path / "run", ["run.epochs=1"], 29538, timeout=300)
+    assert "reuses the previous batch" in stderr
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
 
 
 @pytest.mark.slow
