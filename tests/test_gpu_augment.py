@@ -467,6 +467,9 @@ def test_grayscale_and_solarize_match_torchvision_and_pil(float_image: torch.Ten
     torch.testing.assert_close(solarize(quantised), TF.solarize(quantised, 128 / 255))
     torch.testing.assert_close(solarize(quantised)[0], _pil_to_float(TF.solarize(pil, 128)))
     torch.testing.assert_close(solarize(torch.tensor([0.2, 0.5, 0.9])), torch.tensor([0.2, 0.5, 0.1]))
+    # The threshold is 0.5 itself (what PIL's 128 of 8-bit values becomes once they are rounded from
+    # floats: 127.6 rounds to 128 and is inverted), not 128/255: 0.5005 is inverted, 0.4995 is not.
+    torch.testing.assert_close(solarize(torch.tensor([0.5005, 0.4995])), torch.tensor([0.4995, 0.4995]))
 
 
 @pytest.mark.parametrize("sigma", [0.1, 0.8, 2.0])
@@ -743,9 +746,10 @@ def test_a_batch_of_file_bytes_crosses_from_a_worker_as_one_packed_tensor(odd_fo
     assert isinstance(encoded, PackedBytes) and unreadable == len(items) - len(kept) == 1
     assert len(encoded) == len(kept) == labels.numel()
     assert encoded.data.is_shared()  # one shared-memory tensor for the whole batch
-    for part, (data, _) in zip(encoded, kept, strict=True):
+    for part, (data, _, _) in zip(encoded, kept, strict=True):
         assert part.dtype == torch.uint8 and part.dim() == 1 and part.is_contiguous()
         assert torch.equal(part, data)
+    assert encoded.names == [path for _, _, path in kept]  # the paths cross too, for warnings
     assert torch.equal(encoded[-1], kept[-1][0])
     with pytest.raises(IndexError):
         encoded[len(kept)]
@@ -765,8 +769,9 @@ def test_pinning_a_packed_batch_pins_one_tensor(monkeypatch) -> None:
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
     parts = [torch.arange(3, dtype=torch.uint8), torch.arange(5, dtype=torch.uint8)]
-    pinned = pin_memory(PackedBytes(parts))
+    pinned = pin_memory(PackedBytes(parts, [f"f{i}.jpg" for i in range(len(parts))]))
     assert isinstance(pinned, PackedBytes) and calls == [8]
+    assert pinned.names == [f"f{i}.jpg" for i in range(len(parts))]  # the paths stay with the bytes
     assert [t.tolist() for t in pinned] == [t.tolist() for t in parts]
 
 
@@ -908,3 +913,76 @@ def test_packed_copy_gives_every_tensor_back_by_its_key() -> None:
     for key, value in tensors.items():
         assert moved[key].dtype == value.dtype and moved[key].shape == value.shape, key
         assert torch.equal(moved[key], value), key
+
+
+def test_the_views_of_a_sample_are_drawn_independently():
+    """Two views of the same image must not share a draw (a shared crop would turn DINO's global-to-global
+    pairs into copies): across 4,000 samples of 300×400 images, the two global views (and two local views)
+    have the same box about as often as two independent draws do, and their flips, blur sigmas, jitter
+    factors and orders are uncorrelated (|r| < 5 / √n)."""
+    n = 4000
+    augment = BatchMultiCrop(local_crops_number=2)
+    g = torch.Generator().manual_seed(0)
+    views = augment.sample_parameters(torch.full((n,), 300), torch.full((n,), 400), g)
+    limit = 5 / n**0.5
+
+    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+        a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+        return float((a * b).sum() / (a.norm() * b.norm()))
+
+    for first, second in [(0, 1), (2, 3), (0, 2)]:
+        a, b = views[first], views[second]
+        same_box = torch.stack([x == y for x, y in zip(a.boxes, b.boxes, strict=True)]).all(dim=0)
+        assert same_box.double().mean() < 0.01  # independent boxes coincide far less often than this
+        for name in ("flip", "jitter", "brightness", "contrast", "saturation", "hue", "grayscale"):
+            assert abs(corr(getattr(a, name), getattr(b, name))) < limit, (first, second, name)
+        assert abs(corr(a.order[:, 0], b.order[:, 0])) < limit
+        assert abs(corr(a.boxes.height * a.boxes.width, b.boxes.height * b.boxes.width)) < limit
+    for first, second in [(2, 3)]:  # both local views are blurred with p = 0.5: their sigmas independent
+        assert abs(corr(views[first].blur_sigma, views[second].blur_sigma)) < limit
+
+
+def _with_app1(jpeg: bytes, payload: bytes) -> bytes:
+    """``jpeg`` with one more APP1 segment right after its start-of-image marker."""
+    return jpeg[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
+
+
+def test_the_fast_decoder_turns_images_as_pil_does(tmp_path: Path) -> None:
+    """Two EXIF segments: PIL takes the first one's orientation. EXIF without one but XMP with
+    tiff:Orientation: PIL may take the XMP's, so such a file goes the CPU decoder's way."""
+    array = _smooth_image(30, 40)
+    upside_down, quarter = Image.Exif(), Image.Exif()
+    upside_down[0x0112], quarter[0x0112] = 3, 6
+    two_exif = _with_app1(_jpeg(array, exif=upside_down.tobytes()), quarter.tobytes())  # 6 comes first
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    )
+    xmp_only = _with_app1(_jpeg(array), b"http://ns.adobe.com/xap/1.0/\x00" + xmp)
+    assert read_jpeg_header(two_exif).orientation == 6 and read_jpeg_header(xmp_only) is None
+    for name, data in [("two_exif.jpg", two_exif), ("xmp.jpg", xmp_only)]:
+        (tmp_path / name).write_bytes(data)
+        reference = torch.from_numpy(np.array(load_rgb(tmp_path / name))).permute(2, 0, 1)
+        (image,) = decode_batch([_as_tensor(data)], "cpu").images
+        assert image.shape == reference.shape, name
+        assert (image.float() - reference.float()).abs().mean() < 2.0, name
+    assert reference.shape == (3, 40, 30)  # PIL did turn the XMP-only file: the case is a real one
+
+
+def test_a_file_that_fails_to_decode_in_the_main_process_is_named(odd_folder: Path) -> None:
+    """Workers only read bytes; a file the decoder then rejects is named by its path in the warning (the
+    CPU pipeline names it too), not by its position in the batch."""
+    dataset = EncodedImageDataset(odd_folder)
+    items, _ = _read_all(dataset)
+    encoded, _, _ = collate_encoded(items)
+    assert encoded.names == [item[2] for item in items if item is not None]
+    loader = DeviceMultiCropLoader(
+        DataLoader(dataset, batch_size=len(dataset), collate_fn=collate_encoded),
+        BatchMultiCrop(local_crops_number=1, global_crop_size=8, local_crop_size=4),
+        "cpu",
+    )
+    with pytest.warns(SkippedImageWarning) as caught:
+        for _ in loader:
+            pass
+    messages = [str(w.message) for w in caught]
+    assert any(str(odd_folder / "things" / "d_corrupt.jpg") in m for m in messages), messages

@@ -95,10 +95,12 @@ class EncodedImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
+    def __getitem__(self, index: int) -> tuple[Tensor, int, str] | None:
+        """``(the file's bytes, its label, its path)`` — the path names the file in the warning of a
+        decode that fails later, in the main process — or None when it cannot be read."""
         path, label = self.samples[index]
         data = read_file_bytes(path)
-        return None if data is None else (data, label)
+        return None if data is None else (data, label, str(path))
 
     def __repr__(self) -> str:
         kind = f"labelled, {len(self.classes)} classes" if self.labelled else "unlabelled"
@@ -129,9 +131,12 @@ class PackedBytes(Sequence[Tensor]):
     with the training loop.
     """
 
-    def __init__(self, parts: Sequence[Tensor]) -> None:
+    def __init__(self, parts: Sequence[Tensor], names: Sequence[str] | None = None) -> None:
+        if names is not None and len(names) != len(parts):
+            raise ValueError(f"got {len(names)} names for {len(parts)} files; pass one name per file or none")
         self.data = torch.cat(list(parts)) if len(parts) else torch.empty(0, dtype=torch.uint8)
         self.offsets = [0, *itertools.accumulate(len(part) for part in parts)]  # plain ints: pickled as such
+        self.names = list(names) if names is not None else None  # the files' paths, for warnings
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -149,20 +154,24 @@ class PackedBytes(Sequence[Tensor]):
         """The same files in pinned memory (what a ``DataLoader(pin_memory=True)`` asks of its batches):
         one pinned tensor, not one per file."""
         pinned = PackedBytes.__new__(PackedBytes)
-        pinned.data, pinned.offsets = self.data.pin_memory(), list(self.offsets)
+        pinned.data, pinned.offsets, pinned.names = self.data.pin_memory(), list(self.offsets), self.names
         return pinned
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} files, {self.data.numel()} bytes)"
 
 
-def collate_encoded(batch: Sequence[tuple[Tensor, int] | None]) -> tuple[PackedBytes, Tensor, int]:
-    """Collate :class:`EncodedImageDataset` items: ``(the files' bytes, labels, number of unreadable files
-    dropped)``. The bytes are packed into one tensor (:class:`PackedBytes`, a sequence of per-file
-    tensors), so that a worker hands a batch over in one piece."""
+def collate_encoded(
+    batch: Sequence[tuple[Tensor, int] | tuple[Tensor, int, str] | None],
+) -> tuple[PackedBytes, Tensor, int]:
+    """Collate :class:`EncodedImageDataset` items — ``(bytes, label, path)``, or ``(bytes, label)`` —:
+    ``(the files' bytes, labels, number of unreadable files dropped)``. The bytes are packed into one
+    tensor (:class:`PackedBytes`, a sequence of per-file tensors, which keeps the paths when every item
+    has one), so that a worker hands a batch over in one piece."""
     kept = [item for item in batch if item is not None]
-    labels = torch.tensor([int(label) for _, label in kept], dtype=torch.long)
-    return PackedBytes([data for data, _ in kept]), labels, len(batch) - len(kept)
+    labels = torch.tensor([int(item[1]) for item in kept], dtype=torch.long)
+    names = [item[2] for item in kept] if kept and all(len(item) > 2 for item in kept) else None
+    return PackedBytes([item[0] for item in kept], names), labels, len(batch) - len(kept)
 
 
 # ------------------------------------------------------------------------------------- JPEG header
@@ -179,29 +188,37 @@ class JpegHeader(NamedTuple):
     orientation: int
 
 
-def _exif_orientation(tiff: bytes) -> int:
-    """The orientation tag of IFD0 of a TIFF-structured EXIF block (1 when absent or unreadable)."""
+_XMP_ID = b"http://ns.adobe.com/xap/1.0/\x00"  # the APP1 segment of XMP metadata
+
+
+def _exif_orientation(tiff: bytes) -> int | None:
+    """The orientation tag of IFD0 of a TIFF-structured EXIF block (1 when out of range; None when the
+    block has no such tag or cannot be read)."""
     if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
-        return 1
+        return None
     order = "little" if tiff[:2] == b"II" else "big"
     ifd = int.from_bytes(tiff[4:8], order)
     if ifd + 2 > len(tiff):
-        return 1
+        return None
     count = int.from_bytes(tiff[ifd : ifd + 2], order)
     for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
         if int.from_bytes(tiff[entry : entry + 2], order) == _EXIF_ORIENTATION_TAG:
             value = int.from_bytes(tiff[entry + 8 : entry + 10], order)  # a SHORT, left-aligned
             return value if 1 <= value <= 8 else 1
-    return 1
+    return None
 
 
 def read_jpeg_header(data: bytes | memoryview) -> JpegHeader | None:
     """Parse a JPEG's markers up to its start-of-frame; ``None`` when ``data`` is not a JPEG or the
-    markers are malformed. Reads only the header (a few hundred bytes to a few KB), never the pixels."""
+    markers are malformed. Reads only the header (a few hundred bytes to a few KB), never the pixels.
+
+    The orientation is that of the first EXIF segment holding one, as PIL reads it. A file whose EXIF
+    gives none but which carries XMP metadata also gets ``None``: PIL may take the orientation from the
+    XMP, so the file goes the CPU decoder's way and is turned exactly as there."""
     view = memoryview(data)
     if len(view) < 4 or view[0] != 0xFF or view[1] != 0xD8:
         return None
-    pos, orientation = 2, 1
+    pos, orientation, xmp = 2, None, False
     while pos + 4 <= len(view):
         if view[pos] != 0xFF:
             return None
@@ -217,13 +234,16 @@ def read_jpeg_header(data: bytes | memoryview) -> JpegHeader | None:
         if length < 2 or len(segment) != length - 2:
             return None
         if marker == 0xE1 and bytes(segment[:6]) == b"Exif\x00\x00":
-            orientation = _exif_orientation(bytes(segment[6:]))
+            if orientation is None:
+                orientation = _exif_orientation(bytes(segment[6:]))
+        elif marker == 0xE1 and bytes(segment[: len(_XMP_ID)]) == _XMP_ID:
+            xmp = True
         elif marker in _SOF_MARKERS:
-            if len(segment) < 6:
+            if len(segment) < 6 or (orientation is None and xmp):
                 return None
             height = int.from_bytes(segment[1:3], "big")
             width = int.from_bytes(segment[3:5], "big")
-            return JpegHeader(height, width, segment[5], segment[0], orientation)
+            return JpegHeader(height, width, segment[5], segment[0], orientation or 1)
         elif marker == 0xDA:  # start of scan before any frame header
             return None
         pos += 2 + length
@@ -477,7 +497,7 @@ class DeviceMultiCropLoader:
     def _decoded_batches(self) -> Iterator[tuple[int, Sequence[Tensor] | Tensor, Tensor, int]]:
         """``(step, decoded images, their labels, files skipped)`` for each batch of the epoch."""
         for step, (encoded, labels, unreadable) in enumerate(self.loader, start=self.start_step):
-            decoded = decode_batch(encoded, self.device, self.max_pixels)
+            decoded = decode_batch(encoded, self.device, self.max_pixels, getattr(encoded, "names", None))
             if decoded.failed:
                 failed = set(decoded.failed)
                 keep = torch.tensor([i for i in range(len(encoded)) if i not in failed], dtype=torch.long)
