@@ -454,8 +454,8 @@ def test_hue_where_two_channels_tie_for_the_largest() -> None:
     for shift in (0.0, 0.1, -0.25, 0.5):
         ours = adjust_hue(images, torch.tensor([shift]))
         torch.testing.assert_close(ours, TF.adjust_hue(images, shift), atol=1e-6, rtol=0)
-    yellow_to_cyan = adjust_hue(images, torch.tensor([0.5]))[0, :, 0, 0]
-    torch.testing.assert_close(yellow_to_cyan, torch.tensor([0.0, 0.0, 1.0]))
+    yellow_to_blue = adjust_hue(images, torch.tensor([0.5]))[0, :, 0, 0]  # half a turn from yellow
+    torch.testing.assert_close(yellow_to_blue, torch.tensor([0.0, 0.0, 1.0]))
 
 
 def test_grayscale_and_solarize_match_torchvision_and_pil(float_image: torch.Tensor) -> None:
