@@ -413,8 +413,8 @@ def run_linear(args: argparse.Namespace) -> int:
         val = train_all.subset(val_idx)
         classes = train_all.classes
 
-        def fit(indices: torch.Tensor, lrs: list[float]) -> SweepResult:
-            train = train_all.subset(indices)
+        def fit(indices: torch.Tensor | None, lrs: list[float]) -> SweepResult:
+            train = train_all if indices is None else train_all.subset(indices)  # None: every row
             return sweep_on_cached(
                 train.get(rep), train.labels, val.get(rep), val.labels, test.get(rep), test.labels,
                 len(classes), lrs, args.epochs, args.batch_size, args.momentum, device, args.seed,
@@ -439,7 +439,8 @@ def run_linear(args: argparse.Namespace) -> int:
         )
         train_all = val  # describes the model and transform, like the train features in the cached mode
 
-        def fit(indices: torch.Tensor, lrs: list[float]) -> SweepResult:
+        def fit(indices: torch.Tensor | None, lrs: list[float]) -> SweepResult:
+            indices = torch.arange(len(aug_ds)) if indices is None else indices  # None: every image
             return sweep_augmented(
                 loaded.model, aug_ds, indices, rep, Representation.parse(rep).dim(loaded.embed_dim),
                 val.get(rep), val.labels, test.get(rep), test.labels, len(classes), device, lrs,
@@ -451,9 +452,8 @@ def run_linear(args: argparse.Namespace) -> int:
     result = fit(train_idx, list(args.lrs))
     sweep_test = {"top1": result.test_top1, "top5": result.test_top5}
     if args.refit:
-        all_idx = torch.sort(torch.cat((train_idx, val_idx))).values
-        final = fit(all_idx, [result.best_lr])
-        test_acc, n_train = {"top1": final.test_top1, "top5": final.test_top5}, int(all_idx.numel())
+        final = fit(None, [result.best_lr])  # the split's two parts are every training image
+        test_acc, n_train = {"top1": final.test_top1, "top5": final.test_top5}, len(train_idx) + len(val_idx)
     else:
         test_acc, n_train = sweep_test, int(train_idx.numel())
     n_val = len(val)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,14 +72,14 @@ def max_over_processes_(value: torch.Tensor) -> torch.Tensor:
 
 def any_process(flag: bool | torch.Tensor, device: torch.device) -> bool:
     """True when ``flag`` is true on at least one process, so that all processes take the same branch."""
-    value = (
-        flag.detach().float().reshape(1) if isinstance(flag, torch.Tensor) else torch.tensor([float(flag)])
-    )
-    return bool(max_over_processes_(value.to(device)).item() > 0)
+    return any_processes([flag], device)[0]
 
 
-def any_processes(flags: list[bool], device: torch.device) -> list[bool]:
-    """For each flag, True when it is true on at least one process: several decisions agreed on with one
-    collective (and one host synchronisation)."""
-    value = torch.tensor([float(f) for f in flags], device=device)
+def any_processes(flags: Sequence[bool | torch.Tensor], device: torch.device) -> list[bool]:
+    """For each flag (a bool, or a one-element tensor on any device), True when it is true on at least one
+    process: several decisions agreed on with one collective (and one host synchronisation)."""
+    value = torch.stack(
+        [f.detach().float().reshape(()).to(device) if isinstance(f, torch.Tensor) else torch.tensor(float(f), device=device)
+         for f in flags]
+    )  # fmt: skip
     return [v > 0 for v in max_over_processes_(value).tolist()]
