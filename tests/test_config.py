@@ -38,10 +38,27 @@ def test_every_preset_loads(name):
     assert isinstance(load_config(name), DINOConfig)
 
 
-def test_boosted_preset():
-    cfg = load_config("vit_small_300ep_boosted")
-    assert cfg.loss.teacher_temp == 0.07 and cfg.loss.warmup_teacher_temp_epochs == 30
-    assert not cfg.head.norm_last_layer
+# The released checkpoints' saved arguments (the original repository's args files) and the boosted command of
+# its README: lr, min_lr, clip, warm-up epochs of the teacher temperature, norm_last_layer, freeze_last_layer,
+# crop scales, local crops, epochs.
+PUBLISHED = {
+    "vit_small_300ep_boosted": (5e-4, 1e-6, 3.0, 30, False, 1, (0.4, 0.05, 0.4), 8, 300),
+    "vit_small_800ep": (5e-4, 1e-5, 0.0, 30, False, 1, (0.25, 0.05, 0.25), 10, 800),
+    "vit_base16": (7.5e-4, 2e-6, 0.3, 50, True, 3, (0.25, 0.05, 0.25), 10, 400),
+    "vit_small8": (5e-4, 1e-6, 3.0, 30, False, 1, (0.4, 0.05, 0.4), 10, 800),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_paper_presets_match_the_released_settings(name):
+    cfg = load_config(name)
+    o, lo, h, d = cfg.optim, cfg.loss, cfg.head, cfg.data
+    scales = (d.global_crops_scale[0], d.local_crops_scale[0], d.local_crops_scale[1])
+    got = (o.lr, o.min_lr, o.clip_grad, lo.warmup_teacher_temp_epochs, h.norm_last_layer,
+           h.freeze_last_layer, scales, d.local_crops_number, cfg.run.epochs)  # fmt: skip
+    assert got == PUBLISHED[name]
+    assert (lo.warmup_teacher_temp, lo.teacher_temp, cfg.teacher.momentum) == (0.04, 0.07, 0.996)
+    assert (o.weight_decay, o.weight_decay_end, o.warmup_epochs, o.name) == (0.04, 0.4, 10, "adamw")
 
 
 def test_overrides_and_round_trip(tmp_path):
@@ -74,11 +91,18 @@ def test_overrides_and_round_trip(tmp_path):
         ("data.solarize_prob=2", "data.solarize_prob"),
         ("data.augment_on=gpu", "data.augment_on"),
         ("run.compile_mode=cudagraphs", "run.compile_mode"),
+        ("run.device=cudafoo", "run.device"),
+        ("run.device=cuda:x", "run.device"),
+        ("[run.precision=fp16,run.device=cpu]", "run.precision"),
+        ("optim.momentum=1.5", "optim.momentum"),
+        ("optim.momentum=-0.1", "optim.momentum"),
+        ("monitor.knn_resize=-5", "monitor.knn_resize"),
     ],
 )
 def test_invalid_values_name_the_key(override, key):
+    overrides = override.strip("[]").split(",") if override.startswith("[") else [override]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(None, [override])
+        load_config(None, overrides)
 
 
 def test_activation_checkpointing_is_refused_for_resnets_and_fractional_warmup_is_accepted():

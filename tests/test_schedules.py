@@ -31,3 +31,22 @@ def test_a_run_shorter_than_the_teacher_temperature_warmup_follows_its_beginning
     """3 epochs of a 30-epoch warm-up: the first 3 values of that warm-up, not a warm-up squeezed into 3."""
     t = teacher_temperature_schedule(0.04, 0.07, warmup_epochs=30, epochs=3)
     np.testing.assert_allclose(t, [0.04, 0.04 + 0.03 / 29, 0.04 + 0.06 / 29])
+
+
+def test_warmups_cut_by_a_short_run_are_reported(caplog):
+    from dino.train.config import load_config
+    from dino.train.schedules import Schedules
+
+    with caplog.at_level("WARNING", logger="dino.train.schedules"):
+        Schedules.build(load_config(None, ["run.epochs=10"]), iters_per_epoch=4, world_size=1)
+    text = caplog.text
+    assert "loss.warmup_teacher_temp_epochs=30 is longer than run.epochs=10" in text
+    assert "ends at 0.04931" in text  # 0.04 + 9/29 × 0.03: the tenth of 30 warm-up epochs
+    assert (
+        "optim.warmup_epochs=10 covers all of run.epochs=10: the learning rate ends at 0.000122, not at its peak 0.000125"
+        in text
+    )  # 39/40 of it
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dino.train.schedules"):
+        Schedules.build(load_config(None, ["run.epochs=40"]), iters_per_epoch=4, world_size=1)
+    assert caplog.text == ""

@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
 from dino.cli import main
+from dino.data.sample import sample_dataset
 from dino.hub import load_backbone
 from dino.train.config import ConfigError, load_config
 from dino.train.loop import train
@@ -223,6 +225,52 @@ def test_cli_takes_overrides_before_and_after_options(capsys):
     assert not parse_args(["presets"]).verbose
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.pretrained=/no/such/weights.pth", "/no/such/weights.pth"),
+        ("model.arch=timm:no_such_model", "timm has no model 'no_such_model'"),
+    ],
+)
+def test_bad_model_settings_stop_the_run_before_the_data(small_folder, tmp_path, monkeypatch, capsys,
+                                                         override, message):  # fmt: skip
+    """The models are built before the folder is scanned (and, in memory, decoded): their errors come first."""
+    import dino.train.loop as loop
+
+    if override.startswith("model.arch=timm"):
+        pytest.importorskip("timm")
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was built before the models")
+
+    monkeypatch.setattr(loop, "build_train_data", no_data)
+    out = tmp_path / "o"
+    code = main(["train", "--data", str(small_folder), "--output", str(out), *TINY_OVERRIDES, override])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_knn_monitor_without_a_labelled_bank_is_refused_before_decoding(tmp_path, monkeypatch, capsys):
+    import dino.train.data as train_data
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for image in sorted(sample_dataset("train").rglob("*.jpg"))[:24]:
+        shutil.copy(image, flat / image.name)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("images were decoded before the monitor's bank was checked")
+
+    monkeypatch.setattr(train_data, "_in_memory_loader", no_decoding)
+    code = main(
+        ["train", "--data", str(flat), "--output", str(tmp_path / "o"), *TINY_OVERRIDES, "run.batch_size=8",
+         "monitor.knn_every=1", f"monitor.knn_val={sample_dataset('val')}", "data.in_memory=true",
+         "data.augment_on=device"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "monitor.knn_train" in err and "class sub-folders" in err
+
+
 def test_batch_larger_than_dataset(small_folder, tmp_path, capsys):
     code = main(
         [
@@ -327,11 +375,13 @@ def test_every_process_builds_the_same_student_and_teacher():
 def test_two_processes_with_torchrun(small_folder, tmp_path):
     """DDP on the CPU (gloo): the data is split, gradients and the center are averaged across processes."""
     out = tmp_path / "ddp"
-    _torchrun(small_folder, out, ["run.epochs=2"], 29533)
+    # BatchNorm in the head: SyncBatchNorm runs on GPUs only, so a CPU run keeps BatchNorm per process.
+    _torchrun(small_folder, out, ["run.epochs=2", "head.use_bn=true"], 29533)
     start = records(out, "start")[0]
     assert start["world_size"] == 2 and start["iters_per_epoch"] == 3  # 48 images / (2 × 8)
     state = torch.load(sorted((out / "checkpoints").glob("last-*.pth"))[-1], weights_only=True)
     assert state["iteration"] == 6 and torch.isfinite(state["dino_loss"]["center"]).all()
+    assert any(key.endswith("running_mean") for key in state["student"])
 
 
 @pytest.mark.slow

@@ -59,7 +59,13 @@ def build_backbone(
             import timm
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError("arch 'timm:…' needs timm: pip install 'dino[timm]'") from err
-        model = timm.create_model(arch.removeprefix("timm:"), pretrained=False, num_classes=0)
+        name = arch.removeprefix("timm:")
+        if not timm.is_model(name):
+            raise ValueError(
+                f"timm has no model {name!r} (timm {timm.__version__}); list them with "
+                "python -c 'import timm; print(timm.list_models())'"
+            )
+        model = timm.create_model(name, pretrained=False, num_classes=0)
         return model, model.num_features
     raise ValueError(f"unknown arch {arch!r}; choose one of {available_archs()}")
 

@@ -7,6 +7,7 @@ preset or YAML file and ``key=value`` overrides, then validates every value befo
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -135,6 +136,9 @@ class RunConfig:
     compile_mode: str = "default"
     profile_steps: int = 0  # profile this many steps after the first 10 (profile.* in the run dir); 0: off
     deterministic: bool = False  # deterministic algorithms (bit-exact resume on CPU)
+    # How long a process waits in a collective for the others (torch's NCCL default is 10 minutes): the
+    # k-NN monitor runs on the first process only while the others wait, for as long as its bank takes.
+    dist_timeout_minutes: float = 60.0
 
 
 @dataclass
@@ -308,6 +312,7 @@ def validate(cfg: DINOConfig) -> None:
     _require(o.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {o.min_lr}")
     # Warmups longer than the run are cut at its end (useful for short trial runs of a long recipe).
     _require(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
+    _require(0.0 <= o.momentum < 1.0, "optim.momentum", f"must be in [0, 1) (sgd and lars), got {o.momentum}")
     for key in ("weight_decay", "weight_decay_end", "clip_grad"):
         _require(getattr(o, key) >= 0, f"optim.{key}", f"must be >= 0, got {getattr(o, key)}")
     for key in ("global_crops_scale", "local_crops_scale"):
@@ -369,9 +374,14 @@ def validate(cfg: DINOConfig) -> None:
         f"must be auto, fp32, bf16 or fp16, got {r.precision!r}",
     )
     _require(
-        r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda") or r.device == "mps",
+        re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", r.device) is not None,
         "run.device",
-        f"must be auto, cpu, cuda or cuda:N, got {r.device!r}",
+        f"must be auto, cpu, mps, cuda or cuda:N, got {r.device!r}",
+    )
+    _require(
+        not (r.precision == "fp16" and r.device == "cpu"),
+        "run.precision",
+        f"fp16 (with a gradient scaler) needs a GPU; on run.device={r.device} use fp32 or bf16",
     )
     for key in ("log_every", "keep_last", "checkpoint_every_epochs"):
         _require(getattr(r, key) >= 1, f"run.{key}", f"must be >= 1, got {getattr(r, key)}")
@@ -383,6 +393,11 @@ def validate(cfg: DINOConfig) -> None:
         "profile_steps",
     ):
         _require(getattr(r, key) >= 0, f"run.{key}", f"must be >= 0, got {getattr(r, key)}")
+    _require(
+        r.dist_timeout_minutes > 0,
+        "run.dist_timeout_minutes",
+        f"must be > 0 minutes, got {r.dist_timeout_minutes}",
+    )
     _require(
         r.compile_mode in COMPILE_MODES,
         "run.compile_mode",
@@ -396,6 +411,11 @@ def validate(cfg: DINOConfig) -> None:
     _require(mon.knn_every >= 0, "monitor.knn_every", "must be >= 0")
     _require(mon.knn_k >= 1, "monitor.knn_k", f"must be >= 1, got {mon.knn_k}")
     _require(mon.knn_temperature > 0, "monitor.knn_temperature", "must be > 0")
+    _require(
+        mon.knn_resize >= 0,
+        "monitor.knn_resize",
+        f"must be >= 0 pixels (0 = data.global_crop_size × 8/7), got {mon.knn_resize}",
+    )
     if mon.knn_every:
         _require(
             mon.knn_val is not None,

@@ -149,6 +149,11 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
             f"run.batch_size: {batch} per process × {world_size} process(es) = {total} is larger than the dataset "
             f"({len(dataset)} images in {root}); lower run.batch_size"
         )
+    if cfg.monitor.knn_every and cfg.monitor.knn_train is None and not dataset.labelled:
+        raise ConfigError(
+            f"monitor.knn_train: the k-NN monitor's bank defaults to the training folder, but {root} has no "
+            "class sub-folders; give a labelled folder (monitor.knn_train=DIR) or set monitor.knn_every=0"
+        )
     sampler = ResumableSampler(len(dataset), cfg.run.seed, rank, world_size)
     workers = resolve_num_workers(d.num_workers)
     if d.in_memory:

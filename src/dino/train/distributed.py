@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,29 +27,49 @@ class DistEnv:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → the local CUDA device when there is one, else the CPU."""
+def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """``auto`` → the local CUDA device when there is one, else the CPU; ``cuda`` → this process's GPU.
+
+    Under torchrun each process takes GPU ``LOCAL_RANK``, or GPU 0 where the launcher shows every process
+    only its own GPU; a fixed ``cuda:N`` would put every process on one GPU, so it is refused there."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"run.device={name} but no CUDA device is visible; use run.device=cpu")
     if name == "cuda":
-        name = f"cuda:{local_rank}"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device={name} but no CUDA device is visible; use run.device=cpu")
-    return device
+        count = torch.cuda.device_count()
+        if count == 1:
+            index = 0
+        elif local_rank < count:
+            index = local_rank
+        else:
+            raise ValueError(
+                f"process LOCAL_RANK={local_rank} but this node shows {count} GPUs: start at most {count} "
+                "processes per node (torchrun --nproc_per_node)"
+            )
+        name = f"cuda:{index}"
+    elif name.startswith("cuda:") and world_size > 1:
+        raise ValueError(
+            f"run.device={name} would put all {world_size} processes on one GPU: use run.device=cuda (each "
+            "process takes its LOCAL_RANK's GPU) and choose GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    return torch.device(name)
 
 
-def init_distributed(device_name: str = "auto") -> DistEnv:
-    """Read RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun) and join the process group when > 1."""
+def init_distributed(device_name: str = "auto", timeout_minutes: float = 60.0) -> DistEnv:
+    """Read RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun) and join the process group when > 1; a
+    collective fails after ``timeout_minutes`` of waiting for the other processes."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
+    device = resolve_device(device_name, local_rank, world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world_size, timeout=timedelta(minutes=timeout_minutes)
+        )
     return DistEnv(rank, world_size, local_rank, device)
 
 

@@ -73,7 +73,7 @@ class TrainState:
 def train(cfg: DINOConfig, resume: str | Path | bool = True) -> Path:
     """Train DINO as ``cfg`` says; returns the run directory. ``resume`` is True (continue the run in
     ``run.output_dir`` if it has a checkpoint), False, or the path of a checkpoint to continue from."""
-    env = init_distributed(cfg.run.device)
+    env = init_distributed(cfg.run.device, cfg.run.dist_timeout_minutes)
     try:
         return _train(cfg, env, resume)
     finally:
@@ -89,9 +89,11 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
     run_dir = Path(cfg.run.output_dir).expanduser()
     if cfg.run.compile:
         check_compile_toolchain(env.device)  # before the data: in memory, they can take minutes
-    data = build_train_data(cfg, env.rank, env.world_size, env.device)
+    # The models before the data: a missing weights file or an unknown timm name stops the run before the
+    # folder is scanned and, with data.in_memory, decoded.
     precision = resolve_precision(cfg.run.precision, env.device)
     student, teacher = build_student_teacher(cfg, env.device)
+    data = build_train_data(cfg, env.rank, env.world_size, env.device)
     dino_loss = DINOLoss(
         cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum, cfg.loss.teacher_norm
     )

@@ -3,6 +3,7 @@ temperature per epoch, and the set of them a run follows (:class:`Schedules`).""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -10,6 +11,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from dino.train.config import DINOConfig
+
+log = logging.getLogger(__name__)
 
 
 def cosine_schedule(
@@ -54,7 +57,7 @@ class Schedules:
     def build(cls, cfg: DINOConfig, iters_per_epoch: int, world_size: int) -> Schedules:
         o, r = cfg.optim, cfg.run
         peak_lr = o.lr * r.batch_size * world_size / 256.0  # linear scaling rule
-        return cls(
+        schedules = cls(
             lr=cosine_schedule(peak_lr, o.min_lr, r.epochs, iters_per_epoch, o.warmup_epochs),
             weight_decay=cosine_schedule(o.weight_decay, o.weight_decay_end, r.epochs, iters_per_epoch),
             momentum=cosine_schedule(
@@ -67,3 +70,18 @@ class Schedules:
                 r.epochs,
             ),
         )
+        # Warm-ups longer than the run are cut at its end (short trials of a long recipe); say so.
+        if o.warmup_epochs >= r.epochs:
+            log.warning(
+                "optim.warmup_epochs=%g covers all of run.epochs=%d: the learning rate ends at %.3g, not at "
+                "its peak %.3g (lower optim.warmup_epochs for a full warm-up)",
+                o.warmup_epochs, r.epochs, schedules.lr[-1], peak_lr,
+            )  # fmt: skip
+        if cfg.loss.warmup_teacher_temp_epochs > r.epochs:
+            log.warning(
+                "loss.warmup_teacher_temp_epochs=%d is longer than run.epochs=%d: the teacher temperature "
+                "ends at %.4g, not at loss.teacher_temp=%g (lower the warm-up for a full one)",
+                cfg.loss.warmup_teacher_temp_epochs, r.epochs, schedules.teacher_temp[-1],
+                cfg.loss.teacher_temp,
+            )  # fmt: skip
+        return schedules

@@ -98,7 +98,9 @@ def _build_student_teacher(
     student = MultiCropWrapper(student_backbone, _head(cfg, dim))
     # The teacher's head never trains, so its last-layer norm is fixed like the student's.
     teacher = MultiCropWrapper(teacher_backbone, _head(cfg, dim))
-    if _has_batch_norm(student) and torch.distributed.is_initialized():
+    # BatchNorm statistics over the global batch (as the original): SyncBatchNorm runs on GPUs only, so a
+    # multi-process CPU run normalises each process's own batch.
+    if _has_batch_norm(student) and torch.distributed.is_initialized() and device.type == "cuda":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # type: ignore[assignment]
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)  # type: ignore[assignment]
     if cfg.model.activation_checkpointing:
@@ -276,11 +278,7 @@ def build_knn_monitor(cfg: DINOConfig, train_dataset: ImageFolderDataset) -> Onl
         return None
     from dino.train.monitors import OnlineKNN
 
-    bank = mon.knn_train or (str(train_dataset.root) if train_dataset.labelled else None)
-    if bank is None:
-        raise ValueError(
-            "monitor.knn_train: the training folder has no class sub-folders; give a labelled folder for the k-NN bank"
-        )
+    bank = mon.knn_train or str(train_dataset.root)  # build_train_data checked that it is labelled
     assert mon.knn_val is not None
     crop = cfg.data.global_crop_size
     resize = mon.knn_resize or int(round(crop * 8 / 7))

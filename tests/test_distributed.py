@@ -1,0 +1,46 @@
+"""Which device each process takes (no GPU needed: CUDA's presence and device count are stubbed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dino.train.distributed import resolve_device
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    def visible(count: int) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+    return visible
+
+
+def test_each_torchrun_process_takes_its_local_gpu(gpus):
+    gpus(4)
+    assert [resolve_device("cuda", rank, 4) for rank in range(4)] == [
+        torch.device("cuda", i) for i in range(4)
+    ]
+    assert resolve_device("auto", 2, 4) == torch.device("cuda", 2)
+
+
+def test_a_launcher_that_shows_each_process_one_gpu(gpus):
+    gpus(1)  # e.g. SLURM with one GPU bound per task: every LOCAL_RANK's GPU is cuda:0
+    assert resolve_device("cuda", 3, 8) == torch.device("cuda", 0)
+
+
+def test_more_processes_than_gpus_and_a_fixed_gpu_under_torchrun_are_refused(gpus):
+    gpus(2)
+    with pytest.raises(ValueError, match="--nproc_per_node"):
+        resolve_device("cuda", 2, 4)
+    with pytest.raises(ValueError, match="run.device=cuda:1 would put all 2 processes on one GPU"):
+        resolve_device("cuda:1", 0, 2)
+    assert resolve_device("cuda:1", 0, 1) == torch.device("cuda", 1)  # one process: any GPU it names
+
+
+def test_no_gpu(gpus):
+    gpus(0)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA device is visible; use run.device=cpu"):
+        resolve_device("cuda:0")
