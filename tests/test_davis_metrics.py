@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from dino.eval.davis_metrics import (
+    BOUNDARY_THRESHOLD,
     boundary_map,
     boundary_tolerance,
     contour_accuracy,
@@ -147,16 +148,23 @@ def test_score_sequence_multi_object_with_void() -> None:
     first[1:3, 1:3] = 1
     first[5:7, 5:7] = 2
     gt1 = first.copy()
-    gt1[0, 0] = 255
+    gt1[7, 0] = 255
     pred1 = first.copy()
-    pred1[0, 0] = 1  # on a void pixel: ignored
+    pred1[7, 0] = 1  # on a void pixel, 5 rows from object 1's boundary
     pred1[5:7, 5:7] = 0  # object 2 lost
     last = first.copy()
-    objects = score_sequence([first, gt1, last], [first, pred1, np.zeros_like(last)])
+    # Void left out: the pixel on it is ignored.
+    objects = score_sequence([first, gt1, last], [first, pred1, np.zeros_like(last)], exclude_void=True)
     assert [o.object_id for o in objects] == [1, 2]
     assert objects[0].frames == ("00001",)  # the first and last frames are not scored
     assert objects[0].j == (1.0,) and objects[0].f == (1.0,)
     assert objects[1].j == (0.0,) and objects[1].f == (0.0,)
+    # The DAVIS scorer's rule (the default): void is background, the pixel on it a false positive.
+    objects = score_sequence([first, gt1, last], [first, pred1, np.zeros_like(last)])
+    assert objects[0].j == (4 / 5,)
+    boundary = contour_accuracy(gt1 == 1, pred1 == 1, None, BOUNDARY_THRESHOLD)
+    assert objects[0].f == (boundary.f,) and boundary.f < 1.0
+    assert objects[1].j == (0.0,)
 
 
 def test_evaluate_results_on_stored_davis_frames(tmp_path: Path) -> None:
@@ -179,6 +187,22 @@ def test_evaluate_results_on_stored_davis_frames(tmp_path: Path) -> None:
     assert scores["sequences"]["blackswan"]["J-mean"] == pytest.approx(2 / 3)
     assert scores["sequences"]["blackswan"]["F-mean"] == pytest.approx(2 / 3)
     assert scores["J-mean"] == pytest.approx((2 / 3 + 1 + 1) / 3)
+    # A prediction over tennis's void pixels (frame 1): false positives for the DAVIS scorer, ignored when
+    # void is excluded.
+    path = results / "tennis" / "00001.png"
+    with Image.open(path) as img:
+        labels, palette = np.array(img), img.getpalette()
+    assert (labels == 255).sum() > 0
+    labels[labels == 255] = 1
+    covered = Image.fromarray(labels, mode="P")
+    covered.putpalette(palette)
+    covered.save(path)
+    davis_rule = evaluate_results(DAVIS, results, sequences)["sequences"]["tennis"]["objects"]["1"]
+    excluded = evaluate_results(DAVIS, results, sequences, exclude_void=True)["sequences"]["tennis"][
+        "objects"
+    ]["1"]
+    assert excluded == {"J-mean": 1.0, "F-mean": 1.0}
+    assert davis_rule["J-mean"] < 0.999 and davis_rule["F-mean"] < 0.999
     (results / "tennis" / "00001.png").unlink()
     with pytest.raises(FileNotFoundError, match="missing"):
         evaluate_results(DAVIS, results, sequences)

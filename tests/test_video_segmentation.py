@@ -13,17 +13,22 @@ from PIL import Image
 
 from dino.cli import main
 from dino.eval.video_segmentation import (
+    FrameDataset,
     PropagationSettings,
+    check_scorable,
     default_palette,
     evaluate_davis,
     labels_to_mask,
     list_sequences,
     neighborhood_mask,
     one_hot_labels,
+    patch_features,
     processing_size,
     propagate,
     read_palette,
     require_vit,
+    segment_video,
+    sequence_frames,
 )
 from dino.models.vision_transformer import vit
 
@@ -176,7 +181,7 @@ def test_evaluate_davis_on_fixture_sequences(tmp_path: Path) -> None:
         progress=False,
     )
     assert scores["objects"] == 4
-    # J recomputed from the written PNGs: per object, the mean IoU (void pixels ignored) over frames
+    # J recomputed from the written PNGs: per object, the mean IoU (void counted as background) over frames
     # 1 .. N-2 (frame 1 alone for a 2-frame sequence), then the mean over every object of every sequence.
     per_object = []
     for seq in sequences:
@@ -186,7 +191,9 @@ def test_evaluate_davis_on_fixture_sequences(tmp_path: Path) -> None:
         preds = [np.array(Image.open(tmp_path / seq / f"{i:05d}.png")) for i in range(len(gts))]
         scored = range(1, len(gts) - 1) if len(gts) > 2 else [1]
         for k in range(1, int(gts[0][gts[0] != 255].max()) + 1):
-            per_object.append(np.mean([_iou(gts[t] == k, preds[t] == k, gts[t] != 255) for t in scored]))
+            per_object.append(
+                np.mean([_iou(gts[t] == k, preds[t] == k, np.ones_like(gts[t], bool)) for t in scored])
+            )
     assert len(per_object) == 4
     assert scores["J-mean"] == pytest.approx(np.mean(per_object))
     assert 0.0 <= scores["F-mean"] <= 1.0
@@ -254,3 +261,59 @@ def test_videoseg_command_refuses_a_resnet(tmp_path: Path, capsys) -> None:
     )
     assert rc == 2
     assert "Vision Transformer" in capsys.readouterr().err
+
+
+def test_segment_video_matches_a_plain_propagation_loop(tmp_path: Path) -> None:
+    """Each frame's context is the first frame with its given labels plus the ``n_last_frames`` previous
+    frames with their soft (not arg-maxed) labels, on the (rows, columns) patch grid, neighbourhood applied:
+    a plain loop over the frames' features gives the same masks. The grid (10 × 17 patches) is wider than
+    the neighbourhood (radius 2), so the restriction matters, and one previous frame leaves the older ones
+    out of the context."""
+    frames = sorted((DAVIS / "JPEGImages" / "480p" / "blackswan").glob("*.jpg"))
+    frames += sorted((DAVIS / "JPEGImages" / "480p" / "dog").glob("*.jpg"))[:2]  # 7 frames, the same size
+    annotation = np.array(Image.open(DAVIS / "Annotations" / "480p" / "blackswan" / "00000.png"))
+    settings = PropagationSettings(n_last_frames=1, topk=3, neighborhood=2, short_side=80, size_multiple=8)
+    torch.manual_seed(0)
+    model = vit("tiny", patch_size=8, img_size=32, depth=1).eval()
+    got = list(segment_video(model, frames, annotation, settings, torch.device("cpu"), batch_size=4))
+
+    size = processing_size(*annotation.shape, 8, settings)
+    grid = (size[0] // 8, size[1] // 8)
+    assert grid == (10, 17)
+    batch = torch.stack([FrameDataset(frames, size)[i] for i in range(len(frames))])
+    features = patch_features(model, batch)
+    small = np.array(Image.fromarray(annotation).resize((grid[1], grid[0]), Image.NEAREST))
+    first = one_hot_labels(small, int(annotation[annotation != 255].max()) + 1)
+    previous: list[tuple[torch.Tensor, torch.Tensor]] = []
+    expected = []
+    for t in range(1, len(frames)):
+        context = [(features[0], first), *previous[-1:]]
+        soft = propagate(features[t], [c[0] for c in context], [c[1] for c in context], settings, grid)
+        previous.append((features[t], soft))
+        expected.append(labels_to_mask(soft, grid, 8, annotation.shape))
+    assert len(got) == len(expected) == len(frames) - 1 >= 5
+    for mine, reference in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(mine, reference)
+    assert any((m != got[0]).any() for m in got[1:])  # the masks move: the test sees the context
+
+
+def _davis_copy(tmp_path: Path, annotations: int) -> Path:
+    root = tmp_path / "davis"
+    shutil.copytree(DAVIS / "JPEGImages" / "480p" / "blackswan", root / "JPEGImages" / "480p" / "blackswan")
+    out = root / "Annotations" / "480p" / "blackswan"
+    out.mkdir(parents=True)
+    for path in sorted((DAVIS / "Annotations" / "480p" / "blackswan").glob("*.png"))[:annotations]:
+        shutil.copy(path, out / path.name)
+    return root
+
+
+def test_binary_0_255_masks_and_unannotated_sequences_are_refused_before_any_work(tmp_path: Path) -> None:
+    root = _davis_copy(tmp_path, annotations=1)
+    with pytest.raises(ValueError, match="pass --no-score"):
+        check_scorable(root, ["blackswan"], "480p", None)
+    first = root / "Annotations" / "480p" / "blackswan" / "00000.png"
+    labels = np.array(Image.open(first))
+    Image.fromarray(np.where(labels > 0, 255, 0).astype(np.uint8), mode="L").save(first)
+    with pytest.raises(ValueError, match="DAVIS-2016's binary format"):
+        sequence_frames(root, "blackswan", "480p", None)
+    check_scorable(_davis_copy(tmp_path / "full", annotations=4), ["blackswan"], "480p", None)

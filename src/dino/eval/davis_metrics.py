@@ -2,11 +2,13 @@
 
 Definitions (Perazzi et al., CVPR 2016; the DAVIS-2017 semi-supervised evaluation):
 
-* **J** (region similarity) of one object in one frame is the IoU of the predicted and ground-truth masks,
-  counting only pixels that are not void (label 255 in the ground truth); two empty masks score 1.
+* **J** (region similarity) of one object in one frame is the IoU of the predicted and ground-truth masks;
+  two empty masks score 1. Void pixels (label 255 in the ground truth) count as background, as in the
+  DAVIS-2017 semi-supervised evaluation (its ``davis2017-evaluation`` scorer maps 255 to 0 and passes no
+  void mask): a prediction over void is a false positive. ``exclude_void=True`` leaves them out instead.
 * **F** (contour accuracy) is the F-measure of boundary precision and recall. Boundaries are one-pixel
-  maps from :func:`boundary_map` (the classic ``seg2bmap`` thinning) of the masks with void pixels removed;
-  a boundary pixel counts as matched when the other boundary lies within a disk of radius
+  maps from :func:`boundary_map` (the classic ``seg2bmap`` thinning) of the masks (with void pixels
+  removed when they are excluded); a boundary pixel counts as matched when the other boundary lies within a disk of radius
   ``ceil(0.008 × image diagonal)`` pixels (:func:`boundary_tolerance`). No predicted boundary with a
   ground-truth one gives P = 1, R = 0; the reverse gives P = 0, R = 1; neither gives P = R = 1.
 * Objects are the ids ``1..max`` of the first ground-truth frame (255 excluded); a prediction's object
@@ -196,8 +198,10 @@ def score_sequence(
     pred_frames: Sequence[np.ndarray],
     frame_names: Sequence[str] | None = None,
     bound_th: float = BOUNDARY_THRESHOLD,
+    exclude_void: bool = False,
 ) -> list[ObjectScores]:
-    """J and F of every object of one sequence from label maps (ground truth may contain 255 = void)."""
+    """J and F of every object of one sequence from label maps (ground truth may contain 255 = void:
+    background, as the DAVIS scorer counts it, or left out with ``exclude_void``)."""
     if len(gt_frames) != len(pred_frames):
         raise ValueError(f"{len(gt_frames)} ground-truth frames but {len(pred_frames)} predicted frames")
     names = list(frame_names) if frame_names is not None else [f"{i:05d}" for i in range(len(gt_frames))]
@@ -216,7 +220,7 @@ def score_sequence(
                 f"frame {names[i]}: prediction is {pred.shape[1]}x{pred.shape[0]} but the ground truth is "
                 f"{gt.shape[1]}x{gt.shape[0]}; write predictions at the annotation resolution"
             )
-        void = gt == VOID_LABEL
+        void = gt == VOID_LABEL if exclude_void else None
         for k, (js, fs) in per_object.items():
             js.append(region_similarity(gt == k, pred == k, void))
             fs.append(contour_accuracy(gt == k, pred == k, void, bound_th).f)
@@ -280,10 +284,12 @@ def evaluate_results(
     resolution: str = "480p",
     max_frames: int | None = None,
     bound_th: float = BOUNDARY_THRESHOLD,
+    exclude_void: bool = False,
 ) -> dict[str, object]:
     """Score a folder of predicted PNGs (``<results_dir>/<sequence>/<frame>.png``) against DAVIS annotations.
 
-    ``max_frames`` limits each sequence to its first frames (the same limit the predictions were made with).
+    ``max_frames`` limits each sequence to its first frames (the same limit the predictions were made with);
+    ``exclude_void`` leaves void pixels out of J and F (the DAVIS scorer counts them as background).
     """
     annotations = Path(davis_root) / "Annotations" / resolution
     results_dir = Path(results_dir)
@@ -300,5 +306,5 @@ def evaluate_results(
             )
         gts = [read_label_map(p) for p in gt_paths]
         preds = [gts[0]] + [read_label_map(results_dir / seq / p.name) for p in gt_paths[1:]]
-        per_sequence[seq] = score_sequence(gts, preds, [p.stem for p in gt_paths], bound_th)
+        per_sequence[seq] = score_sequence(gts, preds, [p.stem for p in gt_paths], bound_th, exclude_void)
     return summarize(per_sequence)

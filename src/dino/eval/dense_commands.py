@@ -11,6 +11,7 @@ import argparse
 import io
 from contextlib import redirect_stdout
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 from dino.eval.common import (
@@ -54,7 +55,8 @@ def register_videoseg(sub: argparse._SubParsersAction) -> None:
         description="Propagate the first frame's annotation through each DAVIS sequence with frozen ViT patch "
         "features (context: first frame + 7 previous, exp(cos/0.1) affinities within 12 patches, top-5), "
         "write indexed PNGs with the dataset's palette, and score them with region similarity J and contour "
-        "accuracy F (frames 1..N-2 of each sequence, void pixels ignored).",
+        "accuracy F (frames 1..N-2 of each sequence; void pixels count as background, as in the DAVIS "
+        "scorer).",
     )
     p.add_argument(
         "--data", required=True, help="DAVIS root (JPEGImages/<res>/<seq>, Annotations/<res>/<seq>)"
@@ -78,6 +80,11 @@ def register_videoseg(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="only write the PNGs (sequences annotated on the first frame only)",
     )
+    p.add_argument(
+        "--exclude-void",
+        action="store_true",
+        help="leave void pixels (255) out of J and F (the DAVIS scorer counts them as background)",
+    )
     g = p.add_argument_group("propagation (defaults: the paper's protocol)")
     g.add_argument("--n-last-frames", type=int, default=7, help="previous frames in the context (default: 7)")
     g.add_argument("--topk", type=int, default=5, help="affinities kept per target patch (default: 5)")
@@ -99,6 +106,7 @@ def _videoseg(args: argparse.Namespace) -> int:
     from dino.eval.davis_metrics import evaluate_results
     from dino.eval.video_segmentation import (
         PropagationSettings,
+        check_scorable,
         evaluate_davis,
         list_sequences,
         require_vit,
@@ -116,11 +124,15 @@ def _videoseg(args: argparse.Namespace) -> int:
         raise ValueError(f"no sequence to evaluate in {root}; pass --sequences")
     title = "DAVIS video object segmentation (J&F, fractions)"
     if args.score_only:
-        scores = evaluate_results(root, args.output_dir, sequences, args.resolution, args.max_frames)
+        scores = evaluate_results(
+            root, args.output_dir, sequences, args.resolution, args.max_frames, exclude_void=args.exclude_void
+        )
         write_results({"predictions": str(args.output_dir), **scores}, args.output, title)
         return 0
     for seq in sequences:
         sequence_frames(root, seq, args.resolution, args.max_frames)
+    if not args.no_score:
+        check_scorable(root, sequences, args.resolution, args.max_frames)
     settings = PropagationSettings(
         n_last_frames=args.n_last_frames,
         topk=args.topk,
@@ -133,7 +145,7 @@ def _videoseg(args: argparse.Namespace) -> int:
     loaded = model_from_args(args)
     model = require_vit(loaded.model, "video segmentation")
     device = resolve_device(args.device)
-    run = segment_davis if args.no_score else evaluate_davis
+    run = segment_davis if args.no_score else partial(evaluate_davis, exclude_void=args.exclude_void)
     scores = run(
         model,
         root,

@@ -329,6 +329,16 @@ def sequence_frames(davis_root: Path, sequence: str, resolution: str, max_frames
     annotation = davis_root / "Annotations" / resolution / sequence / f"{frames[0].stem}.png"
     if not annotation.is_file():
         raise FileNotFoundError(f"first-frame annotation {annotation} is missing")
+    labels = np.unique(read_label_map(annotation))
+    objects = labels[(labels != 0) & (labels != VOID_LABEL)]
+    if objects.size == 0:
+        hint = (
+            " (0/255 masks: DAVIS-2016's binary format, where 255 is the object; here 255 is void as in "
+            "DAVIS-2017: write the object as 1)"
+            if VOID_LABEL in labels
+            else ""
+        )
+        raise ValueError(f"the first-frame annotation {annotation} has no object to propagate{hint}")
     return frames
 
 
@@ -383,8 +393,10 @@ def evaluate_davis(
     progress: bool = True,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    exclude_void: bool = False,
 ) -> dict[str, object]:
     """Segment every sequence, then score the written PNGs with J and F (see :mod:`dino.eval.davis_metrics`)."""
+    check_scorable(Path(davis_root), sequences, resolution, max_frames)
     segment_davis(
         model,
         davis_root,
@@ -400,4 +412,20 @@ def evaluate_davis(
         mean,
         std,
     )
-    return evaluate_results(davis_root, output_dir, sequences, resolution, max_frames)
+    return evaluate_results(
+        davis_root, output_dir, sequences, resolution, max_frames, exclude_void=exclude_void
+    )
+
+
+def check_scorable(
+    davis_root: Path, sequences: Sequence[str], resolution: str, max_frames: int | None
+) -> None:
+    """Scoring needs ground truth beyond the first frame: refuse sequences without it before any work."""
+    for seq in sequences:
+        folder = davis_root / "Annotations" / resolution / seq
+        count = len(sorted(folder.glob("*.png"))[:max_frames])
+        if count < 2:
+            raise ValueError(
+                f"{folder} has {count} annotation(s): scoring needs ground truth beyond the first frame "
+                "(a test split?); pass --no-score to only write the predicted masks"
+            )
