@@ -129,3 +129,36 @@ def test_loss_kl_entropy_and_gradient_equal_the_pairwise_loop(n_views, n_global)
 def test_single_view_refused():
     with pytest.raises(ValueError, match="at least two views"):
         DINOLoss(5)(torch.randn(2, 5), torch.randn(2, 5), 0.04, n_global=1)
+
+
+def test_mismatched_view_counts_are_refused():
+    loss = DINOLoss(5)
+    with pytest.raises(ValueError, match="not a multiple of n_global=2"):
+        loss(torch.randn(8, 5), torch.randn(3, 5), 0.04)
+    with pytest.raises(ValueError, match="whole views of the teacher's batch of 2"):
+        loss(torch.randn(5, 5), torch.randn(4, 5), 0.04)
+    with pytest.raises(ValueError, match="same K"):
+        loss(torch.randn(8, 6), torch.randn(4, 5), 0.04)
+
+
+def _sinkhorn_on_two_processes(rank: int, init_file: str, logits: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    half = logits.shape[0] // 2
+    q = sinkhorn_knopp(logits[rank * half : (rank + 1) * half])
+    torch.save(q, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_sinkhorn_over_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
+    """The batch split over processes gives the targets of the whole batch on one: the normalisations,
+    and the shift before the exponential, are global. Each half here has its own scale, so per-process
+    shifts would weigh the halves differently."""
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    logits = torch.cat([torch.randn(6, 8) * 4 + 5, torch.randn(6, 8)])
+    mp.spawn(_sinkhorn_on_two_processes, args=(str(tmp_path / "init"), logits, str(tmp_path / "q")), nprocs=2)
+    split = torch.cat([torch.load(tmp_path / f"q.{rank}") for rank in (0, 1)])
+    torch.testing.assert_close(split, sinkhorn_knopp(logits))

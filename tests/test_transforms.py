@@ -73,6 +73,16 @@ def test_shared_steps_follow_the_paper(name: str) -> None:
     assert tuple(pipeline.transforms[-1].std) == (0.229, 0.224, 0.225)
 
 
+def test_the_steps_run_in_the_papers_order() -> None:
+    """Crop, flip, (jitter), grayscale, blur [, solarize on the second global view], to tensor, normalise."""
+    aug = MultiCropAugmentation()
+    shared = [transforms.RandomResizedCrop, transforms.RandomHorizontalFlip, transforms.RandomApply,
+              transforms.RandomGrayscale, RandomGaussianBlur]  # fmt: skip
+    end = [transforms.ToTensor, transforms.Normalize]
+    for name, middle in (("global1", []), ("global2", [transforms.RandomSolarize]), ("local", [])):
+        assert [type(t) for t in getattr(aug, name).transforms] == shared + middle + end, name
+
+
 def test_the_defaults_are_the_papers_multi_crop() -> None:
     """MultiCropAugmentation() itself (what library users call): 2 global 224² crops of scale (0.4, 1),
     8 local 96² crops of scale (0.05, 0.4), blur p = 1 / 0.1 / 0.5, solarize 0.2 on the second global."""

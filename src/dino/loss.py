@@ -34,8 +34,13 @@ def _all_reduce_mean(x: Tensor) -> Tensor:
 @torch.no_grad()
 def sinkhorn_knopp(logits: Tensor, n_iters: int = 3) -> Tensor:
     """Equipartitioned soft assignments (rows sum to 1) from teacher logits already divided by tau."""
-    q = torch.exp(logits - logits.max()).t()  # [K, B]
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    # One shift for the global batch (a process's own maximum would weigh the processes' columns unequally
+    # in the first row sums, so the targets would depend on the number of processes).
+    shift = logits.max().reshape(1)
+    if world > 1:
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    q = torch.exp(logits - shift).t()  # [K, B]
     batch = q.shape[1] * world
     k = q.shape[0]
     total = _all_reduce_mean(q.sum().reshape(1)) * world
@@ -99,7 +104,17 @@ class DINOLoss(nn.Module):
         diagnostics: teacher entropy and KL(teacher ‖ student), averaged over the same pairs. With
         ``update_center=False`` the caller updates the center itself (e.g. only after a finite loss).
         """
+        if teacher_output.shape[0] % n_global or teacher_output.shape[0] == 0:
+            raise ValueError(
+                f"teacher_output has {teacher_output.shape[0]} rows, not a multiple of n_global={n_global} "
+                "views of one batch"
+            )
         batch = teacher_output.shape[0] // n_global
+        if student_output.shape[0] % batch or student_output.shape[-1] != teacher_output.shape[-1]:
+            raise ValueError(
+                f"student_output is {tuple(student_output.shape)}: it needs whole views of the teacher's batch of "
+                f"{batch} ({n_global} view(s) in teacher_output {tuple(teacher_output.shape)}) and the same K"
+            )
         n_views = student_output.shape[0] // batch
         log_p = F.log_softmax(student_output.float() / self.student_temp, dim=-1).view(n_views, batch, -1)
         p_t = self.teacher_probs(teacher_output, teacher_temp).view(n_global, batch, -1)

@@ -65,10 +65,31 @@ def build_backbone(
                 f"timm has no model {name!r} (timm {timm.__version__}); list them with "
                 "python -c 'import timm; print(timm.list_models())'"
             )
-        model = timm.create_model(name, pretrained=False, num_classes=0)
+        model = _timm_model(timm, name, img_size, drop_path_rate)
         return model, model.num_features
     raise ValueError(f"unknown arch {arch!r}; choose one of {available_archs()}")
 
 
 def is_vit(arch: str) -> bool:
     return arch.startswith("vit_")
+
+
+def _timm_model(timm, name: str, img_size: int, drop_path_rate: float) -> nn.Module:
+    """A timm model without classifier, with stochastic depth, and for vision transformers sized for the
+    global crops and taking any input size (local crops, evaluation sizes): ``dynamic_img_size``."""
+    base = {"pretrained": False, "num_classes": 0}
+    attempts = (
+        {"img_size": img_size, "dynamic_img_size": True, "drop_path_rate": drop_path_rate},
+        {"drop_path_rate": drop_path_rate},  # convolutional networks take no image size
+    )
+    for extra in attempts:
+        try:
+            return timm.create_model(name, **base, **extra)
+        except TypeError:
+            continue
+    if drop_path_rate > 0:
+        raise ValueError(
+            f"timm model {name!r} takes no drop_path_rate; set model.drop_path_rate=0 to train it without "
+            "stochastic depth"
+        )
+    return timm.create_model(name, **base)

@@ -38,7 +38,9 @@ def _branch_scale(x: Tensor, drop_prob: float, training: bool) -> Tensor | None:
     if drop_prob == 0.0 or not training:
         return None
     keep = 1.0 - drop_prob
-    return x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=torch.float32).bernoulli_(keep) / keep
+    # Drawn in float32 whatever x's dtype (the same draws in every precision), applied in x's dtype.
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=torch.float32).bernoulli_(keep)
+    return (mask / keep).to(x.dtype)
 
 
 class DropPath(nn.Module):
@@ -164,6 +166,11 @@ class PatchEmbed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         batch, channels, height, width = x.shape
         p = self.patch_size
+        if channels != self.proj.in_channels:
+            raise ValueError(
+                f"input has {channels} channel(s) but the patch embedding takes {self.proj.in_channels}; "
+                "convert images to RGB (grey-level: repeat the channel)"
+            )
         rows, cols = height // p, width // p
         if rows == 0 or cols == 0:
             raise ValueError(f"input {height}x{width} is smaller than the patch size {p}")
