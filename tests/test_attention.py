@@ -18,6 +18,7 @@ from dino.eval.attention import (
     heat_colors,
     jaccard,
     mass_masks,
+    object_jaccards,
 )
 from dino.models.vision_transformer import vit
 
@@ -121,23 +122,36 @@ def test_attention_command_jaccard_on_voc_fixtures(tmp_path: Path, tiny_vit_file
     )  # fmt: skip
     assert rc == 0
     results = json.loads(out.read_text())
-    assert results["images"] == 3 and len(results["jaccard_per_head"]) == 3
+    assert results["images"] == 3 and len(results["foreground_jaccard_per_head"]) == 3
     assert results["normalization"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
     per_image = results["per_image"]
-    assert results["jaccard_best_head"] == pytest.approx(
-        np.mean([v["jaccard_best_head"] for v in per_image.values()])
-    )
-    assert all(v["jaccard_best_head"] >= v["jaccard_head_mean"] for v in per_image.values())
-    assert results["jaccard_best_head"] >= results["jaccard_best_single_head"] >= results["jaccard_head_mean"]
-    # Recompute one image's best-head Jaccard from the saved binary mask, independently.
-    best = per_image["0020.jpg"]["best_head"]
-    mask = np.array(Image.open(tmp_path / "pics" / "0020" / f"mask-head{best}.png")) > 0  # 64x64 model grid
-    big = np.array(Image.fromarray(mask).resize((128, 128), Image.NEAREST))
-    labels = np.array(Image.open(VOC / "SegmentationClass" / "0020.png"))
-    valid = labels != 255
-    fg = (labels != 0) & valid
-    expected = 100 * (fg & big).sum() / ((fg | big) & valid).sum()
-    assert per_image["0020.jpg"]["jaccard_best_head"] == pytest.approx(expected)
+    # Recompute from the saved binary masks of every head, independently: the paper's per-object Jaccard
+    # (per object the best head over all pixels, averaged over objects, then images) and the foreground one
+    # (void ignored).
+    paper, foreground = [], []
+    for name in per_image:
+        stem = Path(name).stem
+        labels = np.array(Image.open(VOC / "SegmentationClass" / f"{stem}.png"))
+        heads = []
+        for h in range(3):
+            mask = np.array(Image.open(tmp_path / "pics" / stem / f"mask-head{h}.png")) > 0  # 64 px grid
+            heads.append(np.array(Image.fromarray(mask).resize(labels.shape[::-1], Image.NEAREST)))
+        objects = [o for o in np.unique(labels) if o not in (0, 255)]
+        per_object = [
+            max(100 * (h & (labels == o)).sum() / (h | (labels == o)).sum() for h in heads) for o in objects
+        ]
+        assert per_image[name]["objects"] == len(objects)
+        assert per_image[name]["jaccard"] == pytest.approx(np.mean(per_object))
+        paper.append(np.mean(per_object))
+        valid, fg = labels != 255, (labels != 0) & (labels != 255)
+        fg_scores = [100 * (fg & h).sum() / ((fg | h) & valid).sum() for h in heads]
+        assert per_image[name]["foreground_jaccard_best_head"] == pytest.approx(max(fg_scores))
+        assert per_image[name]["foreground_best_head"] == int(np.argmax(fg_scores))
+        foreground.append(fg_scores)
+    assert results["jaccard"] == pytest.approx(np.mean(paper))
+    assert results["foreground_jaccard_best_head"] == pytest.approx(np.mean(np.max(foreground, axis=1)))
+    assert results["foreground_jaccard_head_mean"] == pytest.approx(np.mean(foreground))
+    assert results["foreground_jaccard_per_head"] == pytest.approx(list(np.mean(foreground, axis=0)))
     pictures = {p.name for p in (tmp_path / "pics" / "0020").iterdir()}
     assert {
         "image.png",
@@ -171,3 +185,20 @@ def test_attention_command_errors_before_work(tmp_path: Path, tiny_vit_file: Pat
     assert rc == 2 and "Vision Transformer" in capsys.readouterr().err
     rc = main(["attention", str(FRAMES), "--video", "--animation", str(tmp_path / "a.png"), "--weights", "x"])
     assert rc == 2 and ".gif" in capsys.readouterr().err
+
+
+def test_object_jaccards_score_each_object_against_each_head() -> None:
+    """Two objects side by side: a head covering both scores 1/2 on each (per object), a head on one object
+    1 on it and 0 on the other; a mask over void pixels pays for them in the union (as the paper's code)."""
+    labels = np.zeros((4, 6), dtype=np.uint8)
+    labels[1:3, 0:2], labels[1:3, 3:5], labels[0, 5] = 7, 9, 255
+    both, left = np.isin(labels, (7, 9)), labels == 7
+    over_void = left | (labels == 255)
+    scores = object_jaccards(np.stack([both, left, over_void]), labels)
+    assert sorted(scores) == [7, 9]
+    np.testing.assert_allclose(scores[7], [0.5, 1.0, 4 / 5])
+    np.testing.assert_allclose(scores[9], [0.5, 0.0, 0.0])
+    # The image's number: per object the best head, averaged: (1 + 1/2) / 2; the foreground Jaccard of the
+    # head on both objects would be 1.
+    assert np.mean([v.max() for v in scores.values()]) == 0.75
+    assert jaccard(both, labels) == 1.0

@@ -181,8 +181,9 @@ def register_attention(sub: argparse._SubParsersAction) -> None:
         help="last-layer [CLS] attention maps per head: heat maps, overlays, masks, videos, Jaccard",
         description="Save, for every image and every head, the last block's [CLS]-to-patch attention as a heat "
         "map, an overlay on the image, and a mask keeping --threshold of the head's attention mass. With "
-        "--masks, score those masks against ground-truth foreground (label not 0/255, 255 ignored) with the "
-        "Jaccard index (best head per image, averaged). With --video, animate a frame folder, GIF or video.",
+        "--masks, score those masks against the ground-truth masks with the Jaccard index as the paper does "
+        "(per object the best head, averaged over objects, then images), and against the whole foreground "
+        "(label not 0/255, 255 ignored). With --video, animate a frame folder, GIF or video.",
     )
     p.add_argument("input", metavar="IMAGE_OR_DIR", help="an image, a folder of images, or (--video) a video")
     p.add_argument(
@@ -275,7 +276,7 @@ def _attention(args: argparse.Namespace) -> int:
             progress=not args.quiet, **norm,
         )  # fmt: skip
         results.update(scores)
-        title = "Attention masks: Jaccard with ground-truth foreground (%)"
+        title = "Attention masks: Jaccard with the ground-truth masks (%)"
     else:
         from tqdm import tqdm
 
