@@ -51,7 +51,7 @@ def test_whitening_of_a_known_covariance_by_hand() -> None:
     points = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 1.0], [0.0, -1.0]]) @ rotation.T + torch.tensor(
         [5.0, -1.0]
     )
-    w = PCAWhitening.fit(points)
+    w = PCAWhitening.fit(points, kind="centred")
     torch.testing.assert_close(w.mean, torch.tensor([5.0, -1.0]))
     torch.testing.assert_close(w.eigenvalues, torch.tensor([2.0, 0.5]))
     out = w.apply(points)
@@ -67,14 +67,31 @@ def test_whitening_gives_identity_covariance_and_limits_dimensions() -> None:
     gen = torch.Generator().manual_seed(0)
     mixing = torch.randn(6, 6, generator=gen)
     features = torch.randn(500, 6, generator=gen) @ mixing.T + 3.0
-    w = PCAWhitening.fit(features)
+    w = PCAWhitening.fit(features, kind="centred")
     out = w.apply(features)
     torch.testing.assert_close(out.mean(dim=0), torch.zeros(6), atol=1e-4, rtol=0)
     torch.testing.assert_close(out.T @ out / 500, torch.eye(6), atol=1e-3, rtol=0)
     # Fewer images than dimensions: at most n - 1 components, never the unseen null space.
-    few = PCAWhitening.fit(features[:4])
+    few = PCAWhitening.fit(features[:4], kind="centred")
     assert few.projection.shape == (3, 6)
-    assert PCAWhitening.fit(features, dim=2).projection.shape == (2, 6)
+    assert PCAWhitening.fit(features, dim=2, kind="centred").projection.shape == (2, 6)
+    with pytest.raises(ValueError, match="at least 1 component"):
+        PCAWhitening.fit(features, dim=0)
+
+
+def test_reference_whitening_uses_the_uncentred_second_moments_and_keeps_every_dimension() -> None:
+    """As the original eval_copy_detection.py: eigenvectors of Fᵀ F / n of the whitening descriptors (not
+    centred), eigenvalues floored at 1e-5 of the largest, every dimension kept; the descriptors it is applied
+    to are centred with the whitening set's mean."""
+    points = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 1.0], [0.0, -1.0]]) + torch.tensor([3.0, 0.0])
+    w = PCAWhitening.fit(points)  # the default kind
+    # Fᵀ F / 4 = [[11, 0], [0, 0.5]] (the offset's 9 added to the first axis's variance 2).
+    torch.testing.assert_close(w.eigenvalues, torch.tensor([11.0, 0.5]))
+    torch.testing.assert_close(w.apply(points)[:, 0].abs(), torch.tensor([2.0, 2.0, 0.0, 0.0]) / 11**0.5)
+    features = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    kept = PCAWhitening.fit(features)
+    assert kept.projection.shape == (6, 6)  # 4 images, 6 dimensions: all kept, the null space floored
+    assert kept.eigenvalues.min() == pytest.approx(1e-5 * float(kept.eigenvalues.max()), rel=1e-3)
 
 
 def test_positives_by_stem_then_group_prefix() -> None:
@@ -146,11 +163,13 @@ def test_copydetect_command_end_to_end(tmp_path: Path, copydays: Path, capsys) -
     rc = main(
         ["copydetect", "--data", str(copydays), "--whiten-dir",
          str(copydays / "whiten"), "--distractors", str(copydays / "distractors"), "--imsize", "32", "--weights",
-         str(weights), "--device", "cpu", "--num-workers", "0", "--quiet", "--output", str(out)]
+         str(weights), "--device", "cpu", "--num-workers", "0", "--quiet", "--output", str(out),
+         "--whitening", "centred"]
     )  # fmt: skip
     assert rc == 0
     results = json.loads(out.read_text())
     assert results["database"] == {"originals": 4, "distractors": 3}
+    assert results["whitening"]["kind"] == "centred"
     assert results["whitening"]["dim"] == 5  # 6 whitening images: at most 5 components
     assert results["mAP"]["original"] == pytest.approx(100.0)
     assert results["mAP"]["jpegqual/100"] == pytest.approx(100.0)  # byte-identical copies
@@ -187,6 +206,18 @@ def test_strong_block_with_a_known_answer(tmp_path: Path) -> None:
         {"300001.jpg": 100.0, "310001.jpg": 100.0, "310002.jpg": 25.0}
     )
     assert results["mAP_strong"] == pytest.approx(100 * (1 + 1 + 0.25) / 3)
+    # Distractors are searched: a copy of A among them (after the originals, so the tie keeps A first)
+    # pushes 310002's positive B to rank 3: AP = (0 + 1/3) / 2.
+    (tmp_path / "distractors").mkdir()
+    shutil.copy(root / "original" / "300000.jpg", tmp_path / "distractors" / "d.jpg")
+    rc = main(
+        ["copydetect", "--data", str(root), "--imsize", "32", "--weights", str(weights), "--device", "cpu",
+         "--num-workers", "0", "--quiet", "--output", str(out), "--distractors", str(tmp_path / "distractors")]
+    )  # fmt: skip
+    assert rc == 0
+    assert json.loads(out.read_text())["per_query"]["strong"] == pytest.approx(
+        {"300001.jpg": 100.0, "310001.jpg": 100.0, "310002.jpg": 100 / 6}
+    )
 
 
 def test_copydetect_without_whitening_and_with_a_resnet(copydays: Path, tmp_path: Path) -> None:
@@ -208,3 +239,5 @@ def test_copydetect_errors_before_loading_a_model(tmp_path: Path, copydays: Path
         ["copydetect", "--data", str(copydays), "--whiten-dir", str(tmp_path / "nope"), "--weights", "x.pth"]
     )
     assert rc == 2 and "--whiten-dir" in capsys.readouterr().err
+    rc = main(["copydetect", "--data", str(copydays), "--whiten-dim", "-3", "--weights", "x.pth"])
+    assert rc == 2 and "--whiten-dim -3" in capsys.readouterr().err

@@ -12,9 +12,12 @@ Protocol (the paper's, after Berman et al.'s Multigrain):
   --representations cls+gem`` (``gem`` for a ResNet) stores the same descriptor.
 * Optional distractors (another folder) are added to the database.
 * Optional whitening learned on a separate folder: descriptors are centred with that folder's mean,
-  projected on the eigenvectors of its covariance and divided by ``sqrt(max(λ, 1e-5 · λ_max))`` (the
-  reference's floor for tiny eigenvalues), keeping at most ``n - 1`` components when the folder has ``n``
-  images (more would only amplify directions it never saw); then L2-normalised.
+  projected on the eigenvectors of its second-moment matrix and divided by ``sqrt(max(λ, 1e-5 · λ_max))``
+  (the reference's floor for tiny eigenvalues); then L2-normalised. ``whitening="reference"`` (the default)
+  does what the original ``eval_copy_detection.py`` does, which the paper's numbers come from: the matrix
+  is that of the *uncentred* whitening descriptors (``Fᵀ F / n``) and every dimension is kept.
+  ``whitening="centred"`` is textbook PCA whitening: the covariance of the centred descriptors, at most
+  ``n - 1`` components for ``n`` images (more would only amplify directions the folder never showed).
 * Ranking by cosine similarity; each query's AP (trapezoid rule, as for revisited Oxford/Paris) counts the
   positives within the first ``max_rank`` results (20 in the reference; 0: the whole database). mAP per block.
 """
@@ -26,7 +29,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -164,6 +167,10 @@ def descriptors(
 # --- Whitening -------------------------------------------------------------------------------------------
 
 
+WhiteningKind = Literal["reference", "centred"]
+WHITENING_KINDS: tuple[str, ...] = ("reference", "centred")
+
+
 @dataclass(frozen=True)
 class PCAWhitening:
     """``x ↦ (x - mean) @ projection.T``; rows of ``projection`` are eigenvectors / sqrt(eigenvalue)."""
@@ -174,19 +181,30 @@ class PCAWhitening:
     energy: float  # fraction of the variance kept
 
     @classmethod
-    def fit(cls, features: Tensor, dim: int | None = None, floor: float = EIGENVALUE_FLOOR) -> PCAWhitening:
-        """Learn the whitening from [n, D] features; keeps ``dim`` components (default ``min(D, n - 1)``)."""
+    def fit(
+        cls,
+        features: Tensor,
+        dim: int | None = None,
+        floor: float = EIGENVALUE_FLOOR,
+        kind: WhiteningKind = "reference",
+    ) -> PCAWhitening:
+        """Learn the whitening from [n, D] features; keeps ``dim`` components (default: D for the reference's
+        whitening, ``min(D, n - 1)`` for the centred one). See the module's notes for the two kinds."""
         n, d_in = features.shape
         if n < 2:
             raise ValueError(f"whitening needs at least 2 images, got {n}")
+        if kind not in WHITENING_KINDS:
+            raise ValueError(f"whitening must be one of {WHITENING_KINDS}, got {kind!r}")
+        if dim is not None and dim < 1:
+            raise ValueError(f"the whitening keeps at least 1 component, got dim={dim}")
         x = features.double()
         mean = x.mean(dim=0)
-        centred = x - mean
-        cov = centred.T @ centred / n
+        basis = x if kind == "reference" else x - mean
+        cov = basis.T @ basis / n
         eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # ascending
         eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
         total = float(eigenvalues.clamp_min(0).sum())
-        keep = min(dim or d_in, d_in, n - 1)
+        keep = min(dim or d_in, d_in) if kind == "reference" else min(dim or d_in, d_in, n - 1)
         eigenvalues = eigenvalues.clamp_min(floor * float(eigenvalues[0]))[:keep]
         eigenvectors = eigenvectors[:, :keep]
         projection = eigenvectors.T / eigenvalues.sqrt()[:, None]
@@ -228,6 +246,7 @@ def evaluate_copydays(
     progress: bool = True,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    whitening_kind: WhiteningKind = "reference",
 ) -> dict[str, Any]:
     """mAP (percent) per query block, the ``strong`` block's being the paper's number."""
     check_descriptor_support(model)
@@ -250,12 +269,13 @@ def evaluate_copydays(
         "descriptor_dim": int(database.shape[1]),
     }
     if whitening_images:
-        whitening = PCAWhitening.fit(embed(whitening_images, "whitening"), whiten_dim)
+        whitening = PCAWhitening.fit(embed(whitening_images, "whitening"), whiten_dim, kind=whitening_kind)
         if whitening.projection.shape[0] < database.shape[1]:
             log.info("whitening keeps %d of %d dimensions", whitening.projection.shape[0], database.shape[1])
         database = whitening.apply(database)
         queries = {name: whitening.apply(q) for name, q in queries.items()}
         results["whitening"] = {
+            "kind": whitening_kind,
             "images": len(whitening_images),
             "dim": int(whitening.projection.shape[0]),
             "energy_kept": whitening.energy,

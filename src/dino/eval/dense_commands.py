@@ -385,7 +385,16 @@ def register_copydetect(sub: argparse._SubParsersAction) -> None:
         "--whiten-dir", help="folder of images to learn the PCA whitening on (paper: 20k YFCC100M)"
     )
     p.add_argument(
-        "--whiten-dim", type=int, help="components kept by the whitening (default: min(dim, images - 1))"
+        "--whitening",
+        choices=("reference", "centred"),
+        default="reference",
+        help="reference (default): as the original eval_copy_detection.py, the paper's numbers (eigenvectors "
+        "of the uncentred descriptors' second moments, all dimensions kept); centred: textbook PCA whitening",
+    )
+    p.add_argument(
+        "--whiten-dim",
+        type=int,
+        help="components kept by the whitening (default: all; centred: at most images - 1)",
     )
     p.add_argument(
         "--distractors", help="folder of distractor images added to the database (paper: 10k YFCC100M)"
@@ -421,13 +430,15 @@ def _copydetect(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{option} {folder} is not a folder")
     if args.imsize < 1:
         raise ValueError("--imsize must be positive")
+    if args.whiten_dim is not None and args.whiten_dim < 1:
+        raise ValueError(f"--whiten-dim {args.whiten_dim}: keep at least 1 component (or leave it out: all)")
     norm = _normalization(args)
     loaded = model_from_args(args)
     check_descriptor_support(loaded.model)
     scores = evaluate_copydays(
         loaded.model, args.data, resolve_device(args.device), args.imsize, args.whiten_dir, args.whiten_dim,
         args.distractors, args.max_rank, args.group_chars, args.batch_size, args.num_workers,
-        progress=not args.quiet, **norm,
+        progress=not args.quiet, whitening_kind=args.whitening, **norm,
     )  # fmt: skip
     results = {
         "model": model_info(loaded),
