@@ -1,0 +1,51 @@
+"""The run log's figures: window and epoch averages, images per second, peak memory."""
+
+from __future__ import annotations
+
+import json
+import resource
+
+import pytest
+import torch
+
+import dino.train.logger as logger_module
+from dino.train.logger import RunLogger, peak_memory_gib
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_window_and_epoch_figures(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(logger_module.time, "perf_counter", clock)
+    run = RunLogger(tmp_path / "log.jsonl", progress="never")
+    run.start_epoch(0, iters=4, done=0)
+    stats = {"teacher_entropy": torch.tensor(2.0), "kl": torch.tensor(0.5)}
+    scalars = {"lr": 1e-3}
+    for step, loss in enumerate((4.0, 2.0, float("nan"), 3.0)):
+        clock.now += 0.5
+        record = run.step(step, 0, 64, torch.tensor(loss), stats, log_now=step in (1, 3), **scalars)
+        if step == 1:  # 2 steps × 64 images in 1 s; the mean of the window's losses
+            assert record["images_per_s"] == pytest.approx(128.0) and record["loss"] == pytest.approx(3.0)
+        elif step == 3:  # a non-finite loss (a skipped step) is left out of the mean
+            assert record["loss"] == pytest.approx(3.0) and record["lr"] == 1e-3
+        else:
+            assert record is None
+    clock.now += 1.0
+    summary = run.end_epoch(0)
+    assert summary["images_per_s"] == pytest.approx(256 / 3.0) and summary["seconds"] == pytest.approx(3.0)
+    assert summary["loss"] == pytest.approx(3.0) and summary["kl"] == pytest.approx(0.5)
+    run.close()
+    kinds = [json.loads(line)["type"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert kinds == ["iter", "iter", "epoch"]
+
+
+def test_peak_memory_on_the_cpu_is_the_resident_peak_in_gib():
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert peak_memory_gib(torch.device("cpu")) == pytest.approx(kib / 2**20, rel=0.01)
+    assert 0.01 < peak_memory_gib(torch.device("cpu")) < 64
