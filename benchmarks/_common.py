@@ -76,15 +76,27 @@ def hardware(device: torch.device) -> dict:
     }
 
 
-def report(name: str, device: torch.device, body: dict, table: list[dict], out: Path | None) -> dict:
-    """Print the JSON and a markdown table of ``table`` rows; write the JSON to ``out``."""
-    result = {
+def _document(name: str, device: torch.device, body: dict) -> dict:
+    return {
         "benchmark": name,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "hardware": hardware(device),
         **body,
     }
+
+
+def save_partial(name: str, device: torch.device, body: dict, out: Path | None) -> None:
+    """Write what is measured so far to ``out`` (marked ``"partial": true``), so that a benchmark stopped
+    by a time limit keeps it; the final :func:`report` overwrites it."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(_document(name, device, body | {"partial": True}), indent=2) + "\n")
+
+
+def report(name: str, device: torch.device, body: dict, table: list[dict], out: Path | None) -> dict:
+    """Print the JSON and a markdown table of ``table`` rows; write the JSON to ``out``."""
+    result = _document(name, device, body)
     text = json.dumps(result, indent=2)
     print(text)
     if table:

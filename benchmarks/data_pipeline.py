@@ -11,8 +11,8 @@
     the CPU time the main process spends receiving a batch (``main_cpu_ms_per_batch``): on a GPU that is
     the prefetch thread's, beside the training loop in the same interpreter.
 
-Images/s are measured in steady state (the first batch, which pays for worker start-up, is not timed) and
-each measurement stops after --seconds. Writes JSON (hardware, command, data used) and prints a table.
+Images/s are measured in steady state over --seconds: the first batches (worker start-up, and the batches
+the workers prepared meanwhile) are not timed, and passes over the images repeat until the time is up. Writes JSON (hardware, command, data used) and prints a table.
 
     python benchmarks/data_pipeline.py                                   # bundled 32x32 CIFAR sample, CPU
     python benchmarks/data_pipeline.py --make-jpegs 2000x1500 --full-decode  # large photos: reduced decode
@@ -36,22 +36,52 @@ from dino.data import ImageFolderDataset, MultiCropAugmentation, collate_skippin
 from dino.data.gpu_augment import BatchMultiCrop
 from dino.data.gpu_loader import DeviceMultiCropLoader, EncodedImageDataset, collate_encoded, decode_batch
 
+PREFETCH_FACTOR = 4  # batches each loader worker prepares ahead
 
-def _steady_rate(batches, device: torch.device, seconds: float) -> dict:
-    """Iterate ``batches`` of (views, labels, skipped); images/s after the first batch, up to ``seconds``."""
-    iterator = iter(batches)
-    first = next(iterator)
+
+def _forever(batches):
+    """The batches again and again (a loader: one pass after another, its workers kept alive)."""
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            return
+
+
+def _steady_rate(
+    batches, device: torch.device, seconds: float, backlog: int, per_batch=None, cpu_time: bool = False
+) -> dict:
+    """Images/s of ``batches`` of (views, labels, skipped) in steady state, over ``seconds``.
+
+    The first ``backlog + 1`` batches are not timed: worker start-up, and the batches the workers prepared
+    meanwhile, which would otherwise arrive at no cost and inflate the rate of many-worker loaders. Passes
+    repeat until ``seconds`` have been timed, so the rate never rests on the last few batches of one pass."""
+    iterator = _forever(batches)
+    for _ in range(backlog + 1):
+        next(iterator)
     sync(device)
-    start, images, steps = time.perf_counter(), 0, 0
-    for _views, labels, _ in iterator:
+    cpu, start, images, steps = time.process_time(), time.perf_counter(), 0, 0
+    for views, labels, _ in iterator:
+        if per_batch is not None:
+            per_batch(views)
         images += int(labels.numel())
         steps += 1
         if time.perf_counter() - start > seconds:
             break
     sync(device)
-    elapsed = time.perf_counter() - start
-    del first
-    return {"images": images, "batches": steps, "seconds": elapsed, "images_per_s": images / elapsed}
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    result = {"images": images, "batches": steps, "untimed_batches": backlog + 1, "seconds": elapsed,
+              "images_per_s": images / elapsed}  # fmt: skip
+    if cpu_time:
+        result["main_cpu_ms_per_batch"] = 1e3 * cpu / steps
+    return result
+
+
+def _backlog(workers: int) -> int:
+    """Batches a loader can hold ready when its consumer first asks: each worker's prefetch."""
+    return workers * PREFETCH_FACTOR
 
 
 def _crop_kwargs(args: argparse.Namespace) -> dict:
@@ -69,7 +99,8 @@ def _loader(dataset, args: argparse.Namespace, workers: int, collate) -> DataLoa
         num_workers=workers,
         collate_fn=collate,
         drop_last=True,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
+        persistent_workers=workers > 0,  # passes repeat within a measurement
     )
 
 
@@ -82,7 +113,7 @@ def measure_cpu_pil(
     reduction = augment.decode_reduction if reduced else None
     dataset = Subset(ImageFolderDataset(root, transform=augment, decode_reduction=reduction), indices)
     loader = _loader(dataset, args, workers, collate_skipping_bad)
-    return _steady_rate(loader, torch.device("cpu"), args.seconds)
+    return _steady_rate(loader, torch.device("cpu"), args.seconds, _backlog(workers))
 
 
 def measure_tensor(
@@ -96,7 +127,9 @@ def measure_tensor(
     loader = _loader(dataset, args, args.tensor_workers, collate_encoded)  # no pinning, as in training
     augment = BatchMultiCrop(**_crop_kwargs(args))
     pipeline = DeviceMultiCropLoader(loader, augment, device, seed=0, prefetch=prefetch)
-    return _steady_rate(pipeline, device, args.seconds) | {
+    # The prefetch thread holds one more batch ready.
+    backlog = _backlog(args.tensor_workers) + int(pipeline.prefetch)
+    return _steady_rate(pipeline, device, args.seconds, backlog) | {
         "workers": args.tensor_workers,
         "prefetch": pipeline.prefetch,
     }
@@ -113,24 +146,14 @@ def measure_bytes_only(root: Path, indices: list[int], args: argparse.Namespace,
     """The byte-reading workers alone: images/s and the main process's CPU time per batch received."""
     dataset = Subset(EncodedImageDataset(root), indices)
     loader = _loader(dataset, args, args.tensor_workers, collate_encoded if packed else _unpacked)
-    iterator = iter(loader)
-    next(iterator)  # worker start-up, not timed
-    cpu, start, images, steps = time.process_time(), time.perf_counter(), 0, 0
-    for encoded, labels, _ in iterator:
-        images += int(labels.numel())
-        steps += 1
+
+    def read(encoded) -> None:
         _ = [encoded[i] for i in range(len(encoded))]  # as decode_batch reads them
-        if time.perf_counter() - start > args.seconds:
-            break
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return {
-        "images": images,
-        "batches": steps,
-        "seconds": elapsed,
-        "images_per_s": images / elapsed if elapsed else None,
-        "main_cpu_ms_per_batch": 1e3 * cpu / steps if steps else None,
-        "workers": args.tensor_workers,
-    }
+
+    rate = _steady_rate(
+        loader, torch.device("cpu"), args.seconds, _backlog(args.tensor_workers), read, cpu_time=True
+    )
+    return rate | {"workers": args.tensor_workers}
 
 
 def measure_augment_only(
@@ -147,7 +170,7 @@ def measure_augment_only(
             views = augment(images, generator)
             yield views, torch.empty(len(images)), 0
 
-    return _steady_rate(batches(), device, args.seconds)
+    return _steady_rate(batches(), device, args.seconds, backlog=0)
 
 
 def _describe_data(args: argparse.Namespace, root: Path, count: int) -> dict:

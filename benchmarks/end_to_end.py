@@ -37,6 +37,7 @@ from pathlib import Path
 
 from _common import benchmark_parser, imagenet_sized_jpegs, pick_device, plain_overrides, report
 
+from dino.train.config import load_config
 from dino.train.profiling import PROFILE_SKIP
 
 VARIANTS = {
@@ -99,11 +100,16 @@ def run_variant(args: argparse.Namespace, name: str, data: Path, gpu: bool, work
     # The profiled steps (iterations PROFILE_SKIP .. PROFILE_SKIP + N; the last one also pays for writing
     # the profile) run slower: log intervals holding any of them are left out.
     profiled = (PROFILE_SKIP, PROFILE_SKIP + args.profile_steps) if args.profile_steps else None
+    # The batch the run really used: a run.batch_size among the overrides wins over --batch.
+    batch = load_config(out / "config.yaml").run.batch_size
     row = {
         "variant": name,
         "overrides": VARIANTS[name](gpu),
-        **steady_rate(out / "log.jsonl", args.batch, profiled),
+        "batch": batch,
+        **steady_rate(out / "log.jsonl", batch, profiled),
     }
+    if not gpu:
+        row["peak_memory_note"] = "the main process's peak resident memory; loader workers not included"
     if args.profile_steps:
         if not (out / "profile.json").is_file():
             raise RuntimeError(

@@ -62,7 +62,7 @@ def dino_loss(student, teacher, views, out_dim: int, dtype: torch.dtype | None) 
 def check_decode(jpegs: Path, device: torch.device) -> dict:
     files = sorted(p for p in jpegs.rglob("*.jpg"))[:64]
     if not files:
-        raise SystemExit(f"no .jpg files under {jpegs}")
+        raise FileNotFoundError(f"no .jpg files under {jpegs}")
     encoded = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in files]
     fast = decode_batch(encoded, device)
     diffs = []

@@ -59,12 +59,13 @@ step() {  # step NAME SECONDS COMMAND...: runs it with a time limit (cut to the 
   shift 2
   if [ -n "$STEPS" ] && [[ " $STEPS " != *" $name "* ]]; then return; fi
   local left=$(( BUDGET - ($(date +%s) - SUITE_START) ))
-  if [ "$left" -lt 15 ]; then
+  if [ "$left" -lt 25 ]; then
     echo "=== $name: skipped, ${left}s of the ${BUDGET}s budget left" | tee -a "$LOG"
     printf '%s\t%s\t0\t-\n' "$name" "$limit" >> "$WORK/steps.tsv"
     merge >> "$LOG" 2>&1
     return
   fi
+  left=$(( left - 10 ))  # timeout's --kill-after grace comes on top of the limit
   [ "$limit" -gt "$left" ] && limit=$left
   echo "=== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$LOG"
   local t0
@@ -75,6 +76,7 @@ step() {  # step NAME SECONDS COMMAND...: runs it with a time limit (cut to the 
   echo "=== $name: exit $rc after ${took}s" | tee -a "$LOG"
   printf '%s\t%s\t%s\t%s\n' "$name" "$limit" "$took" "$rc" >> "$WORK/steps.tsv"
   merge >> "$LOG" 2>&1
+  cp "$WORK"/*.profile.txt "$OUT"/ 2> /dev/null  # end_to_end's operator tables, kept if a later step is killed
 }
 
 "$PY" - >> "$LOG" 2>&1 <<'EOF'
@@ -90,7 +92,7 @@ if [ "$SMOKE" = 1 ]; then  # the same steps at sizes a laptop CPU finishes in a 
   VITB8="--arch vit_tiny --patch 16 --batch 2 --local-crops 2 --out-dim 1024 --steps 1 --warmup 1 --variants ours --activation-checkpointing"
   JPEGS=256 E2E="--config cifar_small --images 256 --epochs 2 --batch 32 --workers 2 --log-every 2 --profile-steps 3"
   PIPE="--images 128 --batch 32 --workers 0,2 --seconds 2"
-  TTA="--epochs 1 --holdout 50 --bank 100 --train-per-class 50 --variants ours,plain -- run.batch_size=32"
+  TTA="--epochs 1 --holdout 50 --bank 50 --train-per-class 50 --variants ours,plain -- run.batch_size=32"
   KNN="--bank 20000 --queries 200 --seconds 2"
 else
   VITS="--arch vit_small --patch 16 --batch 64 --local-crops 8 --out-dim 65536 --steps 20 --warmup 6"
@@ -119,7 +121,7 @@ if [ -z "$STEPS" ] || [[ " $STEPS " == *" gpu_checks "* ]] || [[ " $STEPS " == *
 fi
 step end_to_end 150 "$PY" $B/end_to_end.py --data "$WORK/jpegs" --scratch "$WORK" $E2E --out "$WORK/end_to_end.json"
 step train_step_vitb16 150 "$PY" $B/train_step.py $VITB --variants $V $COMPILED "${ORIG[@]}" --out "$WORK/train_step_vitb16.json"
-step data_pipeline 60 "$PY" $B/data_pipeline.py --data "$WORK/jpegs" $PIPE --out "$WORK/data_pipeline.json"
+step data_pipeline 90 "$PY" $B/data_pipeline.py --data "$WORK/jpegs" $PIPE --out "$WORK/data_pipeline.json"
 step knn 60 "$PY" $B/knn.py $KNN --out "$WORK/knn.json"
 step time_to_accuracy ${TTA_LIMIT:-150} "$PY" $B/time_to_accuracy.py --scratch "$WORK/cifar" --out "$WORK/time_to_accuracy.json" $TTA
 step train_step_vitb8_ckpt 60 "$PY" $B/train_step.py $VITB8 --out "$WORK/train_step_vitb8_ckpt.json"
@@ -128,5 +130,4 @@ CHECKS_DEFAULT=decode,augment,precision,guard,compile,compile_drop_path
 step gpu_checks 150 "$PY" $B/gpu_checks.py --jpegs "$WORK/jpegs" --checks "${CHECKS:-$CHECKS_DEFAULT}" --out "$WORK/gpu_checks.json"
 
 merge
-cp "$WORK"/*.profile.txt "$OUT"/ 2> /dev/null  # end_to_end's operator tables of the profiled steps
 rm -rf "$WORK"

@@ -35,11 +35,12 @@ def summarise(prof, iterations: int, wall: float, device: torch.device) -> tuple
     events = prof.key_averages()
     on_device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernel_us = sum(e.device_time for e in on_device)  # kernels and copies on the device
-    syncs = sum(
-        e.count
-        for e in events
-        if "Synchronize" in e.key or e.key in ("aten::item", "aten::_local_scalar_dense")
-    )
+    # A read of a device value is one aten::_local_scalar_dense (aten::item calls it, and the runtime's
+    # cudaStreamSynchronize is inside it), so count those, plus the explicit device / stream syncs made
+    # outside such a read (torch.cuda.synchronize).
+    reads = sum(e.count for e in events if e.key == "aten::_local_scalar_dense")
+    explicit = sum(e.count for e in events if e.key in ("cudaDeviceSynchronize", "aten::cuda_synchronize"))
+    syncs = reads + explicit
     body = {
         "iterations": iterations,
         "wall_ms_per_iteration": 1e3 * wall / iterations,
@@ -139,10 +140,16 @@ def main() -> None:
         help="augmentation: render same-size views together (the GPU path)",
     )
     args = parser.parse_args()
+    parts = {"step": profile_step, "augment": profile_augment, "augment_ops": count_augment_ops}
+    chosen = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(chosen) - set(parts))
+    if unknown:
+        parser.error(f"--parts: unknown {unknown}; choose from {', '.join(parts)}")
+    if "augment" in chosen and (args.jpegs is None or not any(args.jpegs.rglob("*.jpg"))):
+        parser.error("--parts augment profiles real JPEG files: pass --jpegs DIR (a folder of .jpg files)")
     device = pick_device(args.device)
     body, texts = {}, []
-    parts = {"step": profile_step, "augment": profile_augment, "augment_ops": count_augment_ops}
-    for name in args.parts.split(","):
+    for name in chosen:
         body[name], text = parts[name](args, device)
         texts.append(f"## {name}\n{text}")
         print(name, body[name], flush=True)

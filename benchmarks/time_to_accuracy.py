@@ -1,7 +1,7 @@
 """Time to accuracy on CIFAR-10 (JPEG copy): train a preset for a wall-clock budget, then weighted k-NN.
 
-Unpacks ``../shared/data/cifar10-train-jpeg.tar.gz`` once into a scratch folder, holds out the last
-``--holdout`` images of every class (never trained on), trains ``dino train`` on the rest, and reports the
+Unpacks ``../shared/data/cifar10-train-jpeg.tar.gz`` once into a scratch folder, holds out ``--holdout``
+images of every class (drawn with a fixed seed; never trained on), trains ``dino train`` on the rest, and reports the
 teacher's weighted k-NN accuracy (k = 20, T = 0.07) on the held-out images, next to the same network at
 random initialisation. The k-NN bank is ``--bank`` labelled training images per class (the ``--curve``
 monitor's too), and, at the end, also the whole training split, as the paper's k-NN evaluation does.
@@ -214,6 +214,11 @@ def main() -> None:
     unknown = [name for name in variants if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if args.train_per_class and args.bank > args.train_per_class:
+        parser.error(
+            f"--bank {args.bank} is larger than --train-per-class {args.train_per_class}: the k-NN bank would "
+            "hold images the network never trained on; lower --bank"
+        )
     split = prepare(args.scratch, args.holdout, args.bank, args.train_per_class)
     cfg = load_config(args.config, args.overrides)
     n_train = sum(1 for _ in split.train.rglob("*.jpg"))

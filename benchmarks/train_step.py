@@ -32,14 +32,24 @@ import argparse
 import importlib.util
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
-from _common import add_model_arguments, benchmark_parser, pick_device, report, student_teacher, sync
+from _common import (
+    add_model_arguments,
+    benchmark_parser,
+    pick_device,
+    report,
+    save_partial,
+    student_teacher,
+    sync,
+)
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from dino.loss import DINOLoss
 from dino.models.multicrop import MultiCropWrapper
+from dino.models.vision_transformer import VIT_SIZES
 from dino.teacher import ema_update, init_teacher
 from dino.train.config import COMPILE_MODES
 from dino.train.optim import build_optimizer, clip_gradients, param_groups, set_schedules
@@ -69,8 +79,16 @@ def build_original(args: argparse.Namespace, device: torch.device):
     original = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(original)
 
+    embed_dim, depth, heads = VIT_SIZES[args.arch.removeprefix("vit_")]
+
     def model(drop_path: float) -> MultiCropWrapper:
-        backbone = getattr(original, args.arch)(patch_size=args.patch, drop_path_rate=drop_path)
+        # The same network as ours: the size's width and heads, --depth blocks, position embeddings for
+        # the global crops (the original's arch functions fix 12 blocks and 224 px).
+        backbone = original.VisionTransformer(
+            img_size=[args.global_size], patch_size=args.patch, embed_dim=embed_dim, depth=args.depth or depth,
+            num_heads=heads, mlp_ratio=4, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            drop_path_rate=drop_path,
+        )  # fmt: skip
         return MultiCropWrapper(backbone, original.DINOHead(backbone.embed_dim, args.out_dim))
 
     student = model(0.1).to(device)
@@ -98,7 +116,7 @@ def make_step(args: argparse.Namespace, device: torch.device, variant: str) -> C
 
     ``ours``: what ``dino train`` does; ``compiled``: the same with ``torch.compile``. ``plain``: our code
     the simple way — explicit-softmax attention,
-    multi-tensor (unfused) AdamW, fp16 autocast with a grad scaler on a GPU (fp32 on the CPU), eager, the
+    PyTorch's default (unfused) AdamW, fp16 autocast with a grad scaler on a GPU (fp32 on the CPU), eager, the
     loss read every step. ``original``: the original architecture (``--original``) with the original
     loop's habits — PyTorch's default AdamW, per-tensor clipping and EMA in Python loops, fp16 + grad
     scaler on a GPU, the loss read every step."""
@@ -331,6 +349,7 @@ def main() -> None:
     for r in range(args.rounds):  # every other round in reverse order: no variant always runs first
         for name in variants if r % 2 == 0 else variants[::-1]:
             rounds[name].append(measure(args, device, name))
+            save_partial("train_step", device, body | {"rounds": rounds}, args.out)  # kept if killed
         if args.flops:
             rates.append(step_matmul_rate(args, device))
     for name, results in rounds.items():

@@ -60,3 +60,40 @@ def test_augment_operator_count_splits_device_kernels_views_and_host_work():
         torch.ones(2, device="meta").view(2, 1)
     # device: two fills (ones) and the add; host: a fill and the multiplication.
     assert counter.counts == {"device_kernels": 3, "device_views": 1, "host": 2}
+
+
+def _benchmark_module(name: str):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_end_to_end_rate_counts_only_intervals_within_an_epoch_and_outside_the_profile(tmp_path):
+    import json
+
+    end_to_end = _benchmark_module("end_to_end")
+    points = [(0, 1, 10.0), (0, 3, 12.0), (0, 5, 14.0), (1, 7, 30.0), (1, 9, 31.0)]  # epoch, iteration, time
+    log = tmp_path / "log.jsonl"
+    lines = [{"type": "start"}] + [
+        {"type": "iter", "epoch": e, "iteration": i, "time": t} for e, i, t in points
+    ]
+    log.write_text("\n".join(json.dumps(r) for r in lines))
+    # 1→3, 3→5 (2 s each) and 7→9 (1 s); 5→7 crosses the epoch end (checkpoint, worker restart): 6 steps, 5 s.
+    rate = end_to_end.steady_rate(log, images_per_step=8)
+    assert rate["steps_timed"] == 6 and rate["steady_images_per_s"] == pytest.approx(6 * 8 / 5)
+    # Profiled iteration 4 lies in 3→5 (iterations 4 and 5): that interval is left out.
+    rate = end_to_end.steady_rate(log, images_per_step=8, exclude=(4, 4))
+    assert rate["steps_timed"] == 4 and rate["seconds_timed"] == pytest.approx(3.0)
+
+
+def test_data_pipeline_rate_leaves_the_loaders_backlog_untimed_and_repeats_passes():
+    data_pipeline = _benchmark_module("data_pipeline")
+    batches = [(index, torch.zeros(4), 0) for index in range(3)]  # (views, labels, skipped)
+    timed = []
+    result = data_pipeline._steady_rate(batches, torch.device("cpu"), 0.0, backlog=4, per_batch=timed.append)
+    # Batches 0..4 (start-up + a backlog of 4) are not timed; the passes repeat, so the first timed batch
+    # is the sixth drawn: index 5 % 3 = 2.
+    assert timed == [2] and result["untimed_batches"] == 5 and result["images"] == 4
+    assert data_pipeline._backlog(workers=8) == 8 * data_pipeline.PREFETCH_FACTOR
