@@ -157,3 +157,13 @@ def test_training_in_memory_gives_the_losses_of_decoding_batch_by_batch(small_fo
     train(load_config(None, common + [f"run.output_dir={tmp_path / 'kept'}", "data.in_memory=true"]))
     streamed, kept = _losses(tmp_path / "streamed"), _losses(tmp_path / "kept")
     assert len(streamed) == 3 and streamed == kept
+
+
+def test_the_host_budget_is_shared_by_the_nodes_processes(monkeypatch) -> None:
+    import dino.data.in_memory as in_memory
+
+    monkeypatch.setattr(in_memory, "_host_available", lambda: 8 * 2**30)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert in_memory.memory_budget(torch.device("cpu")) == 4 * 2**30  # half of what is available
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four processes, one copy each
+    assert in_memory.memory_budget(torch.device("cpu")) == 2**30

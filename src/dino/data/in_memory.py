@@ -48,11 +48,14 @@ class InMemoryTooLarge(RuntimeError):
 
 
 def memory_budget(device: torch.device) -> int:
-    """Bytes the decoded images may take on ``device``: :data:`MEMORY_SHARE` of what is free there."""
+    """Bytes the decoded images may take on ``device``: :data:`MEMORY_SHARE` of what is free there. Host
+    memory is shared by the node's processes (``LOCAL_WORLD_SIZE``, set by torchrun), each of which keeps
+    its own copy: each gets its part of that share."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * MEMORY_SHARE)
-    return int(_host_available() * MEMORY_SHARE)
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return int(_host_available() * MEMORY_SHARE / processes)
 
 
 def _host_available() -> int:
