@@ -52,3 +52,34 @@ def test_foreign_file_is_not_a_checkpoint(tmp_path):
     torch.save({"w": torch.ones(1)}, path)
     with pytest.raises(CheckpointError, match="not a dino training checkpoint"):
         load_checkpoint(path)
+
+
+def test_iterations_past_nine_digits_stay_in_the_rolling_window(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for it in (999_999_998, 999_999_999, 1_000_000_000, 1_000_000_001):
+        manager.save({"iteration": it}, it)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["last-1000000000.pth", "last-1000000001.pth"]
+    assert manager.load_latest()[0]["iteration"] == 1_000_000_001
+
+
+def test_an_epoch_keeper_copied_without_hard_links_is_complete_or_absent(tmp_path, monkeypatch):
+    import dino.train.checkpoint as checkpoint
+
+    def no_links(src, dst):
+        raise OSError("hard links not supported")
+
+    monkeypatch.setattr(checkpoint.os, "link", no_links)
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.save({"iteration": 5, "w": torch.arange(4.0)}, 5, epoch_keeper=0)
+    kept = load_checkpoint(tmp_path / "checkpoints" / "epoch-0000.pth")
+    assert kept["iteration"] == 5 and torch.equal(kept["w"], torch.arange(4.0))
+
+    def disk_full(src, dst, *args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint.shutil, "copyfileobj", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        manager.save({"iteration": 6}, 6, epoch_keeper=1)
+    leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if ".tmp-" in p.name]
+    assert leftovers == [] and not (tmp_path / "checkpoints" / "epoch-0001.pth").exists()

@@ -266,6 +266,32 @@ def test_check_usable_raises_when_most_files_fail(tmp_path: Path) -> None:
     assert len(check_usable(ImageFolderDataset(tmp_path)).failures) == 3  # 3 of 6: exactly the limit
 
 
+@pytest.mark.parametrize("bad, fraction", [(1, 0.9), (2, 0.8), (3, 0.7)])
+def test_check_usable_accepts_exactly_the_allowed_failures(tmp_path: Path, bad: int, fraction: float) -> None:
+    """1 - 0.9 is 0.0999… in floats: 1 failure of 10 must still be within a 10 % allowance."""
+    for i in range(bad):
+        (tmp_path / f"bad{i}.jpg").write_bytes(b"")
+    for i in range(10 - bad):
+        _save_rgb(tmp_path / f"good{i}.jpg")
+    assert len(check_usable(ImageFolderDataset(tmp_path), min_valid_fraction=fraction).failures) == bad
+    (tmp_path / "bad_extra.jpg").write_bytes(b"")
+    with pytest.raises(DatasetError, match="too many files"):
+        check_usable(ImageFolderDataset(tmp_path), min_valid_fraction=fraction, sample_size=11)
+
+
+def test_symbolic_links_dangling_files_and_linked_class_folders(tmp_path: Path, caplog) -> None:
+    for cls in ("dog", "zcat"):
+        (tmp_path / cls).mkdir()
+        _save_rgb(tmp_path / cls / "a.jpg")
+    (tmp_path / "cat").symlink_to(tmp_path / "zcat", target_is_directory=True)  # the same folder twice
+    (tmp_path / "dog" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with caplog.at_level("WARNING", logger="dino.data.datasets"):
+        ds = ImageFolderDataset(tmp_path)
+    assert len(ds) == 2  # zcat's image once, the dangling link left out
+    assert "a symbolic link to a file that does not exist" in caplog.text
+    assert "are the same folder" in caplog.text
+
+
 # --- bundled sample -----------------------------------------------------------------------------
 
 

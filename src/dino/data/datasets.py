@@ -8,6 +8,7 @@ with a clear :class:`DatasetError`, when most of a folder cannot be decoded at a
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -21,6 +22,8 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -163,17 +166,26 @@ def _scan_images(root: Path) -> list[Path]:
     """All image files under ``root`` (recursive, symlinks followed once, hidden entries ignored),
     sorted by their path relative to ``root`` so the order never depends on the file system."""
     found: list[Path] = []
-    seen_dirs: set[str] = set()
+    seen_dirs: dict[str, str] = {}  # real path -> the folder first read there
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen_dirs:  # a symlink loop or a second link to the same folder
+        if real in seen_dirs:  # a symlink loop or a second link to the same folder: read once
             dirnames[:] = []
+            if Path(dirpath).parent == root or Path(seen_dirs[real]).parent == root:
+                log.warning(
+                    "%s and %s are the same folder (a symbolic link): its images are read once, as %s",
+                    seen_dirs[real], dirpath, os.path.relpath(seen_dirs[real], root),
+                )  # fmt: skip
             continue
-        seen_dirs.add(real)
+        seen_dirs[real] = dirpath
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
         for name in filenames:
             if not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath, name))
+                path = Path(dirpath, name)
+                if os.path.exists(path):  # not a dangling symbolic link
+                    found.append(path)
+                else:
+                    log.warning("skipping %s: a symbolic link to a file that does not exist", path)
     return sorted(found, key=lambda p: p.relative_to(root).parts)
 
 
@@ -372,7 +384,7 @@ def check_usable(
             load_rgb(path, dataset.max_pixels)
         except ImageDecodeError as exc:
             failures.append((path, str(exc)))
-    if count and len(failures) / count > 1.0 - fraction:
+    if count and (count - len(failures)) / count < fraction:  # not 1 - fraction: 1 - 0.9 < 0.1 in floats
         example, reason = failures[0]
         raise DatasetError(
             f"too many files in {dataset.root} cannot be decoded: {len(failures)} of {count} sampled failed, "

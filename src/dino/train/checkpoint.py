@@ -22,7 +22,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "dino-checkpoint"
-_ROLLING = re.compile(r"^last-(\d{9})\.pth$")
+_ROLLING = re.compile(r"^last-(\d{9,})\.pth$")  # zero-padded to 9 digits, more past 999,999,999
 _KEEPER = re.compile(r"^epoch-(\d{4,})\.pth$")
 
 
@@ -105,10 +105,18 @@ class CheckpointManager:
             tmp = keeper.with_name(f".{keeper.name}.tmp-{os.getpid()}")
             tmp.unlink(missing_ok=True)
             try:
-                os.link(path, tmp)  # same bytes without a second write
-            except OSError:
-                shutil.copyfile(path, tmp)
-            os.replace(tmp, keeper)
+                try:
+                    os.link(path, tmp)  # same bytes without a second write (already on disk)
+                except OSError:  # no hard links here: a copy, on disk before it takes the name
+                    with open(path, "rb") as src, open(tmp, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                        dst.flush()
+                        os.fsync(dst.fileno())
+                os.replace(tmp, keeper)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            _fsync_dir(keeper.parent)
         for old in self.rolling()[self.keep_last :]:
             old.unlink(missing_ok=True)
         return path
