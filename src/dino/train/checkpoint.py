@@ -13,9 +13,9 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -32,11 +32,17 @@ class CheckpointError(RuntimeError):
 
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` such that readers see either the old file or the complete new one."""
+    _write_atomically(path, lambda fh: torch.save(obj, fh))
+
+
+def _write_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write`` into a temporary file beside ``path``, on disk before it takes the name; nothing is left
+    behind if it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary(path)
     try:
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -44,6 +50,10 @@ def atomic_save(obj: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -102,21 +112,16 @@ class CheckpointManager:
         atomic_save(state, path)
         if epoch_keeper is not None:
             keeper = self.directory / f"epoch-{epoch_keeper:04d}.pth"
-            tmp = keeper.with_name(f".{keeper.name}.tmp-{os.getpid()}")
+            tmp = _temporary(keeper)
             tmp.unlink(missing_ok=True)
             try:
-                try:
-                    os.link(path, tmp)  # same bytes without a second write (already on disk)
-                except OSError:  # no hard links here: a copy, on disk before it takes the name
-                    with open(path, "rb") as src, open(tmp, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-                        dst.flush()
-                        os.fsync(dst.fileno())
+                os.link(path, tmp)  # same bytes without a second write (already on disk)
+            except OSError:  # no hard links here: a copy
+                with open(path, "rb") as src:
+                    _write_atomically(keeper, lambda dst: shutil.copyfileobj(src, dst))
+            else:
                 os.replace(tmp, keeper)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            _fsync_dir(keeper.parent)
+                _fsync_dir(keeper.parent)
         for old in self.rolling()[self.keep_last :]:
             old.unlink(missing_ok=True)
         return path
