@@ -86,12 +86,16 @@ def _document(name: str, device: torch.device, body: dict) -> dict:
     }
 
 
+def _write(text: str, out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
 def save_partial(name: str, device: torch.device, body: dict, out: Path | None) -> None:
     """Write what is measured so far to ``out`` (marked ``"partial": true``), so that a benchmark stopped
     by a time limit keeps it; the final :func:`report` overwrites it."""
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_document(name, device, body | {"partial": True}), indent=2) + "\n")
+    _write(json.dumps(_document(name, device, body | {"partial": True}), indent=2), out)
 
 
 def report(name: str, device: torch.device, body: dict, table: list[dict], out: Path | None) -> dict:
@@ -104,9 +108,7 @@ def report(name: str, device: torch.device, body: dict, table: list[dict], out: 
         print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
         for row in table:
             print("| " + " | ".join(_cell(row.get(k)) for k in keys) + " |")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    _write(text, out)
     return result
 
 

@@ -12,7 +12,8 @@
     the prefetch thread's, beside the training loop in the same interpreter.
 
 Images/s are measured in steady state over --seconds: the first batches (worker start-up, and the batches
-the workers prepared meanwhile) are not timed, and passes over the images repeat until the time is up. Writes JSON (hardware, command, data used) and prints a table.
+the workers prepared meanwhile) are not timed, and passes over the images repeat until the time is up.
+Writes JSON (hardware, command, data used) and prints a table.
 
     python benchmarks/data_pipeline.py                                   # bundled 32x32 CIFAR sample, CPU
     python benchmarks/data_pipeline.py --make-jpegs 2000x1500 --full-decode  # large photos: reduced decode

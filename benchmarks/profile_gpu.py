@@ -36,11 +36,10 @@ def summarise(prof, iterations: int, wall: float, device: torch.device) -> tuple
     on_device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernel_us = sum(e.device_time for e in on_device)  # kernels and copies on the device
     # A read of a device value is one aten::_local_scalar_dense (aten::item calls it, and the runtime's
-    # cudaStreamSynchronize is inside it), so count those, plus the explicit device / stream syncs made
-    # outside such a read (torch.cuda.synchronize).
+    # cudaStreamSynchronize is inside it), so count those, plus the explicit device syncs made outside
+    # such a read (torch.cuda.synchronize: the runtime's cudaDeviceSynchronize).
     reads = sum(e.count for e in events if e.key == "aten::_local_scalar_dense")
-    explicit = sum(e.count for e in events if e.key in ("cudaDeviceSynchronize", "aten::cuda_synchronize"))
-    syncs = reads + explicit
+    syncs = reads + sum(e.count for e in events if e.key == "cudaDeviceSynchronize")
     body = {
         "iterations": iterations,
         "wall_ms_per_iteration": 1e3 * wall / iterations,
