@@ -76,6 +76,43 @@ def test_pos_embed_identity_at_native_size_and_shapes_elsewhere():
     assert out.shape == (1, 1 + 6 * 8, 48)
 
 
+def _bicubic_1d(values: list[float], out_len: int, scale: float) -> list[float]:
+    """PyTorch's bicubic (a = -0.75, half-pixel centres, edges clamped) at a given scale factor, by hand."""
+    a = -0.75
+
+    def kernel(x: float) -> float:
+        x = abs(x)
+        if x <= 1:
+            return (a + 2) * x**3 - (a + 3) * x**2 + 1
+        return a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a if x < 2 else 0.0
+
+    out = []
+    for i in range(out_len):
+        src = (i + 0.5) / scale - 0.5
+        base = math.floor(src)
+        t = src - base
+        taps = [values[min(max(base + j, 0), len(values) - 1)] for j in (-1, 0, 1, 2)]
+        out.append(sum(v * kernel(t - j) for v, j in zip(taps, (-1, 0, 1, 2), strict=True)))
+    return out
+
+
+def test_pos_embed_is_resampled_for_a_non_square_input_on_the_native_grid():
+    """32 × 36 px is the native 4 × 4 grid of 8 px patches, but not square: the released implementation
+    resamples there (scale factor (4 + 0.1) / 4 along each axis), so the embeddings change slightly."""
+    model = tiny()
+    rows = torch.tensor([0.0, 1.0, 4.0, 9.0])  # a field that varies down the rows only
+    with torch.no_grad():
+        model.pos_embed[0, 1:] = rows.repeat_interleave(4)[:, None].expand(16, 48)
+    for height, width in ((32, 36), (36, 32)):
+        out = model.interpolate_pos_encoding(height, width)
+        assert out.shape == model.pos_embed.shape
+        expected = _bicubic_1d(rows.tolist(), 4, 4.1 / 4)
+        grid = out[0, 1:, 0].reshape(4, 4)
+        torch.testing.assert_close(grid, torch.tensor(expected)[:, None].expand(4, 4))
+        assert not torch.allclose(grid[:, 0], rows)
+        assert torch.equal(out[:, 0], model.pos_embed[:, 0])
+
+
 def test_resampling_a_constant_field_keeps_it_constant():
     pos = torch.cat([torch.zeros(1, 1, 4), torch.full((1, 16, 4), 0.5)], dim=1)
     out = resample_pos_embed(pos, (7, 3))

@@ -235,12 +235,14 @@ class VisionTransformer(nn.Module):
     def interpolate_pos_encoding(self, height: int, width: int) -> Tensor:
         """Position embeddings for an input of ``height`` × ``width`` pixels (bicubic resampling).
 
-        Returns the stored embeddings unchanged at the native grid, so results there are exact.
+        Returns the stored embeddings unchanged only for a square input on the native grid; any other input
+        is resampled, even one whose grid matches (a 232 × 224 input is 14 × 14 patches of 16 px too), because
+        the released implementation resamples there as well and features should match it at every size.
         """
         grid_h, grid_w = height // self.patch_size, width // self.patch_size
         n_stored = self.pos_embed.shape[1] - 1
         side = int(math.sqrt(n_stored))
-        if grid_h == side and grid_w == side:
+        if grid_h == side and grid_w == side and height == width:
             return self.pos_embed
         return resample_pos_embed(self.pos_embed, (grid_h, grid_w))
 
