@@ -223,6 +223,8 @@ def test_videoseg_command_end_to_end(tmp_path: Path, tiny_vit_file: Path, capsys
     assert rc == 0
     results = json.loads(out_json.read_text())
     assert set(results["sequences"]) == {"dog", "tennis"}
+    # The original DAVIS script's normalisation (std 0.228 in the first channel), not ImageNet's 0.229.
+    assert results["normalization"] == {"mean": [0.485, 0.456, 0.406], "std": [0.228, 0.224, 0.225]}
     assert "J&F-mean" in capsys.readouterr().out
     # Scoring an existing folder gives the same numbers without a model.
     rc = main(
@@ -317,3 +319,15 @@ def test_binary_0_255_masks_and_unannotated_sequences_are_refused_before_any_wor
     with pytest.raises(ValueError, match="DAVIS-2016's binary format"):
         sequence_frames(root, "blackswan", "480p", None)
     check_scorable(_davis_copy(tmp_path / "full", annotations=4), ["blackswan"], "480p", None)
+
+
+def test_frames_are_normalised_with_the_original_davis_constants(tmp_path: Path) -> None:
+    """A uniform (255, 128, 0) frame, by hand: (value / 255 - mean) / std with the original script's std
+    0.228 in the first channel (ImageNet's 0.229 would give 2.249 instead of 2.259)."""
+    path = tmp_path / "00000.jpg"
+    Image.new("RGB", (16, 8), (255, 128, 0)).save(path, quality=100, subsampling=0)
+    pixels = FrameDataset([path], (8, 16))[0]
+    with Image.open(path) as img:
+        r, g, b = (int(v) for v in np.array(img)[0, 0])  # the decoded values (JPEG may move them by one)
+    expected = [(r / 255 - 0.485) / 0.228, (g / 255 - 0.456) / 0.224, (b / 255 - 0.406) / 0.225]
+    torch.testing.assert_close(pixels[:, 0, 0], torch.tensor(expected), rtol=0, atol=1e-5)

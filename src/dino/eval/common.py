@@ -94,13 +94,16 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     add_normalization_arguments(g)
 
 
-def add_normalization_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Add ``--mean``/``--std`` (defaults: :func:`normalization_from_args`) to a parser or an option group."""
+def add_normalization_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, fallback: str = "ImageNet's"
+) -> None:
+    """Add ``--mean``/``--std`` (defaults: :func:`normalization_from_args`) to a parser or an option group;
+    ``fallback`` names the values used when neither the options nor the run's config give them."""
     parser.add_argument(
-        "--mean", type=float, nargs=3, help="normalisation mean; default: the run's config, else ImageNet's"
+        "--mean", type=float, nargs=3, help=f"normalisation mean; default: the run's config, else {fallback}"
     )
     parser.add_argument(
-        "--std", type=float, nargs=3, help="normalisation std; default: the run's config, else ImageNet's"
+        "--std", type=float, nargs=3, help=f"normalisation std; default: the run's config, else {fallback}"
     )
 
 
@@ -269,13 +272,15 @@ def eval_transform_from_args(args: argparse.Namespace, loaded: LoadedBackbone) -
 
 
 def normalization_from_args(
-    args: argparse.Namespace, stored: TrainingImageSettings | None = None
+    args: argparse.Namespace,
+    stored: TrainingImageSettings | None = None,
+    fallback: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD),
 ) -> tuple[Sequence[float], Sequence[float]]:
     """(mean, std): ``--mean``/``--std``, else the training config's (``stored``, read from ``--weights``
-    when not given), else ImageNet's."""
+    when not given), else ``fallback`` (ImageNet's unless a protocol has its own)."""
     if stored is None:
         stored = training_image_settings(getattr(args, "weights", None))
-    return args.mean or stored.mean or IMAGENET_MEAN, args.std or stored.std or IMAGENET_STD
+    return args.mean or stored.mean or fallback[0], args.std or stored.std or fallback[1]
 
 
 def image_tensor(image: Image.Image) -> Tensor:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import io
+from collections.abc import Sequence
 from contextlib import redirect_stdout
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
+from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dino.eval.common import (
     add_model_arguments,
     add_normalization_arguments,
@@ -27,9 +29,13 @@ from dino.eval.common import (
 _QUIET_HELP = "no progress bars"
 
 
-def _normalization(args: argparse.Namespace) -> dict[str, list[float]]:
-    """``mean``/``std`` keyword arguments (:func:`normalization_from_args`), the std checked positive."""
-    mean, std = normalization_from_args(args)
+def _normalization(
+    args: argparse.Namespace,
+    fallback: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD),
+) -> dict[str, list[float]]:
+    """``mean``/``std`` keyword arguments (:func:`normalization_from_args`: ``fallback`` when neither the
+    options nor the run's config give them), the std checked positive."""
+    mean, std = normalization_from_args(args, fallback=fallback)
     if any(v <= 0 for v in std):
         raise ValueError(f"--std values must be positive, got {std}")
     return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
@@ -56,7 +62,9 @@ def register_videoseg(sub: argparse._SubParsersAction) -> None:
         "features (context: first frame + 7 previous, exp(cos/0.1) affinities within 12 patches, top-5), "
         "write indexed PNGs with the dataset's palette, and score them with region similarity J and contour "
         "accuracy F (frames 1..N-2 of each sequence; void pixels count as background, as in the DAVIS "
-        "scorer).",
+        "scorer). Frames are normalised with the original eval_video_segmentation.py's constants, which the "
+        "paper's DAVIS numbers come from (mean 0.485 0.456 0.406, std 0.228 0.224 0.225: 0.228, not "
+        "ImageNet's 0.229, in the first channel), unless --mean/--std or the run's config say otherwise.",
     )
     p.add_argument(
         "--data", required=True, help="DAVIS root (JPEGImages/<res>/<seq>, Annotations/<res>/<seq>)"
@@ -97,7 +105,7 @@ def register_videoseg(sub: argparse._SubParsersAction) -> None:
         "--size-multiple", type=int, help="round the long side down to this (default: 64, or the patch size)"
     )
     p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
-    add_normalization_arguments(p)
+    add_normalization_arguments(p, fallback="the original DAVIS script's (see above)")
     add_model_arguments(p)
     p.set_defaults(func=_videoseg, batch_size=8)
 
@@ -105,6 +113,8 @@ def register_videoseg(sub: argparse._SubParsersAction) -> None:
 def _videoseg(args: argparse.Namespace) -> int:
     from dino.eval.davis_metrics import evaluate_results
     from dino.eval.video_segmentation import (
+        DAVIS_MEAN,
+        DAVIS_STD,
         PropagationSettings,
         check_scorable,
         evaluate_davis,
@@ -141,7 +151,7 @@ def _videoseg(args: argparse.Namespace) -> int:
         short_side=args.short_side,
         size_multiple=args.size_multiple,
     )
-    norm = _normalization(args)
+    norm = _normalization(args, fallback=(DAVIS_MEAN, DAVIS_STD))
     loaded = model_from_args(args)
     model = require_vit(loaded.model, "video segmentation")
     device = resolve_device(args.device)
