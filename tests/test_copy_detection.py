@@ -16,6 +16,7 @@ from dino.cli import main
 from dino.eval.copy_detection import (
     CopydaysLayout,
     PCAWhitening,
+    SquareImages,
     block_average_precisions,
     copy_descriptor,
     positives_for,
@@ -241,3 +242,21 @@ def test_copydetect_errors_before_loading_a_model(tmp_path: Path, copydays: Path
     assert rc == 2 and "--whiten-dir" in capsys.readouterr().err
     rc = main(["copydetect", "--data", str(copydays), "--whiten-dim", "-3", "--weights", "x.pth"])
     assert rc == 2 and "--whiten-dim -3" in capsys.readouterr().err
+
+
+def test_images_are_read_without_exif_rotation_by_default_as_the_original_script(tmp_path: Path) -> None:
+    """A 20 × 10 JPEG, red left and blue right, tagged to be shown rotated 90° clockwise: resized to 8 × 8
+    as stored it is still red on the left; with the rotation applied, red is on top."""
+    pixels = np.zeros((10, 20, 3), dtype=np.uint8)
+    pixels[:, :10, 0], pixels[:, 10:, 2] = 255, 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "tagged.jpg"
+    Image.fromarray(pixels).save(path, exif=exif, quality=100, subsampling=0)
+    plain = SquareImages([path], 8, mean=(0, 0, 0), std=(1, 1, 1))[0]
+    assert plain[0, 4, 0] > 0.9 and plain[2, 4, 7] > 0.9 and plain[0, 0, 7] < 0.1
+    turned = SquareImages([path], 8, mean=(0, 0, 0), std=(1, 1, 1), exif_transpose=True)[0]
+    assert turned[0, 0, 4] > 0.9 and turned[2, 7, 4] > 0.9 and turned[0, 7, 0] < 0.1
+    from dino.cli import parse_args
+
+    assert parse_args(["copydetect", "--data", "d", "--weights", "w.pth"]).exif_rotate is False

@@ -15,6 +15,7 @@ from dino.cli import main
 from dino.eval.retrieval import (
     GroundTruth,
     QueryTruth,
+    RetrievalImages,
     RevisitedDataset,
     average_precision,
     batches_by_size,
@@ -129,7 +130,10 @@ def test_ground_truth_refuses_code(tmp_path: Path) -> None:
 def test_image_preparation() -> None:
     image = Image.new("RGB", (100, 50))
     assert resize_long_side(image, 64).size == (64, 32)
-    assert resize_long_side(Image.new("RGB", (20, 10)), 64).size == (64, 32)  # small images are enlarged
+    # As the DINO script (a thumbnail): small images keep their size; --upscale enlarges them.
+    assert resize_long_side(Image.new("RGB", (20, 10)), 64).size == (20, 10)
+    assert resize_long_side(Image.new("RGB", (20, 10)), 64, upscale=True).size == (64, 32)
+    assert resize_long_side(Image.new("RGB", (64, 10)), 64, upscale=True).size == (64, 10)
     assert crop_box(image, (10.4, 8.6, 70.3, 60.2)).size == (60, 41)  # (10, 9, 70, 50): clipped to the image
     with pytest.raises(ValueError, match="empty"):
         crop_box(image, (90, 10, 80, 30))
@@ -214,3 +218,32 @@ def test_queries_are_used_whole_by_default_as_the_papers_script_does() -> None:
     args = parse_args(["retrieval", "--data", "d", "--weights", "w.pth"])
     assert args.query_crop is False
     assert parse_args(["retrieval", "--data", "d", "--weights", "w.pth", "--query-crop"]).query_crop is True
+
+
+def _rotated_jpeg(path: Path) -> Path:
+    """A 20 × 10 JPEG, red on the left, blue on the right, whose EXIF says to rotate it 90° clockwise."""
+    pixels = np.zeros((10, 20, 3), dtype=np.uint8)
+    pixels[:, :10, 0], pixels[:, 10:, 2] = 255, 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    Image.fromarray(pixels).save(path, exif=exif, quality=100, subsampling=0)
+    return path
+
+
+def test_images_are_read_as_the_dino_script_reads_them_by_default(tmp_path: Path) -> None:
+    """No EXIF rotation and no enlargement, unless asked: a tagged 20 × 10 file stays 20 wide, red on the
+    left; with exif_transpose it is 10 wide and 20 high, red on top; with upscale its long side is imsize."""
+    path = _rotated_jpeg(tmp_path / "tagged.jpg")
+    plain = RetrievalImages([path], imsize=64, mean=(0, 0, 0), std=(1, 1, 1))[0][1]
+    assert plain.shape == (3, 10, 20)
+    assert plain[0, 5, 2] > 0.9 and plain[2, 5, 2] < 0.1 and plain[2, 5, 17] > 0.9
+    turned = RetrievalImages([path], 64, mean=(0, 0, 0), std=(1, 1, 1), exif_transpose=True)[0][1]
+    assert turned.shape == (3, 20, 10)
+    assert turned[0, 2, 5] > 0.9 and turned[2, 17, 5] > 0.9
+    assert RetrievalImages([path], 64, upscale=True)[0][1].shape == (3, 32, 64)
+    from dino.cli import parse_args
+
+    args = parse_args(["retrieval", "--data", "d", "--weights", "w.pth"])
+    assert args.upscale is False and args.exif_rotate is False
+    args = parse_args(["retrieval", "--data", "d", "--weights", "w.pth", "--upscale", "--exif-rotate"])
+    assert args.upscale is True and args.exif_rotate is True

@@ -65,8 +65,11 @@ def load_rgb(
     path: str | os.PathLike[str],
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     reduction: Callable[[int, int], float] | None = None,
+    *,
+    exif_transpose: bool = True,
 ) -> Image.Image:
-    """Decode ``path`` into an 8-bit RGB PIL image, applying its EXIF orientation.
+    """Decode ``path`` into an 8-bit RGB PIL image, applying its EXIF orientation (unless ``exif_transpose``
+    is False: the pixels as stored, which is how the original DINO evaluation scripts read their images).
 
     ``reduction(width, height)`` (optional) says how many times smaller the image may come out: a JPEG is
     then decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling, the largest of those that keeps
@@ -99,7 +102,7 @@ def load_rgb(
                     if factor >= 2:
                         img.draft(img.mode, (math.ceil(width / factor), math.ceil(height / factor)))
                 img.load()
-                return _to_rgb(ImageOps.exif_transpose(img))
+                return _to_rgb(ImageOps.exif_transpose(img) if exif_transpose else img)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:

@@ -297,7 +297,7 @@ class ImageFileDataset(Dataset):
     """Base of the datasets over a list of image files: ``paths``, the normalisation and the decoding.
 
     Subclasses size each image their own way in ``__getitem__``, from :meth:`load` (or their own decoder),
-    and finish with :meth:`normalized`.
+    and finish with :meth:`normalized`. ``exif_transpose`` applies each file's EXIF orientation.
     """
 
     def __init__(
@@ -305,10 +305,12 @@ class ImageFileDataset(Dataset):
         paths: Sequence[Path],
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        exif_transpose: bool = True,
     ) -> None:
         self.paths = list(paths)
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
+        self.exif_transpose = exif_transpose
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -316,7 +318,7 @@ class ImageFileDataset(Dataset):
     def load(self, index: int) -> Image.Image:
         """The ``index``-th file as RGB (:func:`~dino.data.datasets.load_rgb`); ValueError if unusable."""
         try:
-            return load_rgb(self.paths[index])
+            return load_rgb(self.paths[index], exif_transpose=self.exif_transpose)
         except ImageDecodeError as err:
             raise ValueError(f"cannot use {self.paths[index]}: {err}") from err
 

@@ -6,7 +6,8 @@ Protocol (the paper's, after Berman et al.'s Multigrain):
   ``crops/<percent>/``; every block found is evaluated (``original`` itself is a sanity check scoring 100).
   A query's positives are the originals with the same file stem; when there is none (Copydays' ``strong``
   images), the originals sharing the first ``group_chars`` (4) characters, Copydays' image-group id.
-* Images are resized to ``imsize`` × ``imsize`` (320, bicubic). A ViT's descriptor is its final [CLS] token
+* Images are read as the original ``eval_copy_detection.py`` reads them (the pixels as stored: no EXIF
+  rotation; ``exif_transpose=True`` applies it) and resized to ``imsize`` × ``imsize`` (320, bicubic). A ViT's descriptor is its final [CLS] token
   concatenated with GeM pooling (p = 4) of its final patch tokens (clamped at 1e-6); a torchvision ResNet's
   is GeM (p = 4) of its last feature map. The GeM is :func:`dino.eval.features.gem_pool`, so ``dino extract
   --representations cls+gem`` (``gem`` for a ResNet) stores the same descriptor.
@@ -106,7 +107,8 @@ def positives_for(query: Path, originals: Sequence[Path], group_chars: int = 4) 
 
 
 class SquareImages(ImageFileDataset):
-    """Images resized to ``imsize`` × ``imsize`` (bicubic) and normalised."""
+    """Images resized to ``imsize`` × ``imsize`` (bicubic) and normalised; read without EXIF rotation unless
+    ``exif_transpose``, as the original script reads them."""
 
     def __init__(
         self,
@@ -114,8 +116,9 @@ class SquareImages(ImageFileDataset):
         imsize: int,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        exif_transpose: bool = False,
     ) -> None:
-        super().__init__(paths, mean, std)
+        super().__init__(paths, mean, std, exif_transpose)
         self.imsize = imsize
 
     def __getitem__(self, index: int) -> Tensor:
@@ -150,13 +153,13 @@ def descriptors(
     desc: str = "images",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    exif_transpose: bool = False,
 ) -> Tensor:
     """Raw (unnormalised) copy-detection descriptors of ``paths``, [N, D] on the CPU."""
     from tqdm import tqdm
 
-    loader = DataLoader(
-        SquareImages(paths, imsize, mean, std), batch_size=batch_size, num_workers=num_workers
-    )
+    images = SquareImages(paths, imsize, mean, std, exif_transpose)
+    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers)
     out = [
         copy_descriptor(model, batch.to(device)).cpu()
         for batch in tqdm(loader, desc=desc, disable=not progress)
@@ -247,6 +250,7 @@ def evaluate_copydays(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     whitening_kind: WhiteningKind = "reference",
+    exif_transpose: bool = False,
 ) -> dict[str, Any]:
     """mAP (percent) per query block, the ``strong`` block's being the paper's number."""
     check_descriptor_support(model)
@@ -259,7 +263,9 @@ def evaluate_copydays(
     whitening_images = _folder_images(whiten_dir, "--whiten-dir") if whiten_dir else []
 
     def embed(paths: Sequence[Path], desc: str) -> Tensor:
-        return descriptors(model, paths, device, imsize, batch_size, num_workers, progress, desc, mean, std)
+        return descriptors(
+            model, paths, device, imsize, batch_size, num_workers, progress, desc, mean, std, exif_transpose
+        )
 
     database = embed(layout.originals + distractors, "database")
     queries = {name: embed(paths, name) for name, paths in layout.blocks.items() if name != "original"}

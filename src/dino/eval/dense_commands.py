@@ -27,6 +27,11 @@ from dino.eval.common import (
 )
 
 _QUIET_HELP = "no progress bars"
+_EXIF_HELP = (
+    "apply each file's EXIF orientation, as dino train, knn and extract do; by default images are read as the "
+    "original script reads them, which ignores it (a file tagged as rotated then gives the stored, transposed "
+    "picture)"
+)
 
 
 def _normalization(
@@ -313,7 +318,10 @@ def register_retrieval(sub: argparse._SubParsersAction) -> None:
         help="landmark retrieval on revisited Oxford/Paris: mAP and mP@1,5,10 (Medium and Hard)",
         description="Rank the database of a revisited Oxford/Paris dataset for each query by cosine similarity "
         "of frozen global features ([CLS] for a ViT, pooled output for a ResNet), and report mAP and mP@k for the "
-        "Easy, Medium and Hard setups exactly as the revisitop evaluation (junk images ignored).",
+        "Easy, Medium and Hard setups exactly as the revisitop evaluation (junk images ignored). Images are read "
+        "as the original eval_image_retrieval.py reads them, which the paper's table comes from: no EXIF "
+        "rotation (--exif-rotate), shrunk to --imsize but never enlarged (--upscale), queries whole "
+        "(--query-crop).",
     )
     p.add_argument(
         "--data",
@@ -324,8 +332,19 @@ def register_retrieval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gnd", help="ground-truth pickle, overriding the one found under --data")
     p.add_argument("--images", help="image folder, overriding <dataset>/jpg")
     p.add_argument(
-        "--imsize", type=int, default=224, help="long side of every image in pixels (default: 224)"
+        "--imsize",
+        type=int,
+        default=224,
+        help="shrink images whose long side is above this many pixels to it (Lanczos thumbnail, as the "
+        "original script does; smaller ones keep their size unless --upscale) (default: 224)",
     )
+    p.add_argument(
+        "--upscale",
+        action="store_true",
+        help="also enlarge images whose long side is under --imsize to it (bicubic); the original script "
+        "only shrinks",
+    )
+    p.add_argument("--exif-rotate", action="store_true", help=_EXIF_HELP)
     p.add_argument("--multiscale", action="store_true", help="average features at scales 1, 1/√2 and 1/2")
     p.add_argument(
         "--query-crop",
@@ -359,12 +378,15 @@ def _retrieval(args: argparse.Namespace) -> int:
     loaded = model_from_args(args)
     scores = evaluate_retrieval(
         loaded.model, images, truth, resolve_device(args.device), args.imsize, args.multiscale,
-        args.query_crop, args.batch_size, args.num_workers, args.ks, progress=not args.quiet, **norm,
+        args.query_crop, args.batch_size, args.num_workers, args.ks, progress=not args.quiet,
+        upscale=args.upscale, exif_transpose=args.exif_rotate, **norm,
     )  # fmt: skip
     results = {
         "dataset": name,
         "model": model_info(loaded),
         "imsize": args.imsize,
+        "upscale": args.upscale,
+        "exif_rotate": args.exif_rotate,
         "multiscale": args.multiscale,
         "query_crop": args.query_crop,
         "normalization": norm,
@@ -386,7 +408,8 @@ def register_copydetect(sub: argparse._SubParsersAction) -> None:
         help="copy detection on Copydays: mAP per block ([CLS] + GeM patch tokens, whitening, distractors)",
         description="Search every Copydays query block (strong, jpegqual/*, crops/*) among the originals (and "
         "optional distractors) by cosine similarity of [CLS] ⊕ GeM(p=4) patch-token descriptors, optionally "
-        "PCA-whitened on a separate folder, and report the mAP of each block.",
+        "PCA-whitened on a separate folder, and report the mAP of each block. Images are read as the original "
+        "eval_copy_detection.py reads them: no EXIF rotation (--exif-rotate applies it).",
     )
     p.add_argument(
         "--data", required=True, help="Copydays root with original/, strong/, jpegqual/<q>/, crops/<p>/"
@@ -410,6 +433,7 @@ def register_copydetect(sub: argparse._SubParsersAction) -> None:
         "--distractors", help="folder of distractor images added to the database (paper: 10k YFCC100M)"
     )
     p.add_argument("--imsize", type=int, default=320, help="square input size in pixels (default: 320)")
+    p.add_argument("--exif-rotate", action="store_true", help=_EXIF_HELP)
     p.add_argument("--max-rank", type=int, default=20, help="results scored per query, 0: all (default: 20)")
     p.add_argument(
         "--group-chars",
@@ -448,11 +472,12 @@ def _copydetect(args: argparse.Namespace) -> int:
     scores = evaluate_copydays(
         loaded.model, args.data, resolve_device(args.device), args.imsize, args.whiten_dir, args.whiten_dim,
         args.distractors, args.max_rank, args.group_chars, args.batch_size, args.num_workers,
-        progress=not args.quiet, whitening_kind=args.whitening, **norm,
+        progress=not args.quiet, whitening_kind=args.whitening, exif_transpose=args.exif_rotate, **norm,
     )  # fmt: skip
     results = {
         "model": model_info(loaded),
         "imsize": args.imsize,
+        "exif_rotate": args.exif_rotate,
         "max_rank": args.max_rank,
         "normalization": norm,
         **scores,

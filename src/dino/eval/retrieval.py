@@ -17,9 +17,10 @@ Protocol, as in the revisitop evaluation:
 
 Features: queries are used whole, as the DINO script that produced the paper's retrieval table does
 (``crop_queries=True`` crops them to their ``bbx`` first: the revisitop protocol, which other papers
-report; the two are not comparable), resized so that the long side is ``imsize`` (PIL ``thumbnail`` with
-Lanczos when shrinking, as the DINO script does; small images are enlarged), normalised, and embedded by
-the backbone's global output ([CLS] for a ViT, the pooled vector for a ResNet). With ``multiscale``, the
+report; the two are not comparable), read as that script reads them (the pixels as stored: no EXIF
+rotation; ``exif_transpose=True`` applies it), shrunk so that the long side is at most ``imsize`` (PIL
+``thumbnail`` with Lanczos, as the script does: smaller images keep their size; ``upscale=True`` enlarges
+them, bicubic), normalised, and embedded by the backbone's global output ([CLS] for a ViT, the pooled vector for a ResNet). With ``multiscale``, the
 outputs at scales 1, 1/√2 and 1/2 (bilinear resize of the input tensor) are averaged. Features are
 L2-normalised and database images ranked by cosine similarity.
 """
@@ -233,13 +234,14 @@ def score_rankings(
 # --- Features --------------------------------------------------------------------------------------------
 
 
-def resize_long_side(image: Image.Image, imsize: int) -> Image.Image:
-    """Shrink with ``thumbnail`` (Lanczos) or enlarge (bicubic) so the longer side is ``imsize``."""
+def resize_long_side(image: Image.Image, imsize: int, upscale: bool = False) -> Image.Image:
+    """Shrink with ``thumbnail`` (Lanczos) so the longer side is at most ``imsize``, as the DINO script
+    does; ``upscale`` also enlarges smaller images (bicubic) to a longer side of ``imsize``."""
     if max(image.size) > imsize:
         image = image.copy()
         image.thumbnail((imsize, imsize), Image.LANCZOS)
         return image
-    if max(image.size) < imsize:
+    if upscale and max(image.size) < imsize:
         scale = imsize / max(image.size)
         size = tuple(max(1, round(side * scale)) for side in image.size)
         return image.resize(size, Image.BICUBIC)  # type: ignore[arg-type]
@@ -257,7 +259,8 @@ def crop_box(image: Image.Image, bbx: Sequence[float]) -> Image.Image:
 
 
 class RetrievalImages(ImageFileDataset):
-    """Images of a list of paths (optionally cropped), resized by the long side and normalised."""
+    """Images of a list of paths (optionally cropped), resized by the long side (:func:`resize_long_side`)
+    and normalised; read without EXIF rotation unless ``exif_transpose``, as the DINO script reads them."""
 
     def __init__(
         self,
@@ -266,17 +269,20 @@ class RetrievalImages(ImageFileDataset):
         boxes: Sequence[Sequence[float] | None] | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        upscale: bool = False,
+        exif_transpose: bool = False,
     ) -> None:
-        super().__init__(paths, mean, std)
+        super().__init__(paths, mean, std, exif_transpose)
         self.boxes = list(boxes) if boxes is not None else [None] * len(self.paths)
         self.imsize = imsize
+        self.upscale = upscale
 
     def __getitem__(self, index: int) -> tuple[int, Tensor]:
         image = self.load(index)
         box = self.boxes[index]
         if box is not None:
             image = crop_box(image, box)
-        return index, self.normalized(resize_long_side(image, self.imsize))
+        return index, self.normalized(resize_long_side(image, self.imsize, self.upscale))
 
 
 def batches_by_size(
@@ -424,14 +430,20 @@ def evaluate_retrieval(
     progress: bool = True,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    upscale: bool = False,
+    exif_transpose: bool = False,
 ) -> dict[str, Any]:
-    """Embed database and queries, rank, and score every setup; percentages, as revisitop prints them."""
+    """Embed database and queries, rank, and score every setup; percentages, as revisitop prints them.
+
+    Images are read as the DINO script reads them unless ``upscale`` / ``exif_transpose`` (see the module
+    notes)."""
     db_paths = image_paths(images, truth.imlist)
     q_paths = image_paths(images, truth.qimlist)
     boxes = [q.bbx for q in truth.queries] if crop_queries else None
+    reading = {"upscale": upscale, "exif_transpose": exif_transpose}
     database = global_features(
         model,
-        RetrievalImages(db_paths, imsize, None, mean, std),
+        RetrievalImages(db_paths, imsize, None, mean, std, **reading),
         device,
         batch_size,
         num_workers,
@@ -440,7 +452,7 @@ def evaluate_retrieval(
     )
     queries = global_features(
         model,
-        RetrievalImages(q_paths, imsize, boxes, mean, std),
+        RetrievalImages(q_paths, imsize, boxes, mean, std, **reading),
         device,
         batch_size,
         num_workers,
