@@ -401,3 +401,12 @@ def test_feature_extraction_precision_is_a_choice():
     for command, args in required.items():
         assert parse_args([command, *args]).precision == "auto"
         assert parse_args([command, *args, "--precision", "fp32"]).precision == "fp32"
+
+
+def test_knn_help_states_the_top5_rule(capsys):
+    """A class without a vote is never a top-5 hit (the original script's full sort can count one by tie
+    order): the help says so."""
+    with pytest.raises(SystemExit):
+        main(["knn", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Top-5 counts only classes that got a vote: no vote, no hit" in text

@@ -204,7 +204,9 @@ def register_knn(sub: argparse._SubParsersAction) -> None:
         help="weighted k-NN classification on frozen features (top-1/top-5 for several k)",
         description="The paper's k-NN protocol: L2-normalised features, cosine similarity, the k nearest training "
         "images vote for their class with weight exp(sim/T). Classes come from the train folder's sub-folders "
-        "(the test folder's are matched by name). " + _CROP_NOTE,
+        "(the test folder's are matched by name). Top-5 counts only classes that got a vote: no vote, no hit "
+        "(with k < 5 or few classes among the neighbours, the original script, which sorts every class, can "
+        "count an unvoted class by its tie order). " + _CROP_NOTE,
     )
     _add_split_arguments(p, "k-NN bank")
     p.add_argument(
