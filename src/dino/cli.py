@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
+import warnings
 from collections.abc import Callable, Sequence
 
+from dino.data.datasets import ImageDecodeError, SkippedImageWarning
+from dino.data.in_memory import InMemoryTooLarge
 from dino.eval.commands import register_extract, register_knn, register_linear, register_lowshot
 from dino.eval.dense_commands import (
     register_attention,
@@ -15,7 +19,10 @@ from dino.eval.dense_commands import (
     register_videoseg,
 )
 from dino.export import register as _add_export
+from dino.output_paths import OutputPathError, writable_folder
+from dino.train.checkpoint import CheckpointError
 from dino.train.config import ConfigError, load_config, preset_names
+from dino.train.guard import TrainingDiverged
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -31,7 +38,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data", help="image folder (class sub-folders optional); default: the bundled CIFAR-10 sample"
     )
-    p.add_argument("--output", help="run directory (default: run.output_dir)")
+    p.add_argument("--output", type=writable_folder, help="run directory (default: run.output_dir)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", metavar="PATH", help="continue from this checkpoint or run directory")
     group.add_argument(
@@ -48,6 +55,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.output:
         overrides.append(f"run.output_dir={args.output}")
     cfg = load_config(args.config, overrides)
+    try:  # also when the run directory comes from the config, before any data is read
+        writable_folder(cfg.run.output_dir)
+    except OutputPathError as err:
+        raise ConfigError(f"run.output_dir: {err}") from err
     from dino.train.loop import train
 
     resume = args.resume if args.resume else not args.no_resume
@@ -103,6 +114,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# What a command may fail with for a reason its message explains (a bad option, file, checkpoint or disk;
+# a run that diverged): one line, not a traceback, unless -v asks for it. ValueError covers the project's
+# ConfigError, WeightsError and DatasetError; OSError the file-system errors.
+_REPORTED_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    OSError,
+    CheckpointError,
+    TrainingDiverged,
+    InMemoryTooLarge,
+    ImageDecodeError,
+)
+
+
+class _OneLineSkips:
+    """``warnings.showwarning`` that logs a skipped file as one line (the warning's message says which file
+    and why; its source location is ours, of no use to the user) and passes every other warning on."""
+
+    def __init__(self, fallback: Callable[..., None]) -> None:
+        self.fallback = fallback
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        if file is None and issubclass(category, SkippedImageWarning):
+            logging.getLogger("dino.data").warning("%s", message)
+        else:
+            self.fallback(message, category, filename, lineno, file, line)
+
+
+def _capture_warnings() -> None:
+    logging.captureWarnings(True)
+    if not isinstance(warnings.showwarning, _OneLineSkips):
+        warnings.showwarning = _OneLineSkips(warnings.showwarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -110,15 +154,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    logging.captureWarnings(True)
+    _capture_warnings()
     try:
         return int(args.func(args) or 0)
-    except ConfigError as err:
-        print(f"dino: configuration error: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as err:
-        print(f"dino: error: {err}", file=sys.stderr)
-        return 2
+    except _REPORTED_ERRORS as err:
+        if args.verbose:
+            traceback.print_exc()
+        kind = "configuration error" if isinstance(err, ConfigError) else "error"
+        print(f"dino: {kind}: {err}", file=sys.stderr)
+        # 2 for what the user asked (options, paths, settings), as argparse does; 1 for what failed on the way.
+        return 2 if isinstance(err, ValueError | FileNotFoundError) else 1
 
 
 if __name__ == "__main__":

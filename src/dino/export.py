@@ -33,6 +33,7 @@ from dino.hub import (
     resolve_weights,
 )
 from dino.models.backbones import SMALL_STEM_SUFFIX
+from dino.output_paths import writable_file_or_folder
 
 ExportFormat = Literal["dino", "safetensors", "timm"]
 EXPORT_FORMATS: tuple[str, ...] = ("dino", "safetensors", "timm")
@@ -281,6 +282,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--output",
         "-o",
+        type=writable_file_or_folder,
         help="output file, or an existing folder to write the default file name into "
         "(default: beside the source, or <run>/export/)",
     )

@@ -47,6 +47,7 @@ from dino.eval.linear import (
     train_transform,
 )
 from dino.eval.lowshot import DEFAULT_FRACTIONS, DEFAULT_L2, lowshot_evaluate
+from dino.output_paths import writable_file
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,9 @@ def register_extract(sub: argparse._SubParsersAction) -> None:
         "cls+mean. " + _CROP_NOTE,
     )
     p.add_argument("folder", help="image folder (class sub-folders give labels; a flat folder is unlabelled)")
-    p.add_argument("--out", required=True, metavar="FILE", help="feature file to write (.pt or .npz)")
+    p.add_argument(
+        "--out", required=True, metavar="FILE", type=writable_file, help="feature file to write (.pt or .npz)"
+    )
     p.add_argument(
         "--representations",
         nargs="+",

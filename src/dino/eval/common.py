@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from dino.data.datasets import ImageDecodeError, load_rgb
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from dino.hub import LoadedBackbone, add_weights_arguments, load_backbone
+from dino.output_paths import writable_file
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -77,7 +78,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: 128)")
     g.add_argument("--num-workers", type=int, default=4, help="data-loading processes (default: 4)")
-    g.add_argument("--output", metavar="JSON", help="write the results to this JSON file")
+    g.add_argument("--output", metavar="JSON", type=writable_file, help="write the results to this JSON file")
 
 
 def add_image_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ from dino.eval.common import (
     resolve_device,
     write_results,
 )
+from dino.output_paths import writable_file, writable_folder
 
 _QUIET_HELP = "no progress bars"
 _EXIF_HELP = (
@@ -82,6 +83,7 @@ def register_videoseg(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--output-dir",
         default="davis-predictions",
+        type=writable_folder,
         help="folder for the predicted PNGs, <dir>/<sequence>/<frame>.png (default: ./davis-predictions)",
     )
     mode = p.add_mutually_exclusive_group()
@@ -204,6 +206,7 @@ def register_attention(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--output-dir",
         default="attention",
+        type=writable_folder,
         help="where the pictures go, one folder per image (default: ./attention)",
     )
     p.add_argument(
@@ -224,7 +227,9 @@ def register_attention(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("video")
     g.add_argument("--video", action="store_true", help="IMAGE_OR_DIR is a frame folder, GIF or video file")
     g.add_argument(
-        "--animation", help="output animation (.gif, or .mp4 with PyAV); default: OUTPUT_DIR/attention.gif"
+        "--animation",
+        type=writable_file,
+        help="output animation (.gif, or .mp4 with PyAV); default: OUTPUT_DIR/attention.gif",
     )
     g.add_argument("--fps", type=float, help="frames per second (default: the input's, else 10)")
     g.add_argument("--head", type=int, help="animate this head instead of the mean over heads")
