@@ -202,3 +202,74 @@ def test_object_jaccards_score_each_object_against_each_head() -> None:
     # head on both objects would be 1.
     assert np.mean([v.max() for v in scores.values()]) == 0.75
     assert jaccard(both, labels) == 1.0
+
+
+def _decompression_bomb(path: Path) -> Path:
+    """A PNG header announcing 30000 × 30000 pixels (far over any limit) and no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return path
+
+
+def test_attention_command_skips_undecodable_files(
+    tmp_path: Path, tiny_vit_file: Path, caplog, capsys
+) -> None:
+    """A folder with a good image, a corrupt file and a decompression bomb: pictures for the good one, one
+    warning for each bad one; a bad file given alone, or a folder of bad files only, is refused in one line."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "b_good.jpg").write_bytes((FRAMES / "00000.jpg").read_bytes())
+    (folder / "a_corrupt.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    _decompression_bomb(folder / "c_bomb.png")
+    common = ["--weights", str(tiny_vit_file), "--device", "cpu", "--image-size", "48", "--quiet"]
+    out = tmp_path / "r.json"
+    with caplog.at_level("WARNING"):
+        rc = main(
+            ["attention", str(folder), "--output-dir", str(tmp_path / "pics"), "--output", str(out), *common]
+        )
+    assert rc == 0
+    assert sorted(p.name for p in (tmp_path / "pics").iterdir()) == ["b_good"]
+    assert (tmp_path / "pics" / "b_good" / "overlay-head0.png").is_file()
+    results = json.loads(out.read_text())
+    assert results["images"] == 1 and results["skipped_undecodable"] == 2
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len([m for m in warned if "a_corrupt.jpg" in m]) == 1
+    assert len([m for m in warned if "c_bomb.png" in m and "decompression bomb" in m]) == 1
+    capsys.readouterr()
+    for bad in (folder / "a_corrupt.jpg", folder / "c_bomb.png"):
+        assert main(["attention", str(bad), "--output-dir", str(tmp_path / "none"), *common]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"dino: error: cannot use {bad}: ")
+    (folder / "b_good.jpg").unlink()
+    assert main(["attention", str(folder), "--output-dir", str(tmp_path / "none"), *common]) == 2
+    assert "none of the 2 images could be decoded" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
+def test_attention_jaccard_skips_undecodable_files(tmp_path: Path, tiny_vit_file: Path) -> None:
+    """With --masks, a corrupt image (whose mask exists) is skipped and the others are scored as without it."""
+    import shutil
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    shutil.copytree(VOC / "images", images)
+    shutil.copytree(VOC / "SegmentationClass", masks)
+    first = sorted(images.iterdir())[0]
+    (images / "0000_corrupt.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    shutil.copy(masks / f"{first.stem}.png", masks / "0000_corrupt.png")
+    scores = {}
+    for name, folder in (("with", images), ("without", VOC / "images")):
+        out = tmp_path / f"{name}.json"
+        rc = main(
+            ["attention", str(folder), "--masks", str(masks), "--no-pictures", "--weights", str(tiny_vit_file),
+             "--device", "cpu", "--image-size", "64", "--quiet", "--output", str(out)]
+        )  # fmt: skip
+        assert rc == 0
+        scores[name] = json.loads(out.read_text())
+    assert scores["with"]["skipped_undecodable"] == 1 and scores["with"]["images"] == 3
+    assert scores["with"]["per_image"] == scores["without"]["per_image"]

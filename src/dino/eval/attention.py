@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from dino.data.datasets import IMAGE_EXTENSIONS, load_rgb
+from dino.data.datasets import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dino.eval.common import image_tensor, normalize
 from dino.eval.davis_metrics import VOID_LABEL, region_similarity
@@ -203,6 +203,30 @@ def list_images(path: Path) -> list[Path]:
     return images
 
 
+def readable_images(paths: Sequence[Path], kept: list[Path]) -> Iterator[Image.Image]:
+    """The images of ``paths`` that decode (:func:`~dino.data.datasets.load_rgb`), in order, appending the
+    path of each to ``kept``; a file that does not decode (corrupt, truncated, a decompression bomb) is
+    skipped with one warning, as ``dino train`` and ``knn`` skip them. ValueError, once the paths are
+    exhausted, when none decoded."""
+    reasons: list[str] = []
+    for path in paths:
+        try:
+            image = load_rgb(path)
+        except ImageDecodeError as err:
+            log.warning("skipping %s: %s", path, err)
+            reasons.append(str(err))
+            continue
+        kept.append(path)
+        yield image
+    if not kept and len(paths) == 1:
+        raise ValueError(f"cannot use {paths[0]}: {reasons[0]}; give an image file PIL can read")
+    if not kept and paths:
+        raise ValueError(
+            f"none of the {len(paths)} images could be decoded (first: {paths[0].name}: {reasons[0]}); "
+            "give images PIL can read"
+        )
+
+
 @dataclass
 class AttentionResult:
     """One image's attention: the image at model resolution, [heads, h, w] maps and masks, original size."""
@@ -250,7 +274,7 @@ def attention_over_images(
 def read_video_frames(path: Path, max_frames: int | None = None) -> tuple[list[Image.Image], float | None]:
     """Frames of a frame folder, an animated GIF, or (with PyAV installed) a video file; and its fps if known."""
     if path.is_dir():
-        return [load_rgb(p) for p in list_images(path)[:max_frames]], None
+        return list(readable_images(list_images(path)[:max_frames], [])), None
     suffix = path.suffix.lower()
     if suffix in VIDEO_EXTENSIONS:
         try:
@@ -365,6 +389,8 @@ def attention_jaccard(
 ) -> dict[str, object]:
     """Jaccard of each head's mass mask with the ground-truth masks of ``mask_dir/<stem>.png``, in percent.
 
+    Images that do not decode are skipped with a warning (:func:`readable_images`).
+
     Masks are upsampled (nearest) from the patch grid to the ground truth's resolution. ``jaccard`` is the
     paper's number: per object the best head, averaged over the image's objects, then over the images that
     have objects. ``foreground_*``: each head against the whole foreground (void ignored) — the mean over
@@ -393,12 +419,13 @@ def attention_jaccard(
     per_image: dict[str, dict[str, object]] = {}
     per_head: list[list[float]] = []
     object_scores: list[float] = []
-    images = (load_rgb(p) for p, _ in pairs)
+    mask_of = dict(pairs)
+    kept: list[Path] = []
+    images = readable_images([p for p, _ in pairs], kept)
     results = attention_over_images(model, images, device, image_size, threshold, batch_size, mean, std)
-    for (path, mask_path), result in tqdm(
-        zip(pairs, results, strict=True), total=len(pairs), disable=not progress
-    ):
-        labels = labels_of(mask_path)
+    for result in tqdm(results, total=len(pairs), disable=not progress):
+        path = kept[result.index]  # the stream numbers the images that decoded
+        labels = labels_of(mask_of[path])
         masks = upsample(result.masks, labels.shape[:2]).numpy()
         scores = [jaccard(m, labels) for m in masks]
         per_head.append(scores)
@@ -426,6 +453,7 @@ def attention_jaccard(
     head_means = table.mean(axis=0)
     return {
         "images": len(per_image),
+        "skipped_undecodable": len(pairs) - len(kept),
         "threshold": threshold,
         "jaccard": float(np.mean(object_scores)) if object_scores else float("nan"),
         "images_with_objects": len(object_scores),

@@ -200,7 +200,8 @@ def register_attention(sub: argparse._SubParsersAction) -> None:
         "map, an overlay on the image, and a mask keeping --threshold of the head's attention mass. With "
         "--masks, score those masks against the ground-truth masks with the Jaccard index as the paper does "
         "(per object the best head, averaged over objects, then images), and against the whole foreground "
-        "(label not 0/255, 255 ignored). With --video, animate a frame folder, GIF or video.",
+        "(label not 0/255, 255 ignored). With --video, animate a frame folder, GIF or video. Image files that "
+        "cannot be decoded are skipped with a warning; the command fails only when none can.",
     )
     p.add_argument("input", metavar="IMAGE_OR_DIR", help="an image, a folder of images, or (--video) a video")
     p.add_argument(
@@ -240,7 +241,6 @@ def register_attention(sub: argparse._SubParsersAction) -> None:
 
 
 def _attention(args: argparse.Namespace) -> int:
-    from dino.data.datasets import load_rgb
     from dino.eval.attention import (
         attention_jaccard,
         attention_over_images,
@@ -248,6 +248,7 @@ def _attention(args: argparse.Namespace) -> int:
         check_animation_output,
         list_images,
         read_video_frames,
+        readable_images,
         save_attention_pictures,
     )
     from dino.eval.video_segmentation import require_vit
@@ -277,6 +278,8 @@ def _attention(args: argparse.Namespace) -> int:
         )
         return 0
     images = list_images(source)[: args.max_images]
+    if len(images) == 1:  # a single image that does not decode: say so before loading the model
+        list(readable_images(images, []))
     mask_dir = Path(args.masks).expanduser() if args.masks else None
     if mask_dir is not None and not mask_dir.is_dir():
         raise FileNotFoundError(f"--masks {mask_dir} is not a folder of <stem>.png masks")
@@ -300,12 +303,21 @@ def _attention(args: argparse.Namespace) -> int:
     else:
         from tqdm import tqdm
 
+        kept: list[Path] = []  # the images that decode; the others are skipped with a warning
         stream = attention_over_images(
-            model, (load_rgb(p) for p in images), device, image_size, args.threshold, args.batch_size, **norm
+            model, readable_images(images, kept), device, image_size, args.threshold, args.batch_size, **norm
         )
-        for path, result in tqdm(zip(images, stream, strict=True), total=len(images), disable=args.quiet):
+        for result in tqdm(stream, total=len(images), disable=args.quiet):
+            path = kept[result.index]
             save_attention_pictures(result.image, result.attention, result.masks, output_dir / path.stem)
-        results.update({"images": len(images), "threshold": args.threshold, "pictures": str(output_dir)})
+        results.update(
+            {
+                "images": len(kept),
+                "skipped_undecodable": len(images) - len(kept),
+                "threshold": args.threshold,
+                "pictures": str(output_dir),
+            }
+        )
         title = "Attention maps"
     if mask_dir is None or not args.no_pictures:
         results["pictures"] = str(output_dir)
