@@ -410,3 +410,14 @@ def test_knn_help_states_the_top5_rule(capsys):
         main(["knn", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "Top-5 counts only classes that got a vote: no vote, no hit" in text
+
+
+@pytest.mark.parametrize(("cpus", "workers"), [(1, 1), (2, 2), (16, 4)])
+def test_loader_workers_default_to_the_cpus_available_at_most_4(cpus, workers, monkeypatch):
+    """On a 2-core machine 4 workers only compete for the cores (and PyTorch warns twice per command)."""
+    from dino.cli import parse_args
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    assert parse_args(["knn", "--train", "a", "--test", "b", "--weights", "w"]).num_workers == workers
+    assert parse_args(["retrieval", "--data", "d", "--weights", "w"]).num_workers == workers
+    assert parse_args(["knn", "--train", "a", "--test", "b", "--num-workers", "3"]).num_workers == 3

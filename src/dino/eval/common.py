@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,8 +78,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", choices=DEVICE_CHOICES, default="auto", help="auto = cuda when available, else cpu"
     )
     g.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: 128)")
-    g.add_argument("--num-workers", type=int, default=4, help="data-loading processes (default: 4)")
+    workers = default_num_workers()
+    g.add_argument(
+        "--num-workers",
+        type=int,
+        default=workers,
+        help=f"data-loading processes (default: {workers}: the CPUs this process may use, at most 4)",
+    )
     g.add_argument("--output", metavar="JSON", type=writable_file, help="write the results to this JSON file")
+
+
+def default_num_workers() -> int:
+    """Loader processes by default: the CPUs this process may run on, at most 4. More processes than cores
+    only compete for them (and PyTorch warns about it once per loader)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks on this platform (macOS, Windows)
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
 
 
 def add_image_arguments(parser: argparse.ArgumentParser) -> None:
