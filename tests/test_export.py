@@ -300,3 +300,30 @@ def test_safetensors_from_a_newer_format_version_is_refused(run_dir, tmp_path):
     save_file(exported.weights.state, str(tmp_path / "newer.safetensors"), metadata=newer)
     with pytest.raises(WeightsError, match="newer dino"):
         hub.load(tmp_path / "newer.safetensors")
+
+
+def test_safetensors_and_pth_exports_get_the_permissions_of_a_normal_file(run_dir, tmp_path):
+    """0666 less the umask, for both formats (safetensors' own writer made 0600 files)."""
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        modes = {
+            fmt: stat.S_IMODE(export_backbone(run_dir, fmt, tmp_path / f"b-{fmt}").path.stat().st_mode)
+            for fmt in ("dino", "safetensors")
+        }
+    finally:
+        os.umask(old)
+    assert modes == {"dino": 0o640, "safetensors": 0o640}
+
+
+def test_the_safetensors_load_hint_gives_a_module(run_dir, run_features, tmp_path):
+    """The printed hint is code: run as written it gives the backbone itself, not the LoadedBackbone."""
+    exported = export_backbone(run_dir, "safetensors", tmp_path / "b.safetensors")
+    namespace: dict = {}
+    exec("import dino.hub", namespace)
+    model = eval(exported.load_hint.split("  #")[0], namespace)
+    assert isinstance(model, torch.nn.Module)
+    assert torch.equal(features(model), run_features["teacher"])
+    assert "LoadedBackbone" in exported.load_hint

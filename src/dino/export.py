@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -186,7 +187,8 @@ def export_backbone(
 
 
 def write_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Save ``state`` with ``metadata`` as safetensors, atomically (a temporary file renamed into place)."""
+    """Save ``state`` with ``metadata`` as safetensors, atomically (a temporary file renamed into place),
+    with the permissions of any new file (0666 less the umask), as the ``.pth`` exports get."""
     try:
         from safetensors.torch import save_file
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -195,7 +197,12 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict
         ) from err
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        # safetensors writes through a private (0600) temporary file of its own: the mode an empty file
+        # created here gets is the one a normal file would have, read without touching the process umask.
+        tmp.touch()
+        mode = stat.S_IMODE(tmp.stat().st_mode)
         save_file(state, str(tmp), metadata=metadata)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -229,7 +236,11 @@ def _load_hint(path: Path, fmt: str, weights: BackboneWeights) -> str:
         args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
         return f"timm.create_model({name!r}, pretrained=False{args}).load_state_dict(torch.load({str(path)!r}), strict=True)"
     if fmt == "safetensors":
-        return f"dino.hub.load({str(path)!r})  # or safetensors.torch.load_file(...); metadata: arch, patch_size, img_size, depth"
+        return (
+            f"dino.hub.load({str(path)!r}).model  # the nn.Module; dino.hub.load returns a LoadedBackbone "
+            "(.model, .arch, .patch_size, .embed_dim, .img_size); or safetensors.torch.load_file(...) for the bare "
+            "tensors, the architecture in the metadata (arch, patch_size, img_size, depth)"
+        )
     if not weights.arch.startswith("vit_"):
         stem = ""
         if weights.arch.endswith(SMALL_STEM_SUFFIX):
