@@ -8,6 +8,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
+from typing import TextIO
 
 from dino.data.datasets import ImageDecodeError, SkippedImageWarning
 from dino.data.in_memory import InMemoryTooLarge
@@ -134,7 +135,15 @@ class _OneLineSkips:
     def __init__(self, fallback: Callable[..., None]) -> None:
         self.fallback = fallback
 
-    def __call__(self, message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    def __call__(
+        self,
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
         if file is None and issubclass(category, SkippedImageWarning):
             logging.getLogger("dino.data").warning("%s", message)
         else:
