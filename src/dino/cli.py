@@ -23,6 +23,7 @@ from dino.export import register as _add_export
 from dino.output_paths import OutputPathError, writable_folder
 from dino.train.checkpoint import CheckpointError
 from dino.train.config import ConfigError, load_config, preset_names
+from dino.train.curves import knn_summary
 from dino.train.guard import TrainingDiverged
 
 Command = Callable[[argparse.Namespace], int]
@@ -65,6 +66,9 @@ def _train(args: argparse.Namespace) -> int:
     resume = args.resume if args.resume else not args.no_resume
     run_dir = train(cfg, resume=resume)
     print(f"run directory: {run_dir}")
+    summary = knn_summary(run_dir)
+    if summary is not None:
+        print(summary)
     return 0
 
 

@@ -13,7 +13,12 @@ from typing import Any
 import torch
 
 from dino.hub.errors import WeightsError, Which, _short
-from dino.models.backbones import SMALL_STEM_SUFFIX, convnet_image_size
+from dino.models.backbones import (
+    BASIC_BLOCK_LAYERS,
+    SMALL_STEM_SUFFIX,
+    convnet_image_size,
+    narrow_resnet_name,
+)
 
 # --- Normalising state dicts ------------------------------------------------------------------------------
 
@@ -104,12 +109,17 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, int, int, i
             len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5)
         )
         bottleneck = "layer1.0.conv3.weight" in state
+        width = int(state["conv1.weight"].shape[0])
+        small_stem = state["conv1.weight"].shape[-1] == 3
+        depth = next((d for d, layout in BASIC_BLOCK_LAYERS.items() if layout == blocks), None)
+        if small_stem and not bottleneck and depth is not None and (width != 64 or depth == 10):
+            return narrow_resnet_name(depth, width), 0, 32, 0  # resnet10_cifar, resnet18_w32_cifar …
         name = _RESNET_BLOCKS.get((*blocks, bottleneck))
         if bottleneck and blocks == (3, 4, 6, 3) and state["layer1.0.conv1.weight"].shape[0] == 128:
             name = "wide_resnet50_2"
         if name is None:
             raise WeightsError(f"unrecognised ResNet layout {blocks} (bottleneck={bottleneck})")
-        if state["conv1.weight"].shape[-1] == 3:  # the small-image stem (3×3 first convolution)
+        if small_stem:  # the small-image stem (3×3 first convolution)
             name += SMALL_STEM_SUFFIX
         return name, 0, convnet_image_size(name), 0
     raise WeightsError(

@@ -417,8 +417,9 @@ def validate(cfg: DINOConfig) -> None:
         f"must be >= 0 pixels (0 = data.global_crop_size × 8/7), got {mon.knn_resize}",
     )
     if mon.knn_every:
+        # On the bundled sample (no data.path) the held-out images default to the sample's own val split.
         _require(
-            mon.knn_val is not None,
+            mon.knn_val is not None or cfg.data.path is None,
             "monitor.knn_val",
             "set a labelled folder of held-out images to run the k-NN monitor",
         )

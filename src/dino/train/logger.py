@@ -83,6 +83,8 @@ class RunLogger:
             iters_per_epoch=iters_per_epoch,
             arch=cfg.model.arch,
             patch_size=cfg.model.patch_size,
+            out_dim=cfg.head.out_dim,
+            global_batch_size=cfg.run.batch_size * env.world_size,
         )
         if self.enabled:
             log.info(

@@ -28,6 +28,7 @@ from dino.loss import DINOLoss
 from dino.teacher import TeacherUpdater
 from dino.train.checkpoint import CheckpointManager, set_aside
 from dino.train.config import DINOConfig, save_config
+from dino.train.curves import write_run_curves
 from dino.train.data import build_train_data
 from dino.train.distributed import DistEnv, any_processes, barrier, cleanup, init_distributed
 from dino.train.guard import BatchNormStatsKeeper, NonFiniteGuard
@@ -298,6 +299,8 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
             if knn is not None and cfg.monitor.knn_every and (epoch + 1) % cfg.monitor.knn_every == 0:
                 summary.update(knn.evaluate(eval_backbone, env.device, precision.autocast_dtype))
                 logger.event("knn", epoch=epoch, **{k: v for k, v in summary.items() if k.startswith("knn")})
+            if env.is_main:
+                _draw_curves(run_dir)
             state.epoch += 1
             state.step_in_epoch = 0
             keeper = (
@@ -394,6 +397,14 @@ def _is_in(path: Path, run_dir: Path) -> bool:
     """``path`` is ``run_dir`` itself or one of its checkpoints."""
     path, run_dir = Path(path).resolve(), run_dir.resolve()
     return path == run_dir or path.parent == run_dir / "checkpoints"
+
+
+def _draw_curves(run_dir: Path) -> None:
+    """``curves.png`` from the log so far; a picture that fails to draw never stops the run."""
+    try:
+        write_run_curves(run_dir)
+    except Exception as err:  # matplotlib missing or broken, a full disk: the training goes on
+        log.warning("could not draw %s: %s", run_dir / "curves.png", err)
 
 
 def _minutes_due(cfg: DINOConfig, last_save_time: float) -> bool:
