@@ -327,3 +327,19 @@ def test_the_safetensors_load_hint_gives_a_module(run_dir, run_features, tmp_pat
     assert isinstance(model, torch.nn.Module)
     assert torch.equal(features(model), run_features["teacher"])
     assert "LoadedBackbone" in exported.load_hint
+
+
+@pytest.mark.parametrize("arch", ["resnet10_cifar", "resnet10_w32_cifar"])
+def test_narrow_small_image_resnets_export_and_their_load_hint_builds_them(tmp_path, arch):
+    from dino.models.backbones import build_backbone
+
+    model, _ = build_backbone(arch)
+    model.eval()
+    torch.save(model.state_dict(), tmp_path / "rn.pth")
+    exported = export_backbone(tmp_path / "rn.pth", "dino", tmp_path / "out.pth")
+    assert exported.weights.arch == arch
+    scope = {"torch": torch, "dino": __import__("dino.hub")}
+    exec(f"m = {exported.load_hint}" if exported.load_hint.startswith("dino.") else exported.load_hint, scope)
+    assert torch.equal(features(scope["m"].eval(), 16), features(model, 16))
+    with pytest.raises(WeightsError, match="no timm ResNet builds"):
+        export_backbone(tmp_path / "rn.pth", "timm")

@@ -33,7 +33,7 @@ from dino.hub import (
     resize_pos_embed,
     resolve_weights,
 )
-from dino.models.backbones import SMALL_STEM_SUFFIX
+from dino.models.backbones import SMALL_STEM_SUFFIX, narrow_resnet_layout
 from dino.output_paths import writable_file_or_folder
 
 ExportFormat = Literal["dino", "safetensors", "timm"]
@@ -240,6 +240,16 @@ def _load_hint(path: Path, fmt: str, weights: BackboneWeights) -> str:
             f"dino.hub.load({str(path)!r}).model  # the nn.Module; dino.hub.load returns a LoadedBackbone "
             "(.model, .arch, .patch_size, .embed_dim, .img_size); or safetensors.torch.load_file(...) for the bare "
             "tensors, the architecture in the metadata (arch, patch_size, img_size, depth)"
+        )
+    layout = narrow_resnet_layout(weights.arch)
+    if layout is not None:  # no torchvision builder: torchvision's ResNet class with our layout
+        blocks, width = layout
+        if width != 64:
+            return f"dino.hub.load({str(path)!r}).model  # {weights.arch}: a ResNet narrower than torchvision builds"
+        return (
+            f"from torchvision.models.resnet import ResNet, BasicBlock; m = ResNet(BasicBlock, {list(blocks)}); "
+            "m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); m.maxpool = torch.nn.Identity(); "
+            f"m.fc = torch.nn.Identity(); m.load_state_dict(torch.load({str(path)!r}), strict=True)"
         )
     if not weights.arch.startswith("vit_"):
         stem = ""
