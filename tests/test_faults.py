@@ -18,11 +18,12 @@ import torch
 from dino.cli import main
 from dino.loss import DINOLoss
 from dino.models.multicrop import MultiCropWrapper
-from dino.train.checkpoint import CheckpointManager
+from dino.train.checkpoint import CheckpointError, CheckpointManager
 from dino.train.config import load_config
 from dino.train.loop import EXIT_PREEMPTED, TrainingDiverged, train
 
 from .conftest import TINY_OVERRIDES
+from .test_checkpoint import tear
 
 DETERMINISTIC = TINY_OVERRIDES + ["run.deterministic=true", "run.epochs=4", "run.checkpoint_every_iters=1"]
 
@@ -36,7 +37,9 @@ def same_weights(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def launch(data: Path, out: Path) -> subprocess.Popen:
+def launch(data: Path, out: Path, *overrides: str, new_session: bool = False) -> subprocess.Popen:
+    """``dino train`` in a child process; ``new_session``: in a process group of its own (with its loader
+    workers), which a test can signal as a terminal does."""
     cmd = [
         sys.executable,
         "-m",
@@ -47,8 +50,11 @@ def launch(data: Path, out: Path) -> subprocess.Popen:
         "--output",
         str(out),
         *DETERMINISTIC,
+        *overrides,
     ]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=new_session
+    )
 
 
 def wait_for_checkpoint(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -100,9 +106,59 @@ def test_sigterm_saves_exits_cleanly_and_resumes(small_folder, reference, tmp_pa
     stopped = events(out, "preempted")
     assert stopped and stopped[0]["signal"] == "SIGTERM"
     assert CheckpointManager(out).load_latest()[0]["iteration"] == stopped[0]["iteration"]
+    assert f"SIGTERM: saved {stopped[0]['checkpoint']} at iteration {stopped[0]['iteration']}" in err
     proc = launch(small_folder, out)
     assert proc.wait(timeout=300) == 0
     assert same_weights(reference / "teacher_backbone.pth", out / "teacher_backbone.pth")
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_exits_130_without_a_traceback(small_folder, tmp_path):
+    """Ctrl-C in a terminal reaches the whole process group, loader workers included."""
+    out = tmp_path / "interrupted"
+    proc = launch(small_folder, out, "data.num_workers=1", new_session=True)
+    wait_for_checkpoint(out, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.fail("the run ended before Ctrl-C arrived; make the run longer")
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "Ctrl-C: saving a checkpoint after this step" in err
+    stopped = events(out, "preempted")
+    assert stopped and stopped[0]["signal"] == "SIGINT"
+    assert f"SIGINT: saved {stopped[0]['checkpoint']} at iteration {stopped[0]['iteration']}" in err
+    assert CheckpointManager(out).load_latest()[0]["iteration"] == stopped[0]["iteration"]
+
+
+@pytest.mark.slow
+def test_torn_rolling_checkpoints_resume_from_the_kept_ones_and_none_readable_stops(small_folder, tmp_path):
+    out = tmp_path / "torn"
+    common = TINY_OVERRIDES + [
+        f"data.path={small_folder}",
+        f"run.output_dir={out}",
+        "run.save_every_epochs=1",
+    ]
+    train(load_config(None, common + ["run.epochs=2"]))  # last-3, last-6; epoch-0001, epoch-0002
+    checkpoints = CheckpointManager(out)
+    for path in checkpoints.rolling():
+        tear(path)
+    train(load_config(None, common + ["run.epochs=3"]))
+    resumed = events(out, "start")[-1]["resumed_from"]
+    assert resumed == {
+        "checkpoint": str(checkpoints.directory / "epoch-0002.pth"),
+        "epoch": 2,
+        "iteration": 6,
+    }
+    assert [e["epoch"] for e in events(out, "epoch")] == [0, 1, 2]
+
+    for path in checkpoints.rolling() + checkpoints.keepers():
+        tear(path)
+    before = sorted(p.name for p in checkpoints.directory.iterdir())
+    with pytest.raises(CheckpointError, match="none of the checkpoints .* can be read .*--no-resume"):
+        train(load_config(None, common + ["run.epochs=4"]))
+    assert sorted(p.name for p in checkpoints.directory.iterdir()) == before  # nothing set aside or added
+    assert len(events(out, "start")) == 2 and not list(out.glob("replaced-*"))
 
 
 def _nan_on(calls: set[int], monkeypatch) -> None:

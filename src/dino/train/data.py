@@ -23,7 +23,7 @@ from dino.data.in_memory import DecodedImages, InMemoryMultiCropLoader, InMemory
 from dino.data.sample import sample_dataset
 from dino.data.transforms import MultiCropAugmentation
 from dino.train.config import ConfigError, DINOConfig
-from dino.train.signals import PREEMPTION_SIGNALS
+from dino.train.signals import STOP_SIGNALS
 
 
 class SeededDataset(Dataset):
@@ -78,9 +78,11 @@ class ResumableSampler(Sampler[tuple[int, int]]):
             yield mine[position], (base + position * self.world_size + self.rank) % (2**63)
 
 
-def _ignore_preemption_signals(worker_id: int) -> None:
-    """Workers leave SIGTERM/SIGUSR1 to the main process, which saves a checkpoint before stopping."""
-    for sig in PREEMPTION_SIGNALS:
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 and Ctrl-C to the main process, which saves a checkpoint before
+    stopping (a terminal sends Ctrl-C to the workers too, and one that died of it would fail the next
+    batch)."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
@@ -169,7 +171,7 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
         collate_fn=collate_encoded if on_device else collate_skipping_bad,
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=_ignore_preemption_signals,
+        worker_init_fn=_ignore_stop_signals,
         # Its own generator: each epoch's iterator draws its workers' base seed from it, not from the
         # process's stream, which stochastic depth draws from and a mid-epoch resume restores to the
         # point of the checkpoint (after that epoch's iterator was made). The crops do not depend on it

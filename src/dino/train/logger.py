@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("dino.train")
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and the noun in the number it takes: "1 epoch", "2 epochs", "1 process", "3 processes"."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """Peak GPU memory allocated on a CUDA device, else the process's peak resident memory."""
     if device.type == "cuda":
@@ -73,7 +78,16 @@ class RunLogger:
                 fields.get("knn_top5", float("nan")),
             )
 
-    def start(self, cfg: DINOConfig, env: DistEnv, n_images: int, iters_per_epoch: int) -> None:
+    def start(
+        self,
+        cfg: DINOConfig,
+        env: DistEnv,
+        n_images: int,
+        iters_per_epoch: int,
+        resumed_from: dict[str, Any] | None = None,
+    ) -> None:
+        """``resumed_from``: the checkpoint a continued run starts from (``checkpoint``, ``epoch``,
+        ``iteration``), so that each ``start`` of a log written by several launches says where it is."""
         self._device = env.device
         self.event(
             "start",
@@ -85,20 +99,23 @@ class RunLogger:
             patch_size=cfg.model.patch_size,
             out_dim=cfg.head.out_dim,
             global_batch_size=cfg.run.batch_size * env.world_size,
+            resumed_from=resumed_from,
         )
         if self.enabled:
             log.info(
-                "training %s/%d on %s × %d: %d images, %d iterations per epoch, %d epochs",
+                "training %s/%d on %s × %d: %s, %s per epoch, %s",
                 cfg.model.arch,
                 cfg.model.patch_size,
                 env.device,
                 env.world_size,
-                n_images,
-                iters_per_epoch,
-                cfg.run.epochs,
+                counted(n_images, "image"),
+                counted(iters_per_epoch, "iteration"),
+                counted(cfg.run.epochs, "epoch"),
             )
 
-    def start_epoch(self, epoch: int, iters: int, done: int) -> None:
+    def start_epoch(self, epoch: int, iters: int, done: int, images_per_step: int) -> None:
+        """An epoch of ``iters`` steps of ``images_per_step`` images (all processes), ``done`` of them
+        already (a mid-epoch resume)."""
         self._epoch = {}
         self._epoch_images = 0
         self._epoch_start = self._window_start = time.perf_counter()
@@ -108,8 +125,14 @@ class RunLogger:
         if self.use_bar:
             from tqdm import tqdm
 
+            # Counted in images, so that its rate reads in images/s like the log's.
             self._bar = tqdm(
-                total=iters, initial=done, desc=f"epoch {epoch}", unit="it", dynamic_ncols=True, leave=False
+                total=iters * images_per_step,
+                initial=done * images_per_step,
+                desc=f"epoch {epoch}",
+                unit="img",
+                dynamic_ncols=True,
+                leave=False,
             )
 
     def count_bad_files(self, n: int) -> None:
@@ -139,7 +162,7 @@ class RunLogger:
         for key, value in pending.items():
             self._window.setdefault(key, []).append(value)
         if self._bar is not None:
-            self._bar.update(1)
+            self._bar.update(images)
         if not log_now:
             return None
         record: dict[str, Any] = {"type": "iter", "epoch": epoch, "iteration": iteration}
@@ -160,7 +183,7 @@ class RunLogger:
         self._window_start = time.perf_counter()
         self.write(record)
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}")  # the bar shows its own images/s
         elif self.enabled:
             log.info(
                 "epoch %d it %d  loss %.4f  entropy %.3f  kl %.4f  lr %.2e  %.1f img/s",
@@ -199,15 +222,36 @@ class RunLogger:
         self.write(summary)
         if self.enabled:
             log.info(
-                "epoch %d done: loss %.4f  entropy %.3f  kl %.4f  %.1f img/s  %d unreadable files skipped",
+                "epoch %d done: loss %.4f  entropy %.3f  kl %.4f  %.1f img/s  %s skipped",
                 epoch,
                 summary.get("loss", float("nan")),
                 summary.get("teacher_entropy", float("nan")),
                 summary.get("kl", float("nan")),
                 summary["images_per_s"],
-                self.bad_files,
+                counted(self.bad_files, "unreadable file"),
             )
         return summary
+
+    def stopped(
+        self, signal_name: str | None, iteration: int, saved: Path | None, newest: Path | None
+    ) -> None:
+        """A stop request was obeyed at ``iteration``: the ``preempted`` event, and one console line
+        saying what was saved (``saved`` None: nothing, the newest checkpoint is ``newest``)."""
+        self.event(
+            "preempted", iteration=iteration, signal=signal_name, checkpoint=str(saved) if saved else None
+        )
+        if not self.enabled:
+            return
+        if self._bar is not None:  # the line below, not over the bar
+            self._bar.close()
+            self._bar = None
+        cause = signal_name or "a stop request on another process"
+        if saved is not None:
+            done = f"saved {saved} at iteration {iteration} and stopped"
+        else:  # non-finite losses are being skipped: the last good checkpoint stays the newest
+            kept = f"newest checkpoint: {newest}" if newest is not None else "no checkpoint yet"
+            done = f"stopped at iteration {iteration} without saving ({kept})"
+        log.warning("%s: %s; run the same command again to continue", cause, done)
 
     def close(self) -> None:
         if self._bar is not None:

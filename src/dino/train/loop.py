@@ -33,7 +33,7 @@ from dino.train.data import build_train_data
 from dino.train.distributed import DistEnv, any_processes, barrier, cleanup, init_distributed
 from dino.train.guard import BatchNormStatsKeeper, NonFiniteGuard
 from dino.train.guard import TrainingDiverged as TrainingDiverged  # re-exported: callers catch it here
-from dino.train.logger import RunLogger, peak_memory_gib
+from dino.train.logger import RunLogger, counted, peak_memory_gib
 from dino.train.monitors import CollapseMonitor
 from dino.train.optim import build_optimizer, cancel_last_layer_gradients, clip_gradients, set_schedules
 from dino.train.profiling import StepProfiler
@@ -51,7 +51,7 @@ from dino.train.setup import (
     unwrap_compiled,
     uses_cuda_graphs,
 )
-from dino.train.signals import PreemptionGuard
+from dino.train.signals import EXIT_INTERRUPTED, PreemptionGuard
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,10 @@ PREEMPTION_POLL_STEPS = 10  # with several processes, how often they agree on a 
 
 
 class Preempted(SystemExit):
-    def __init__(self) -> None:
-        super().__init__(EXIT_PREEMPTED)
+    """Saved and stopped on request: EXIT_PREEMPTED for a scheduler's signal, EXIT_INTERRUPTED for Ctrl-C."""
+
+    def __init__(self, code: int = EXIT_PREEMPTED) -> None:
+        super().__init__(code)
 
 
 @dataclass
@@ -160,19 +162,24 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
         else student
     )
 
-    def save(epoch_keeper: int | None = None) -> None:
+    def save(epoch_keeper: int | None = None) -> Path | None:
+        """The checkpoint's path on the main process; None elsewhere or when nothing was saved."""
         # Never while non-finite losses are being skipped: the last good checkpoint must stay the newest
         # (every process gets the same answer: the flags are agreed on).
         if guard.poll() != 0:
-            return
+            return None
         rng = gather_process_rng(env.world_size)  # a collective: every process takes part
-        if env.is_main:
-            run = run_state_dict(
-                cfg, student, teacher, optimizer, dino_loss, scaler, state, global_batch, rng
-            )
-            checkpoints.save(run, state.iteration, epoch_keeper)
+        if not env.is_main:
+            return None
+        run = run_state_dict(cfg, student, teacher, optimizer, dino_loss, scaler, state, global_batch, rng)
+        return checkpoints.save(run, state.iteration, epoch_keeper)
 
-    logger.start(cfg, env, len(data.dataset), data.iters_per_epoch)
+    resumed_from = (
+        None
+        if restored is None
+        else {"checkpoint": str(restored[1]), "epoch": state.epoch, "iteration": state.iteration}
+    )
+    logger.start(cfg, env, len(data.dataset), data.iters_per_epoch, resumed_from)
     # The k-NN monitor runs the teacher's backbone uncompiled: its eval mode and batch sizes would each
     # be a new graph.
     eval_backbone = unwrap_compiled(teacher.backbone)
@@ -185,12 +192,12 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
     profiler = StepProfiler(cfg.run.profile_steps, run_dir, env.device, enabled=env.is_main)
     bn_stats = BatchNormStatsKeeper(student, teacher)  # empty (and skipped) for models without BatchNorm
     replacement: tuple[list[torch.Tensor], torch.Tensor] | None = None  # a batch for an unreadable one
-    with PreemptionGuard() as preemption:
+    with PreemptionGuard(announce=env.is_main) as preemption:
         while state.epoch < cfg.run.epochs:
             epoch = state.epoch
             data.set_epoch(epoch, state.step_in_epoch, cfg.run.batch_size)
             teacher_temp = float(schedules.teacher_temp[epoch])
-            logger.start_epoch(epoch, data.iters_per_epoch, state.step_in_epoch)
+            logger.start_epoch(epoch, data.iters_per_epoch, state.step_in_epoch, global_batch)
             for crops, labels, n_bad in data.loader:
                 logger.count_bad_files(n_bad)
                 if labels.numel() == 0:  # every image of this batch failed to decode
@@ -283,10 +290,11 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
                         any_processes([stop, minutes_due], env.device) if agree else (False, False)
                     )
                 if stop:
-                    save()
-                    logger.event("preempted", iteration=state.iteration, signal=preemption.signal_name)
+                    saved = save()
+                    newest = None if saved else next(iter(checkpoints.rolling()), None)
+                    logger.stopped(preemption.signal_name, state.iteration, saved, newest)
                     logger.close()
-                    raise Preempted()
+                    raise Preempted(EXIT_INTERRUPTED if preemption.interrupted else EXIT_PREEMPTED)
                 every_iters = cfg.run.checkpoint_every_iters
                 if minutes_due or (every_iters and state.iteration % every_iters == 0):
                     save()
@@ -434,6 +442,6 @@ def _divergence_message(cfg: DINOConfig, precision: str, bad_steps: int) -> str:
     causes.append(f"teacher temperature: keep loss.teacher_temp ≤ 0.07 (now {cfg.loss.teacher_temp})")
     causes.append(f"gradient clipping: set optim.clip_grad (now {cfg.optim.clip_grad})")
     return (
-        f"stopping after {bad_steps} consecutive non-finite losses; the last good checkpoint is kept. Likely causes: "
-        + "; ".join(causes)
+        f"stopping after {counted(bad_steps, 'consecutive non-finite loss', 'consecutive non-finite losses')}; "
+        "the last good checkpoint is kept. Likely causes: " + "; ".join(causes)
     )
