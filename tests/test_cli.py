@@ -63,6 +63,15 @@ def test_errors_end_in_one_line_and_the_traceback_only_with_verbose(
     assert "Traceback (most recent call last)" in err and err.splitlines()[-1] == f"dino: error: {error}"
 
 
+def test_ctrl_c_before_training_starts_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):  # e.g. while the folder is scanned or decoded into memory
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dino.train.loop.train", interrupted)
+    assert main(["train", "--output", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err.splitlines() == ["dino: interrupted"]
+
+
 def test_a_skipped_file_costs_one_log_line(tmp_path, caplog):
     source = sample_dataset("val")
     for name in ("airplane", "bird"):

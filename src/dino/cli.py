@@ -177,6 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dino: {kind}: {err}", file=sys.stderr)
         # 2 for what the user asked (options, paths, settings), as argparse does; 1 for what failed on the way.
         return 2 if isinstance(err, ValueError | FileNotFoundError) else 1
+    except KeyboardInterrupt:  # before training's own handler is installed (setup, scanning, decoding)
+        if args.verbose:
+            traceback.print_exc()
+        print("dino: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
