@@ -340,7 +340,7 @@ def test_the_originals_full_checkpoint_with_its_numpy_numbers_loads(tmp_path, nu
         loaded = hub.load(path, which=which)
         assert all(torch.equal(v, state[f"backbone.{k}"]) for k, v in loaded.model.state_dict().items())
     converted = hub.load_training_checkpoint(path)
-    assert converted["epoch"] == 4
+    assert converted["epoch"] == 4 and set(converted["released_optimizer"]["state"]) <= set(s_state)
 
 
 def test_the_originals_full_checkpoint_evaluates_as_its_teacher(small_folder, tmp_path, capsys):

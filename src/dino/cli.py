@@ -47,7 +47,19 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"data.path={args.data}")
     if args.output:
         overrides.append(f"run.output_dir={args.output}")
-    cfg = load_config(args.config, overrides)
+    base = None
+    if args.resume:
+        from dino.hub import released_checkpoint_config
+
+        # The original's full checkpoint names its architecture, head and recipe in its args: no need to
+        # restate them (our checkpoints' run directories keep theirs in config.yaml).
+        base = released_checkpoint_config(args.resume)
+        if base is not None:
+            logging.getLogger("dino.cli").info(
+                "%s: architecture, head and recipe from its args (the command line may change the recipe)",
+                args.resume,
+            )
+    cfg = load_config(args.config, overrides, base)
     from dino.train.loop import train
 
     resume = args.resume if args.resume else not args.no_resume
