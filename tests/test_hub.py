@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import os
@@ -10,6 +9,7 @@ import shlex
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,8 @@ from dino.teacher import ema_update
 from dino.train.checkpoint import CheckpointManager, load_checkpoint
 from dino.train.config import config_from_dict, config_to_dict, load_config
 from dino.train.setup import build_student_teacher, load_model_state_dict, model_state_dict
+
+from .original_dino import original_run, save_as_numpy1
 
 DIM, HEADS, DEPTH, PATCH, IMG = 192, 3, 2, 4, 16  # a ViT-tiny/4 with 2 blocks on 16 px inputs
 OUT_DIM, HIDDEN, BOTTLENECK = 64, 32, 16
@@ -120,65 +122,26 @@ def tiny_config(**extra: str):
 
 @functools.cache
 def released_full_checkpoint(new_style_weight_norm: bool = False) -> tuple[dict, dict, dict]:
-    """A dict shaped like the original main_dino.py checkpoint; returns it with the plain student/teacher.
+    """A checkpoint made as the original main_dino.py makes it (numpy numbers in the optimiser's groups,
+    ``module.`` on the student, ``weight_g`` / ``weight_v``, ``fp16_scaler``, ``args`` a Namespace) after
+    4 epochs of 2 steps; returns it with the student's and the teacher's states in our key layout.
 
     Cached: callers must not modify what it returns."""
-    cfg = tiny_config()
-    torch.manual_seed(1)
-    student, teacher = build_student_teacher(cfg, torch.device("cpu"))
-    with torch.no_grad():  # make the teacher differ from the student, as after training
-        for p in teacher.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    s_state, t_state = model_state_dict(student), model_state_dict(teacher)
-    student_keys = dict(s_state)
-    if new_style_weight_norm:  # torch.nn.utils.parametrizations.weight_norm names
-        student_keys["head.last_layer.parametrizations.weight.original0"] = student_keys.pop(
-            "head.last_layer.weight_g"
-        )
-        student_keys["head.last_layer.parametrizations.weight.original1"] = student_keys.pop(
-            "head.last_layer.weight_v"
-        )
-    args = argparse.Namespace(
-        arch="vit_tiny",
-        patch_size=PATCH,
-        out_dim=OUT_DIM,
-        norm_last_layer=True,
-        momentum_teacher=0.995,
-        use_bn_in_head=False,
-        warmup_teacher_temp=0.03,
-        teacher_temp=0.05,
-        warmup_teacher_temp_epochs=2,
-        use_fp16=False,
-        weight_decay=0.05,
-        weight_decay_end=0.3,
-        clip_grad=2.5,
-        batch_size_per_gpu=12,
-        epochs=7,
-        freeze_last_layer=1,
-        lr=0.0007,
-        warmup_epochs=2,
-        min_lr=2e-6,
-        optimizer="adamw",
-        drop_path_rate=0.05,
-        global_crops_scale=(0.35, 1.0),
-        local_crops_number=3,
-        local_crops_scale=(0.06, 0.35),
-        data_path="/path/to/imagenet/train",
-        output_dir="/somewhere",
-        saveckp_freq=20,
-        seed=3,
-        num_workers=10,
-        dist_url="env://",
-    )
-    checkpoint = {
-        "student": {f"module.{k}": v for k, v in student_keys.items()},
-        "teacher": dict(t_state),
-        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
-        "epoch": 4,
-        "args": args,
-        "dino_loss": {"center": torch.randn(1, OUT_DIM)},
-        "fp16_scaler": None,
-    }
+    run = original_run(
+        epochs_done=4, momentum_teacher=0.995, warmup_teacher_temp=0.03, teacher_temp=0.05,
+        warmup_teacher_temp_epochs=2, weight_decay=0.05, weight_decay_end=0.3, clip_grad=2.5,
+        batch_size_per_gpu=12, epochs=7, lr=0.0007, warmup_epochs=2, min_lr=2e-6, drop_path_rate=0.05,
+        global_crops_scale=(0.35, 1.0), local_crops_number=3, local_crops_scale=(0.06, 0.35), seed=3,
+    )  # fmt: skip
+    checkpoint = dict(run.checkpoint)
+    s_state = {k.removeprefix("module."): v for k, v in checkpoint["student"].items()}
+    t_state = dict(checkpoint["teacher"])
+    if new_style_weight_norm:  # torch.nn.utils.parametrizations.weight_norm names, in the same order
+        renames = {
+            "module.head.last_layer.weight_g": "module.head.last_layer.parametrizations.weight.original0",
+            "module.head.last_layer.weight_v": "module.head.last_layer.parametrizations.weight.original1",
+        }
+        checkpoint["student"] = {renames.get(k, k): v for k, v in checkpoint["student"].items()}
     return checkpoint, s_state, t_state
 
 
@@ -352,6 +315,72 @@ def test_released_full_checkpoint_converts_for_resuming_training(tmp_path):
     expected = 0.9 * before_teacher + 0.1 * student.backbone.cls_token.detach()
     torch.testing.assert_close(teacher.backbone.cls_token.detach(), expected)
     assert not torch.equal(loss_fn.center, checkpoint["dino_loss"]["center"])
+
+
+@pytest.mark.parametrize("numpy_paths", ["numpy 2", "numpy 1"])
+def test_the_originals_full_checkpoint_with_its_numpy_numbers_loads(tmp_path, numpy_paths):
+    """main_dino.py puts numpy float64 values (its schedules) into the optimiser's lr / weight_decay and
+    saves optimizer.state_dict(): weights-only loading must accept those numbers, pickled under numpy 2's
+    module path or numpy 1's (the released files), for backbones and training checkpoints alike."""
+    checkpoint, s_state, t_state = released_full_checkpoint()
+    path = tmp_path / "full.pth"
+    if numpy_paths == "numpy 1":
+        save_as_numpy1(checkpoint, path)
+    else:
+        torch.save(checkpoint, path)
+    with pytest.raises(Exception, match="numpy.*multiarray.scalar"):  # what plain weights-only loading says
+        torch.load(path, weights_only=True)
+
+    raw = hub.read_weights_file(path)
+    groups = raw["optimizer"]["param_groups"]
+    assert type(groups[0]["lr"]) is np.float64 and type(groups[0]["weight_decay"]) is np.float64
+    assert groups[0]["lr"] == checkpoint["optimizer"]["param_groups"][0]["lr"]
+    assert raw["fp16_scaler"] == checkpoint["fp16_scaler"] and raw["args"] == checkpoint["args"]
+    for which, state in (("teacher", t_state), ("student", s_state)):
+        loaded = hub.load(path, which=which)
+        assert all(torch.equal(v, state[f"backbone.{k}"]) for k, v in loaded.model.state_dict().items())
+    converted = hub.load_training_checkpoint(path)
+    assert converted["epoch"] == 4 and set(converted["released_optimizer"]["state"]) <= set(s_state)
+
+
+def test_the_originals_full_checkpoint_evaluates_as_its_teacher(small_folder, tmp_path, capsys):
+    """`dino extract --weights` on the original's full checkpoint (numpy 1 paths) gives the features of its
+    teacher backbone saved alone, not those of its student."""
+    from dino.cli import main
+    from dino.eval.features import FeatureSet
+
+    run = original_run(img=32, patch_size=8, depth=1, out_dim=32, niter_per_ep=1, epochs_done=1)
+    save_as_numpy1(run.checkpoint, tmp_path / "full.pth")
+    for which in ("teacher", "student"):
+        prefix = "backbone." if which == "teacher" else "module.backbone."
+        alone = {k.removeprefix(prefix): v for k, v in run.checkpoint[which].items() if k.startswith(prefix)}
+        torch.save(alone, tmp_path / f"{which}.pth")
+    features = {}
+    for weights in ("full.pth", "teacher.pth", "student.pth"):
+        out = tmp_path / f"{weights}.pt"
+        args = ["extract", small_folder, "--weights", tmp_path / weights, "--out", out,
+                "--device", "cpu", "--num-workers", "0", "--precision", "fp32"]  # fmt: skip
+        assert main([str(a) for a in args]) == 0, capsys.readouterr().err
+        features[weights] = FeatureSet.load(out).features["cls"]
+    assert torch.equal(features["full.pth"], features["teacher.pth"])
+    assert not torch.allclose(features["full.pth"], features["student.pth"])
+
+
+def test_numpy_values_other_than_plain_numbers_are_still_refused(tmp_path):
+    """The numpy allowance covers numbers only: arrays and object dtypes (which can hold any object) are
+    refused like any other object, and so is a payload next to numpy numbers."""
+    marker = tmp_path / "pwned"
+    checkpoint, _, _ = released_full_checkpoint()
+    cases = {
+        "array.pth": {"a": np.arange(3.0)},
+        "object_dtype.pth": {"d": np.dtype(object)},
+        "payload.pth": {**checkpoint, "extra": Payload(marker)},
+    }
+    for name, content in cases.items():
+        torch.save(content, tmp_path / name)
+        with pytest.raises(WeightsError, match="refused to load"):
+            hub.read_weights_file(tmp_path / name)
+    assert not marker.exists()
 
 
 def test_training_checkpoint_of_ours_comes_back_as_load_checkpoint_returns_it(tmp_path):

@@ -15,9 +15,11 @@ from dino.data.sample import sample_dataset
 from dino.hub import load_backbone
 from dino.train.config import ConfigError, load_config
 from dino.train.loop import train
+from dino.train.optim import param_groups
 from dino.train.setup import build_student_teacher, model_state_dict
 
 from .conftest import TINY_OVERRIDES
+from .original_dino import original_run, save_as_numpy1
 
 
 def records(run_dir, kind):
@@ -187,6 +189,90 @@ def test_a_mid_epoch_checkpoint_resumes_with_another_batch_size(small_folder, tm
     iters = records(resumed, "iter")
     assert [r["iteration"] for r in iters] == [1, 2, 3, 4, 5]  # 1 left of epoch 0, then 2 + 2
     assert [e["epoch"] for e in records(resumed, "epoch")] == [0, 1, 2]
+
+
+def _originals_checkpoint(tmp_path):
+    """The original code's full checkpoint (its numpy numbers under numpy 1's module path) of a ViT-tiny/8
+    on 32 px with the boosted recipe's norm_last_layer off, after 2 of 4 epochs of 3 steps (48 images of
+    16 a step): the last layer, frozen in the first epoch, has taken 3 Adam steps, the rest 6."""
+    run = original_run(
+        img=32, depth=1, hidden=64, bottleneck=32, niter_per_ep=3, epochs_done=2, patch_size=8, out_dim=128,
+        norm_last_layer=False, batch_size_per_gpu=16, epochs=4, warmup_epochs=1, lr=0.004,
+        local_crops_number=2, teacher_temp=0.05, momentum_teacher=0.99,
+    )  # fmt: skip
+    save_as_numpy1(run.checkpoint, tmp_path / "full.pth")
+    return run, tmp_path / "full.pth"
+
+
+@pytest.mark.slow
+def test_the_originals_checkpoint_resumes_with_its_settings_optimiser_and_schedules(small_folder, tmp_path):
+    """`dino train --resume` with the original's full checkpoint and no restated architecture: its args
+    give the architecture, head and recipe, its AdamW state goes on by parameter name (each parameter's
+    step count continues from its own) and the schedules at iteration 2 × 3, as main_dino.py's arrays."""
+    run, full = _originals_checkpoint(tmp_path)
+    out = tmp_path / "resumed"
+    machine = ["data.local_crop_size=16", "data.num_workers=0", "run.log_every=1", "run.progress_bar=never"]
+    assert (
+        main(["train", "--resume", str(full), "--data", str(small_folder), "--output", str(out), *machine])
+        == 0
+    )
+
+    cfg = load_config(out / "config.yaml")
+    assert (cfg.model.arch, cfg.model.patch_size, cfg.model.depth, cfg.data.global_crop_size) == (
+        "vit_tiny",
+        8,
+        1,
+        32,
+    )
+    assert (cfg.head.out_dim, cfg.head.hidden_dim, cfg.head.bottleneck_dim, cfg.head.norm_last_layer) == (
+        128,
+        64,
+        32,
+        False,
+    )
+    assert (cfg.run.epochs, cfg.run.batch_size, cfg.optim.lr, cfg.loss.teacher_temp) == (4, 16, 0.004, 0.05)
+    iters = records(out, "iter")
+    assert [r["iteration"] for r in iters] == list(range(6, 12))
+    for r in iters:  # main_dino.py's arrays, for 1 process of 16 images and 3 steps an epoch
+        it = r["iteration"]
+        assert r["lr"] == pytest.approx(run.lr_schedule[it], rel=1e-12)
+        assert r["weight_decay"] == pytest.approx(run.wd_schedule[it], rel=1e-12)
+        assert r["momentum"] == pytest.approx(run.momentum_schedule[it], rel=1e-12)
+    assert [e["epoch"] for e in records(out, "epoch")] == [2, 3]
+
+    # Each parameter's Adam step count: its own from the original, plus the 6 steps taken here.
+    names = {id(p): n.removeprefix("module.") for n, p in run.student.named_parameters()}
+    saved = run.checkpoint["optimizer"]
+    original_steps = {
+        names[id(p)]: float(saved["state"][i]["step"])
+        for i, p in enumerate(p for group in run.optimizer.param_groups for p in group["params"])
+    }
+    assert sorted(set(original_steps.values())) == [3.0, 6.0]
+    student, _ = build_student_teacher(cfg, torch.device("cpu"))
+    ours = [n for group in param_groups(student) for n in _names(student, group["params"])]
+    final = torch.load(out / "checkpoints" / "last-000000012.pth", weights_only=True)["optimizer"]["state"]
+    assert {n: float(final[i]["step"]) for i, n in enumerate(ours)} == {
+        n: s + 6 for n, s in original_steps.items()
+    }
+
+
+def _names(model, params):
+    from dino.train.setup import model_parameters
+
+    by_id = {id(p): n for n, p in model_parameters(model).items()}
+    return [by_id[id(p)] for p in params]
+
+
+def test_resuming_the_originals_checkpoint_as_another_architecture_is_one_clear_error(tmp_path, capsys):
+    _, full = _originals_checkpoint(tmp_path)
+    data = tmp_path / "empty"  # scanned, it would stop the run with "no image files": the error comes first
+    data.mkdir()
+    code = main(["train", "--resume", str(full), "--data", str(data), "--output", str(tmp_path / "o"),
+                 "model.arch=vit_small"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "vit_tiny/8 (32 px, 1 blocks)" in err and "vit_small/8 (32 px, 1 blocks)" in err
+    assert "model.*" in err and "size mismatch" not in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from dino.eval.dense_commands import (
     register_videoseg,
 )
 from dino.export import register as _add_export
+from dino.hub import released_checkpoint_config
 from dino.output_paths import OutputPathError, writable_folder
 from dino.train.checkpoint import CheckpointError
 from dino.train.config import ConfigError, load_config, preset_names
@@ -56,7 +57,17 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"data.path={args.data}")
     if args.output:
         overrides.append(f"run.output_dir={args.output}")
-    cfg = load_config(args.config, overrides)
+    base = None
+    if args.resume:
+        # The original's full checkpoint names its architecture, head and recipe in its args: no need to
+        # restate them (our checkpoints' run directories keep theirs in config.yaml).
+        base = released_checkpoint_config(args.resume)
+        if base is not None:
+            logging.getLogger("dino.cli").info(
+                "%s: architecture, head and recipe from its args (the command line may change the recipe)",
+                args.resume,
+            )
+    cfg = load_config(args.config, overrides, base)
     try:  # also when the run directory comes from the config, before any data is read
         writable_folder(cfg.run.output_dir)
     except OutputPathError as err:

@@ -14,7 +14,11 @@ errors that name the mismatch and its likely cause. The modules:
 Everything is importable from ``dino.hub`` itself.
 """
 
-from dino.hub.checkpoints import config_from_released_args, load_training_checkpoint
+from dino.hub.checkpoints import (
+    config_from_released_args,
+    load_training_checkpoint,
+    released_checkpoint_config,
+)
 from dino.hub.errors import WeightsError, Which
 from dino.hub.files import (
     SAFETENSORS_FORMAT,
@@ -70,6 +74,7 @@ __all__ = [
     "read_backbone_weights",
     "read_safetensors",
     "read_weights_file",
+    "released_checkpoint_config",
     "resize_pos_embed",
     "resolve_weights",
     "weights_folder",

@@ -1,8 +1,9 @@
 """Training checkpoints: ours (files and run directories) and the released full ones of the original code.
 
 A released full checkpoint is converted to our layout (``backbone.*``/``head.*`` keys, the loss center,
-the next epoch and a config rebuilt from its ``args``), so training can resume from it. The training
-modules are imported lazily: :mod:`dino.train` imports this package.
+the next epoch, its optimiser state keyed by parameter name and a config rebuilt from its ``args``), so
+training can resume from it as the original would. The training modules are imported lazily:
+:mod:`dino.train` imports this package.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ def load_training_checkpoint(
     :func:`dino.train.checkpoint.load_checkpoint` returns them. A released full checkpoint (or a released
     name, which resolves to its ``*_full_checkpoint.pth``) comes back as ``format``, ``student`` and
     ``teacher`` (``backbone.*``/``head.*`` keys), ``dino_loss`` (``{"center": [1, K]}``), ``epoch`` (the
-    next epoch to run), ``config`` (plain dict built from its ``args``, or None) and ``fp16_scaler`` when
-    present; it has no ``optimizer``, ``rng``, ``iteration`` or ``step_in_epoch``.
+    next epoch to run), ``config`` (plain dict built from its ``args``, or None), ``fp16_scaler`` when
+    present and ``released_optimizer`` (see :func:`released_optimizer_state`) when its optimiser state
+    matches its student; it has no ``optimizer``, ``rng``, ``iteration`` or ``step_in_epoch``.
     """
     from dino.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager
 
@@ -142,7 +144,95 @@ def _convert_released_checkpoint(obj: dict[str, Any], origin: str) -> dict[str, 
     }
     if isinstance(obj.get("fp16_scaler"), dict):
         converted["fp16_scaler"] = obj["fp16_scaler"]
+    optimizer = released_optimizer_state(obj, student, origin)
+    if optimizer is not None:
+        converted["released_optimizer"] = optimizer
     return converted
+
+
+def released_checkpoint_config(
+    path: str | Path, *, weights_dir: str | Path | None = None, download: bool = False
+) -> dict[str, Any] | None:
+    """The config (plain dict) that a released full checkpoint's ``args`` and tensor shapes give, for
+    ``dino train --resume`` to start from; None for anything else (our checkpoints and run directories,
+    backbone files). The tensors are mapped from the file, not read (a ViT-B checkpoint is gigabytes)."""
+    from dino.train.checkpoint import CHECKPOINT_FORMAT
+
+    resolved = resolve_weights(path, weights_dir, download, full=True)
+    if resolved.is_dir() or is_safetensors(resolved):
+        return None
+    obj = read_weights_file(resolved, "cpu", mmap=True)
+    if not isinstance(obj, dict) or obj.get("format") == CHECKPOINT_FORMAT:
+        return None
+    if not (isinstance(obj.get("teacher"), dict) and isinstance(obj.get("student"), dict)):
+        return None
+    return config_from_released_args(obj.get("args"), _model_state(obj["teacher"], "teacher", str(resolved)))
+
+
+# Buffers (not parameters, so not in the optimiser) that a DINO student can hold: BatchNorm statistics.
+_BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
+
+
+def released_optimizer_state(
+    obj: dict[str, Any], student: dict[str, torch.Tensor], origin: str
+) -> dict[str, Any] | None:
+    """The original's optimiser state of a released full checkpoint, keyed by parameter name:
+    ``{"name": "adamw" | "sgd" | "lars", "state": {"backbone.…" / "head.…": {"exp_avg": …, …}}}``;
+    None (with a warning) when it cannot be matched to the student's parameters.
+
+    ``main_dino.py`` saves ``optimizer.state_dict()``, whose state is keyed by position: its parameter
+    groups walk the student's trainable parameters in registration order (the order of its state dict,
+    ``student``, without the BatchNorm buffers) into the weights that get weight decay, then the biases
+    and 1-D parameters that do not; with ``norm_last_layer`` the head's ``weight_g`` is frozen and not in
+    the optimiser. Our head registers ``weight_v`` before ``weight_g``, the reverse of the original's, so
+    the state is handed over by name, never by position.
+    """
+    saved = obj.get("optimizer")
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        return None
+    args = obj.get("args")
+    fields = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    frozen = {"head.last_layer.weight_g"} if fields.get("norm_last_layer", True) else set()
+    trainable = [k for k in student if not k.endswith(_BUFFER_SUFFIXES) and k not in frozen]
+    no_decay = [k for k in trainable if k.endswith(".bias") or student[k].ndim == 1]
+    decay = [k for k in trainable if k not in set(no_decay)]
+    groups = saved.get("param_groups")
+    sizes = [len(g.get("params", ())) for g in groups] if isinstance(groups, list) else None
+    fresh = "training goes on with a fresh optimiser state (its first updates differ from the original's)"
+    if sizes != [len(decay), len(no_decay)]:
+        log.warning(
+            "%s: the optimiser's parameter groups hold %s parameters, not the %d weights and the %d biases "
+            "and 1-D parameters its student trains; %s",
+            origin, sizes, len(decay), len(no_decay), fresh,
+        )  # fmt: skip
+        return None
+    state: dict[str, dict[str, Any]] = {}
+    for group, names in zip(groups, (decay, no_decay), strict=True):
+        for index, name in zip(group["params"], names, strict=True):
+            entry = saved["state"].get(index)
+            if entry is None:  # never updated (the last layer during its frozen first epochs)
+                continue
+            wrong = [
+                k
+                for k, v in entry.items()
+                if k != "step" and isinstance(v, torch.Tensor) and v.shape != student[name].shape
+            ]
+            if wrong:
+                log.warning(
+                    "%s: the optimiser's %s for parameter %d has shape %s, not that of %s %s; %s",
+                    origin, wrong[0], index, tuple(entry[wrong[0]].shape), name,
+                    tuple(student[name].shape), fresh,
+                )  # fmt: skip
+                return None
+            # Old PyTorch (the released files) kept Adam's step count as a Python number; PyTorch's
+            # fused AdamW needs a float32 tensor.
+            state[name] = {
+                k: torch.tensor(float(v), dtype=torch.float32)
+                if k == "step" and not torch.is_tensor(v)
+                else v
+                for k, v in entry.items()
+            }
+    return {"name": str(fields.get("optimizer", "adamw")), "state": state}
 
 
 def config_from_released_args(args: Any, model_state: dict[str, torch.Tensor]) -> dict[str, Any] | None:

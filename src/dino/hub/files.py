@@ -1,14 +1,18 @@
 """Reading weight files without executing anything.
 
-Every ``.pth`` file is read with ``torch.load(weights_only=True)`` (``argparse.Namespace``, which the
-released full checkpoints pickle, is the one class allowed); ``.safetensors`` files cannot carry code at all.
-A checkpoint that carries code is refused, never executed.
+Every ``.pth`` file is read with ``torch.load(weights_only=True)``, allowing beyond plain data only what the
+original code's full checkpoints pickle: ``argparse.Namespace`` (its ``args``) and numpy numbers (its
+optimiser's ``lr`` and ``weight_decay``, set from numpy schedules); ``.safetensors`` files cannot carry code
+at all. A checkpoint that carries code is refused, never executed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import pickle
+import zipfile
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +27,57 @@ SAFETENSORS_FORMAT_VERSION = 1
 _TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 
-def read_weights_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Load a ``.pth`` file without executing code (``argparse.Namespace`` is the one object allowed)."""
+@cache
+def numpy_number_globals() -> tuple[Any, ...]:
+    """What unpickling a numpy number needs, for ``torch.serialization.safe_globals``.
+
+    A pickled ``numpy.float64`` is ``scalar(dtype("f8"), raw bytes)``: the ``scalar`` function, the
+    ``numpy.dtype`` class, and the class of the dtype (for the dtype's state). ``scalar`` is allowed under
+    both of its module paths, ``numpy.core`` (numpy 1, the released checkpoints) and ``numpy._core``
+    (numpy 2), whichever numpy is installed. Only the plain numeric dtypes (bool, integers, floats) can be
+    built, so an object-dtype scalar, which could hold any object, is still refused; arrays
+    (``_reconstruct``) stay refused too.
+    """
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+        return ()
+    try:  # numpy 2 (numpy 1.26 has it too); numpy.core warns on access there
+        multiarray = importlib.import_module("numpy._core.multiarray")
+    except ImportError:  # pragma: no cover - numpy before 1.26
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    scalar = multiarray.scalar
+    dtype_classes = {type(np.dtype(code)) for code in "?bhilqBHILQefd"}
+    return (
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+        np.dtype,
+        *sorted(dtype_classes, key=lambda c: c.__name__),
+    )
+
+
+def read_weights_file(
+    path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False
+) -> Any:
+    """Load a ``.pth`` file without executing code (beyond tensors and plain data, only the ``args``
+    Namespace and numpy numbers of the original's checkpoints are allowed). ``mmap``: map the tensors
+    from the file rather than reading them (for a quick look at a large file; needs torch's zip format,
+    read whole otherwise)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace, *numpy_number_globals()]):
+            return torch.load(
+                path,
+                map_location=map_location,
+                weights_only=True,
+                mmap=mmap and zipfile.is_zipfile(path),
+            )
     except pickle.UnpicklingError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        culprit = next((line for line in lines if "GLOBAL" in line), "")
+        # An unknown function or class (GLOBAL), or an object of a class not allowed (its state "build").
+        culprit = next((line for line in lines if "GLOBAL" in line or "Can only build" in line), "")
         if culprit:
             raise WeightsError(
                 f"refused to load {path}: it holds Python objects or code, not just tensors and plain data "

@@ -184,10 +184,17 @@ def resolve_preset(name_or_path: str) -> Path:
     )
 
 
-def load_config(config: str | Path | None = None, overrides: list[str] | None = None) -> DINOConfig:
-    """Defaults ← preset/YAML ← ``key=value`` overrides, validated."""
+def load_config(
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> DINOConfig:
+    """Defaults ← ``base`` ← preset/YAML ← ``key=value`` overrides, validated. ``base`` (plain data): the
+    settings of a checkpoint to continue from, which the preset and the overrides may still change."""
     merged = OmegaConf.structured(DINOConfig)
     sources: list[tuple[str, Any]] = []
+    if base is not None:
+        sources.append(("the checkpoint", OmegaConf.create(base)))
     if config is not None:
         path = resolve_preset(str(config))
         try:

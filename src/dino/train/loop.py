@@ -41,9 +41,11 @@ from dino.train.schedules import Schedules
 from dino.train.setup import (
     build_knn_monitor,
     build_student_teacher,
+    check_architecture,
     check_compile_toolchain,
     gather_process_rng,
     load_model_state_dict,
+    load_released_optimizer,
     resolve_precision,
     restore_process_rng,
     run_state_dict,
@@ -96,6 +98,11 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
     # folder is scanned and, with data.in_memory, decoded.
     precision = resolve_precision(cfg.run.precision, env.device)
     student, teacher = build_student_teacher(cfg, env.device)
+    checkpoints = CheckpointManager(run_dir, cfg.run.keep_last)
+    # The checkpoint too: one of another architecture stops the run before the data are read.
+    restored = _restore(resume, checkpoints, env.device)
+    if restored is not None:
+        check_architecture(student, restored[0]["student"], restored[1])
     data = build_train_data(cfg, env.rank, env.world_size, env.device)
     dino_loss = DINOLoss(
         cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum, cfg.loss.teacher_norm
@@ -105,10 +112,8 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision.use_scaler)
     schedules = Schedules.build(cfg, data.iters_per_epoch, env.world_size)
     teacher_rule = TeacherUpdater(cfg.teacher.mode)  # type: ignore[arg-type]
-    checkpoints = CheckpointManager(run_dir, cfg.run.keep_last)
     state = TrainState()
 
-    restored = _restore(resume, checkpoints, env.device)
     global_batch = cfg.run.batch_size * env.world_size
     if restored is not None:
         checkpoint, path = restored
@@ -117,10 +122,13 @@ def _train(cfg: DINOConfig, env: DistEnv, resume: str | Path | bool) -> Path:
         dino_loss.load_state_dict(checkpoint["dino_loss"])
         if checkpoint.get("fp16_scaler") is not None and precision.use_scaler:
             scaler.load_state_dict(checkpoint["fp16_scaler"])
-        # A released full checkpoint of the original code has no optimiser state, random state or
-        # iteration: continue with a fresh optimiser from the start of its next epoch.
+        # A full checkpoint of the original code comes with its optimiser state keyed by parameter name
+        # (its parameter order is not ours) and no random state or iteration: it continues, as the
+        # original does, from the start of its next epoch.
         if "optimizer" in checkpoint:
             optimizer.load_state_dict(checkpoint["optimizer"])
+        elif "released_optimizer" in checkpoint:
+            load_released_optimizer(optimizer, cfg.optim.name, student, checkpoint["released_optimizer"])
         if "rng" in checkpoint and not restore_process_rng(checkpoint["rng"], env.rank, env.world_size):
             log.warning(
                 "the checkpoint's random state is not for %d process(es): random streams start from "

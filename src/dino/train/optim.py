@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,6 +99,30 @@ def build_optimizer(
     if name == "lars":
         return LARS(groups, lr=0.0, momentum=momentum)
     raise ValueError(f"optimizer must be adamw, sgd or lars, got {name!r}")
+
+
+def load_state_by_name(
+    optimizer: torch.optim.Optimizer,
+    parameters: Mapping[str, nn.Parameter],
+    state: Mapping[str, Mapping[str, Any]],
+) -> list[str]:
+    """Put per-parameter optimiser ``state`` keyed by parameter name into ``optimizer`` (parameters
+    without an entry keep theirs); returns the names of the entries for which ``optimizer`` has no
+    parameter. PyTorch's own ``load_state_dict`` goes by position, which holds only between two
+    optimisers built over the same parameters in the same order."""
+    position = {
+        id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])
+    }
+    full = optimizer.state_dict()  # indexed in the same order as ``position``
+    unused = []
+    for name, entry in state.items():
+        param = parameters.get(name)
+        if param is None or id(param) not in position:
+            unused.append(name)
+            continue
+        full["state"][position[id(param)]] = dict(entry)
+    optimizer.load_state_dict(full)
+    return unused
 
 
 def fused_supported(model: nn.Module) -> bool:

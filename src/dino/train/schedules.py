@@ -23,15 +23,18 @@ def cosine_schedule(
     warmup_epochs: float = 0,
     warmup_start_value: float = 0.0,
 ) -> np.ndarray:
-    """``epochs * iters_per_epoch`` values: linear warmup from ``warmup_start_value`` to ``base_value``
-    over ``warmup_epochs``, then a half cosine from ``base_value`` down (or up) to ``final_value``."""
+    """``epochs * iters_per_epoch`` values, those of the original's ``utils.cosine_scheduler``: a linear
+    warm-up from ``warmup_start_value`` that reaches ``base_value`` at its last iteration, then a half
+    cosine from ``base_value`` towards ``final_value`` over the remaining n iterations, evaluated at
+    0 … n-1 of n (so the last value stops one step short of ``final_value``: a teacher momentum schedule
+    ends just below 1). A warm-up longer than the run is cut at the run's end (the original refuses it):
+    a short trial follows the beginning of the long recipe, at the same slope."""
     total = epochs * iters_per_epoch
-    warmup_iters = min(int(round(warmup_epochs * iters_per_epoch)), total)
-    warmup = np.linspace(warmup_start_value, base_value, warmup_iters, endpoint=False)
-    steps = np.arange(total - warmup_iters)
-    n = max(len(steps) - 1, 1)
-    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / n))
-    return np.concatenate((warmup, cosine))
+    warmup_iters = int(round(warmup_epochs * iters_per_epoch))
+    warmup = np.linspace(warmup_start_value, base_value, warmup_iters)
+    steps = np.arange(max(total - warmup_iters, 0))
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
+    return np.concatenate((warmup, cosine))[:total]
 
 
 def teacher_temperature_schedule(
@@ -70,11 +73,12 @@ class Schedules:
                 r.epochs,
             ),
         )
-        # Warm-ups longer than the run are cut at its end (short trials of a long recipe); say so.
+        # Warm-ups as long as the run or longer (short trials of a long recipe) leave no decay; say so.
         if o.warmup_epochs >= r.epochs:
             log.warning(
-                "optim.warmup_epochs=%g covers all of run.epochs=%d: the learning rate ends at %.3g, not at "
-                "its peak %.3g (lower optim.warmup_epochs for a full warm-up)",
+                "optim.warmup_epochs=%g covers all of run.epochs=%d: the learning rate rises for the whole "
+                "run, to %.3g at its end (peak %.3g), and never decays (lower optim.warmup_epochs for a full "
+                "warm-up and a decay)",
                 o.warmup_epochs, r.epochs, schedules.lr[-1], peak_lr,
             )  # fmt: skip
         if cfg.loss.warmup_teacher_temp_epochs > r.epochs:

@@ -20,6 +20,7 @@ from dino.teacher import init_teacher
 from dino.train.checkpoint import atomic_save
 from dino.train.config import COMPILE_MODES, ConfigError, DINOConfig, config_to_dict
 from dino.train.data import resolve_num_workers
+from dino.train.optim import load_state_by_name
 
 if TYPE_CHECKING:
     from dino.data.datasets import ImageFolderDataset
@@ -229,6 +230,73 @@ def model_state_dict(model: MultiCropWrapper) -> dict[str, torch.Tensor]:
     state = {f"backbone.{k}": v for k, v in unwrap_compiled(model.backbone).state_dict().items()}
     state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
     return state
+
+
+def model_parameters(model: MultiCropWrapper) -> dict[str, nn.Parameter]:
+    """The parameters under their ``backbone.*`` / ``head.*`` names, whether or not the backbone was
+    compiled (the names of :func:`model_state_dict`)."""
+    params = {f"backbone.{k}": v for k, v in unwrap_compiled(model.backbone).named_parameters()}
+    params.update({f"head.{k}": v for k, v in model.head.named_parameters()})
+    return params
+
+
+def check_architecture(model: MultiCropWrapper, state: dict[str, torch.Tensor], origin: str | Path) -> None:
+    """Refuse to continue from ``state`` (``backbone.*`` / ``head.*``) when its tensors are not those of
+    ``model``: one error naming both architectures, not PyTorch's list of every mismatched tensor."""
+    own = model_state_dict(model)
+    differing = sorted(set(own) ^ set(state)) or [k for k in own if own[k].shape != state[k].shape]
+    if not differing:
+        return
+    key = differing[0]
+
+    def shape(tensors: dict[str, torch.Tensor]) -> str:
+        return str(tuple(tensors[key].shape)) if key in tensors else "absent"
+
+    raise ConfigError(
+        f"{origin} holds a {describe_model_state(state)} but the configuration builds a "
+        f"{describe_model_state(own)} ({key}: checkpoint {shape(state)}, model {shape(own)}): set model.*, "
+        "head.* and data.global_crop_size as the checkpoint has them (`dino train --resume` takes a released "
+        "checkpoint's own when the command line does not set them), or resume from a checkpoint of this "
+        "architecture"
+    )
+
+
+def describe_model_state(state: dict[str, torch.Tensor]) -> str:
+    """``vit_small/16 (224 px, 12 blocks) with a 3-layer head to K = 65536`` for a ``backbone.*`` /
+    ``head.*`` state dict."""
+    from dino.hub import WeightsError, describe_architecture, infer_architecture
+
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    try:
+        arch = describe_architecture(*infer_architecture(backbone))
+    except WeightsError:
+        arch = "backbone"
+    linears = [
+        k for k, v in state.items() if k.startswith("head.mlp") and k.endswith(".weight") and v.ndim == 2
+    ]
+    last = state.get("head.last_layer.weight_v")
+    head = f"{len(linears)}-layer head to K = {last.shape[0]}" if last is not None else "head of another kind"
+    return f"{arch} with a {head}"
+
+
+def load_released_optimizer(
+    optimizer: torch.optim.Optimizer, name: str, model: MultiCropWrapper, released: dict[str, Any]
+) -> None:
+    """Continue with the optimiser state of a released full checkpoint of the original code (see
+    :func:`dino.hub.checkpoints.released_optimizer_state`), matched to ``model``'s parameters by name."""
+    if released["name"] != name:
+        log.warning(
+            "the checkpoint's optimiser is %s but optim.name=%s: its state is not carried over (the first "
+            "updates differ from the original's)",
+            released["name"], name,
+        )  # fmt: skip
+        return
+    unused = load_state_by_name(optimizer, model_parameters(model), released["state"])
+    if unused:
+        log.warning(
+            "the checkpoint's optimiser holds state for %s, which this run does not train: dropped",
+            ", ".join(unused),
+        )
 
 
 def load_model_state_dict(model: MultiCropWrapper, state: dict[str, torch.Tensor]) -> None:
