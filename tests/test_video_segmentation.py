@@ -13,6 +13,8 @@ from PIL import Image
 
 from dino.cli import main
 from dino.eval.video_segmentation import (
+    DAVIS_MEAN,
+    DAVIS_STD,
     FrameDataset,
     PropagationSettings,
     check_scorable,
@@ -331,3 +333,32 @@ def test_frames_are_normalised_with_the_original_davis_constants(tmp_path: Path)
         r, g, b = (int(v) for v in np.array(img)[0, 0])  # the decoded values (JPEG may move them by one)
     expected = [(r / 255 - 0.485) / 0.228, (g / 255 - 0.456) / 0.224, (b / 255 - 0.406) / 0.225]
     torch.testing.assert_close(pixels[:, 0, 0], torch.tensor(expected), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("stored", "given", "expected"),
+    [
+        # A run trained on ImageNet's statistics is evaluated as the original evaluates every model.
+        (
+            ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            None,
+            ((0.485, 0.456, 0.406), (0.228, 0.224, 0.225)),
+        ),
+        # A run trained on its own statistics (CIFAR) keeps them.
+        (((0.49, 0.48, 0.45), (0.25, 0.24, 0.26)), None, ((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))),
+        ((None, None), None, ((0.485, 0.456, 0.406), (0.228, 0.224, 0.225))),  # released weights
+        (((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5,) * 3, (0.2,) * 3), ((0.5,) * 3, (0.2,) * 3)),
+    ],
+)
+def test_videoseg_normalisation_defaults_to_the_davis_protocol(monkeypatch, stored, given, expected) -> None:
+    import argparse
+
+    from dino.eval import dense_commands
+    from dino.eval.common import TrainingImageSettings
+
+    monkeypatch.setattr(
+        dense_commands, "training_image_settings", lambda weights: TrainingImageSettings(32, *stored)
+    )
+    args = argparse.Namespace(weights="run", mean=given and list(given[0]), std=given and list(given[1]))
+    norm = dense_commands._normalization(args, fallback=(DAVIS_MEAN, DAVIS_STD), protocol=True)
+    assert norm == {"mean": list(expected[0]), "std": list(expected[1])}

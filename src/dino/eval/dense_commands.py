@@ -17,12 +17,14 @@ from pathlib import Path
 
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dino.eval.common import (
+    TrainingImageSettings,
     add_model_arguments,
     add_normalization_arguments,
     model_from_args,
     model_info,
     normalization_from_args,
     resolve_device,
+    training_image_settings,
     write_results,
 )
 from dino.output_paths import writable_file, writable_folder
@@ -38,13 +40,25 @@ _EXIF_HELP = (
 def _normalization(
     args: argparse.Namespace,
     fallback: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD),
+    protocol: bool = False,
 ) -> dict[str, list[float]]:
     """``mean``/``std`` keyword arguments (:func:`normalization_from_args`: ``fallback`` when neither the
-    options nor the run's config give them), the std checked positive."""
-    mean, std = normalization_from_args(args, fallback=fallback)
+    options nor the run's config give them), the std checked positive. With ``protocol`` (a protocol that
+    normalises with constants of its own), a run trained on ImageNet's statistics gets the protocol's
+    constants, as the original evaluates every model; only other statistics (a run on CIFAR) are kept."""
+    stored = None
+    if protocol:
+        stored = training_image_settings(getattr(args, "weights", None))
+        if _close(stored.mean, IMAGENET_MEAN) and _close(stored.std, IMAGENET_STD):
+            stored = TrainingImageSettings(crop_size=stored.crop_size)
+    mean, std = normalization_from_args(args, stored, fallback=fallback)
     if any(v <= 0 for v in std):
         raise ValueError(f"--std values must be positive, got {std}")
     return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
+def _close(values: Sequence[float] | None, reference: Sequence[float]) -> bool:
+    return values is not None and all(abs(a - b) < 1e-6 for a, b in zip(values, reference, strict=True))
 
 
 def _report(results: dict[str, object], path: str | None, title: str, detail: str | None = None) -> None:
@@ -158,7 +172,7 @@ def _videoseg(args: argparse.Namespace) -> int:
         short_side=args.short_side,
         size_multiple=args.size_multiple,
     )
-    norm = _normalization(args, fallback=(DAVIS_MEAN, DAVIS_STD))
+    norm = _normalization(args, fallback=(DAVIS_MEAN, DAVIS_STD), protocol=True)
     loaded = model_from_args(args)
     model = require_vit(loaded.model, "video segmentation")
     device = resolve_device(args.device)
