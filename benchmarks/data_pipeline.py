@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Subset
 from dino.data import ImageFolderDataset, MultiCropAugmentation, collate_skipping_bad, sample_dataset
 from dino.data.gpu_augment import BatchMultiCrop
 from dino.data.gpu_loader import DeviceMultiCropLoader, EncodedImageDataset, collate_encoded, decode_batch
+from dino.data.multicrop_spec import MultiCropSpec
 
 PREFETCH_FACTOR = 4  # batches each loader worker prepares ahead
 
@@ -85,12 +86,12 @@ def _backlog(workers: int) -> int:
     return workers * PREFETCH_FACTOR
 
 
-def _crop_kwargs(args: argparse.Namespace) -> dict:
-    return {
-        "local_crops_number": args.local_crops,
-        "global_crop_size": args.global_size,
-        "local_crop_size": args.local_size,
-    }
+def _crop_spec(args: argparse.Namespace) -> MultiCropSpec:
+    return MultiCropSpec(
+        local_crops_number=args.local_crops,
+        global_crop_size=args.global_size,
+        local_crop_size=args.local_size,
+    )
 
 
 def _loader(dataset, args: argparse.Namespace, workers: int, collate) -> DataLoader:
@@ -110,7 +111,7 @@ def measure_cpu_pil(
 ) -> dict:
     """The CPU pipeline as training builds it: JPEGs decoded at reduced size where every crop allows
     (``data.reduced_decode``, the default), or always at full size (``reduced=False``)."""
-    augment = MultiCropAugmentation(**_crop_kwargs(args))
+    augment = MultiCropAugmentation(_crop_spec(args))
     reduction = augment.decode_reduction if reduced else None
     dataset = Subset(ImageFolderDataset(root, transform=augment, decode_reduction=reduction), indices)
     loader = _loader(dataset, args, workers, collate_skipping_bad)
@@ -126,7 +127,7 @@ def measure_tensor(
 ) -> dict:
     dataset = Subset(EncodedImageDataset(root), indices)
     loader = _loader(dataset, args, args.tensor_workers, collate_encoded)  # no pinning, as in training
-    augment = BatchMultiCrop(**_crop_kwargs(args))
+    augment = BatchMultiCrop(_crop_spec(args))
     pipeline = DeviceMultiCropLoader(loader, augment, device, seed=0, prefetch=prefetch)
     # The prefetch thread holds one more batch ready.
     backlog = _backlog(args.tensor_workers) + int(pipeline.prefetch)
@@ -163,7 +164,7 @@ def measure_augment_only(
     dataset = EncodedImageDataset(root)
     encoded = [dataset[i][0] for i in indices[: args.batch]]
     images = decode_batch([e for e in encoded if e is not None], device).images
-    augment = BatchMultiCrop(**_crop_kwargs(args)).to(device)
+    augment = BatchMultiCrop(_crop_spec(args)).to(device)
     generator = torch.Generator().manual_seed(0)  # on the CPU, as the data path draws
 
     def batches():

@@ -51,6 +51,8 @@ from dino.data.gpu_augment import (
     separable_filter,
     solarize,
 )
+from dino.data.gpu_augment.multicrop import _packed_copy
+from dino.data.gpu_augment.resampling import _as_padded_batch, _chunks_by_size
 from dino.data.gpu_loader import (
     DeviceMultiCropLoader,
     EncodedImageDataset,
@@ -284,8 +286,6 @@ def test_views_drawn_together_keep_their_own_crop_scale() -> None:
 
 
 def test_padded_batches_copy_each_shape_once_and_pad_with_zeros() -> None:
-    from dino.data.gpu_augment import _as_padded_batch, _chunks_by_size
-
     images = _images([(4, 6), (6, 4), (4, 6), (5, 5), (6, 4), (4, 6)])
     shapes = [tuple(img.shape[1:]) for img in images]
     (order,) = _chunks_by_size(shapes, 10**6)
@@ -897,8 +897,6 @@ def test_parameters_drawn_on_the_cpu_give_the_same_views_on_any_device_layout() 
 
 
 def test_packed_copy_gives_every_tensor_back_by_its_key() -> None:
-    from dino.data.gpu_augment import _packed_copy
-
     generator = torch.Generator().manual_seed(0)
     tensors = {
         ("keep", 0): torch.rand(4, 6, generator=generator),

@@ -12,6 +12,7 @@ from dino.data.datasets import (
     collate_skipping_bad,
     load_rgb,
 )
+from dino.data.multicrop_spec import MultiCropSpec
 from dino.data.sample import sample_dataset
 from dino.data.transforms import (
     IMAGENET_MEAN,
@@ -31,6 +32,7 @@ __all__ = [
     "ImageDecodeError",
     "ImageFolderDataset",
     "MultiCropAugmentation",
+    "MultiCropSpec",
     "RandomGaussianBlur",
     "SkippedImageWarning",
     "UsabilityReport",

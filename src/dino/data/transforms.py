@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image, ImageFilter
@@ -17,10 +18,9 @@ from torch import Tensor
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "EvalTransform", "MultiCropAugmentation", "RandomGaussianBlur"]
+from dino.data.multicrop_spec import IMAGENET_MEAN, IMAGENET_STD, MultiCropSpec, check_channels, check_size
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "EvalTransform", "MultiCropAugmentation", "RandomGaussianBlur"]
 
 
 class RandomGaussianBlur:
@@ -51,35 +51,9 @@ class RandomGaussianBlur:
         return f"{type(self).__name__}(p={self.p}, sigma_range={self.sigma_range})"
 
 
-def _check_size(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer number of pixels, got {value!r}")
-    return value
-
-
-def _check_probabilities(name: str, values: Sequence[float], n: int) -> tuple[float, ...]:
-    values = tuple(float(v) for v in values)
-    if len(values) != n or not all(0.0 <= v <= 1.0 for v in values):
-        raise ValueError(f"{name} must be {n} probabilities in [0, 1], got {list(values)}")
-    return values
-
-
-def _check_scale(name: str, value: Sequence[float]) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a pair (low, high), got {value!r}") from None
-    if not 0.0 < lo <= hi <= 1.0:
-        raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got {value!r}")
-    return lo, hi
-
-
-def _check_channels(name: str, value: Sequence[float], positive: bool) -> tuple[float, float, float]:
-    values = tuple(float(v) for v in value)
-    if len(values) != 3 or (positive and min(values) <= 0):
-        need = "three positive numbers" if positive else "three numbers"
-        raise ValueError(f"{name} must be {need} (one per RGB channel), got {value!r}")
-    return values  # type: ignore[return-value]
+def _spec_field(name: str) -> property:
+    """A read-only attribute that reads field ``name`` of the object's ``spec``."""
+    return property(lambda self: getattr(self.spec, name), doc=f"``spec.{name}``")
 
 
 class MultiCropAugmentation:
@@ -91,36 +65,24 @@ class MultiCropAugmentation:
     with p 0.1 and solarized (threshold 128) with p 0.2; local views are blurred with p 0.5. Blur
     sigma ~ U(0.1, 2.0). Views are float CHW tensors normalised with ``mean``/``std``.
 
-    The three pipelines are kept as ``global1``, ``global2`` and ``local`` (torchvision ``Compose``).
+    Configured by a :class:`~dino.data.multicrop_spec.MultiCropSpec` (``spec``), or by its fields as
+    keyword arguments (which replace those of ``spec`` when both are given); the spec's fields read as
+    attributes too (``aug.local_crops_number``). The three pipelines are kept as ``global1``, ``global2``
+    and ``local`` (torchvision ``Compose``).
     """
 
-    def __init__(
-        self,
-        global_crops_scale: tuple[float, float] = (0.4, 1.0),
-        local_crops_scale: tuple[float, float] = (0.05, 0.4),
-        local_crops_number: int = 8,
-        global_crop_size: int = 224,
-        local_crop_size: int = 96,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        blur_probs: Sequence[float] = (1.0, 0.1, 0.5),
-        solarize_prob: float = 0.2,
-    ) -> None:
-        self.blur_probs = _check_probabilities("blur_probs", blur_probs, 3)
-        self.solarize_prob = _check_probabilities("solarize_prob", [solarize_prob], 1)[0]
-        self.global_crops_scale = _check_scale("global_crops_scale", global_crops_scale)
-        self.local_crops_scale = _check_scale("local_crops_scale", local_crops_scale)
-        if (
-            isinstance(local_crops_number, bool)
-            or not isinstance(local_crops_number, int)
-            or local_crops_number < 0
-        ):
-            raise ValueError(f"local_crops_number must be an integer >= 0, got {local_crops_number!r}")
-        self.local_crops_number = local_crops_number
-        self.global_crop_size = _check_size("global_crop_size", global_crop_size)
-        self.local_crop_size = _check_size("local_crop_size", local_crop_size)
-        self.mean = _check_channels("mean", mean, positive=False)
-        self.std = _check_channels("std", std, positive=True)
+    global_crops_scale = _spec_field("global_crops_scale")
+    local_crops_scale = _spec_field("local_crops_scale")
+    local_crops_number = _spec_field("local_crops_number")
+    global_crop_size = _spec_field("global_crop_size")
+    local_crop_size = _spec_field("local_crop_size")
+    mean = _spec_field("mean")
+    std = _spec_field("std")
+    blur_probs = _spec_field("blur_probs")
+    solarize_prob = _spec_field("solarize_prob")
+
+    def __init__(self, spec: MultiCropSpec | None = None, **fields: Any) -> None:
+        self.spec = MultiCropSpec.resolve(spec, **fields)
 
         def pipeline(
             size: int, scale: tuple[float, float], tail: list[Callable[[Image.Image], Image.Image]]
@@ -192,14 +154,14 @@ class EvalTransform:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        self.resize = _check_size("resize", resize)
-        self.crop_size = _check_size("crop_size", crop_size)
+        self.resize = check_size("resize", resize)
+        self.crop_size = check_size("crop_size", crop_size)
         if self.crop_size > self.resize:
             raise ValueError(
                 f"crop_size ({crop_size}) must not exceed resize ({resize}), or the crop would be padded"
             )
-        self.mean = _check_channels("mean", mean, positive=False)
-        self.std = _check_channels("std", std, positive=True)
+        self.mean = check_channels("mean", mean, positive=False)
+        self.std = check_channels("std", std, positive=True)
         self.pipeline = transforms.Compose(
             [
                 transforms.Resize(self.resize, interpolation=InterpolationMode.BICUBIC),

@@ -20,6 +20,7 @@ from dino.data.datasets import ImageFolderDataset, check_usable, collate_skippin
 from dino.data.gpu_augment import BatchMultiCrop
 from dino.data.gpu_loader import DeviceMultiCropLoader, EncodedImageDataset, collate_encoded
 from dino.data.in_memory import DecodedImages, InMemoryMultiCropLoader, InMemoryTooLarge
+from dino.data.multicrop_spec import MultiCropSpec
 from dino.data.sample import sample_dataset
 from dino.data.transforms import MultiCropAugmentation
 from dino.train.config import ConfigError, DINOConfig
@@ -122,7 +123,13 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
     """
     d = cfg.data
     root = d.path if d.path is not None else sample_dataset("train")
-    crop_args = dict(
+    on_device = augment_on_device(cfg, device)
+    if d.in_memory and not on_device:  # before the folder is scanned and sampled for decodability
+        raise ConfigError(
+            f"data.in_memory: the augmentation runs in loader workers on {device} (data.augment_on="
+            f"{d.augment_on}); set data.augment_on=device to augment the decoded images in batches"
+        )
+    crops = MultiCropSpec(
         global_crops_scale=tuple(d.global_crops_scale),
         local_crops_scale=tuple(d.local_crops_scale),
         local_crops_number=d.local_crops_number,
@@ -133,13 +140,7 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
         blur_probs=tuple(d.blur_probs),
         solarize_prob=d.solarize_prob,
     )
-    on_device = augment_on_device(cfg, device)
-    if d.in_memory and not on_device:  # before the folder is scanned and sampled for decodability
-        raise ConfigError(
-            f"data.in_memory: the augmentation runs in loader workers on {device} (data.augment_on="
-            f"{d.augment_on}); set data.augment_on=device to augment the decoded images in batches"
-        )
-    transform = None if on_device else MultiCropAugmentation(**crop_args)
+    transform = None if on_device else MultiCropAugmentation(crops)
     reduction = transform.decode_reduction if transform is not None and d.reduced_decode else None
     dataset = ImageFolderDataset(
         root, transform=transform, min_valid_fraction=d.min_valid_fraction, decode_reduction=reduction
@@ -159,7 +160,7 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
     sampler = ResumableSampler(len(dataset), cfg.run.seed, rank, world_size)
     workers = resolve_num_workers(d.num_workers)
     if d.in_memory:
-        loader = _in_memory_loader(cfg, dataset, sampler, device, BatchMultiCrop(**crop_args), rank, workers)
+        loader = _in_memory_loader(cfg, dataset, sampler, device, BatchMultiCrop(crops), rank, workers)
         return TrainData(dataset, sampler, loader, sampler.per_rank() // batch)
     loader = DataLoader(
         SeededDataset(EncodedImageDataset(dataset) if on_device else dataset),
@@ -179,7 +180,7 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
         generator=torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + rank),
     )
     if on_device:
-        augment = BatchMultiCrop(**crop_args)
+        augment = BatchMultiCrop(crops)
         device_loader = DeviceMultiCropLoader(loader, augment, device, seed=cfg.run.seed, rank=rank)
         return TrainData(dataset, sampler, device_loader, sampler.per_rank() // batch)
     return TrainData(dataset, sampler, loader, sampler.per_rank() // batch)
