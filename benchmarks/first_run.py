@@ -119,16 +119,21 @@ def main() -> None:
     parser.add_argument("--config", default="cifar_small")
     parser.add_argument("--variant", action="append", default=[], help="NAME or NAME:key=value,key=value")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--holdout", type=int, default=500, help="CIFAR-10 held-out images per class")
+    parser.add_argument(
+        "--holdout", type=int, default=500, help="CIFAR-10 held-out images per class (0: none)"
+    )
+    parser.add_argument("--train", type=Path, help="labelled training folder (default: the bundled sample)")
+    parser.add_argument("--val", type=Path, help="labelled held-out folder (default: the sample's val split)")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/dino_first_run"))
     args = parser.parse_args()
     args.scratch.mkdir(parents=True, exist_ok=True)
     cfg = load_config(args.config)
     crop = cfg.data.global_crop_size
     transform = EvalTransform(resize=crop, crop_size=crop, mean=cfg.data.mean, std=cfg.data.std)
-    bank = ImageFolderDataset(sample_dataset("train"), transform, labelled=True)
-    sets = {"sample-val": ImageFolderDataset(sample_dataset("val"), transform, labelled=True)}
-    heldout = cifar_heldout(args.scratch, args.holdout)
+    train_dir, val_dir = args.train or sample_dataset("train"), args.val or sample_dataset("val")
+    bank = ImageFolderDataset(train_dir, transform, labelled=True)
+    sets = {"sample-val": ImageFolderDataset(val_dir, transform, labelled=True)}
+    heldout = cifar_heldout(args.scratch, args.holdout) if args.holdout else None
     if heldout is not None:
         sets["cifar-heldout"] = ImageFolderDataset(heldout, transform, labelled=True)
     pixel_bank = raw_pixels(bank)
@@ -140,6 +145,8 @@ def main() -> None:
         name, _, rest = spec.partition(":")
         overrides = [o for o in rest.split(",") if o]
         for seed in args.seeds:
+            if args.train is not None:  # the monitor's held-out images: the sample's, unless told otherwise
+                overrides = [f"data.path={train_dir}", f"monitor.knn_val={val_dir}", *overrides]
             result = run_variant(args.config, name, overrides, seed, args.scratch / "runs")
             weights = Path(result["run_dir"]) / "teacher_backbone.pth"
             torch.manual_seed(seed)
@@ -178,7 +185,9 @@ def main() -> None:
         "raw_pixels": pixels,
         "summary": summary,
         "runs": runs,
-        "note": None if heldout is not None else f"{CIFAR_TARBALL} absent: sample-val only",
+        "note": None
+        if heldout is not None or not args.holdout
+        else f"{CIFAR_TARBALL} absent: sample-val only",
     }
     report("first_run", torch.device("cpu"), body, table, args.out)
 

@@ -97,3 +97,33 @@ def test_data_pipeline_rate_leaves_the_loaders_backlog_untimed_and_repeats_passe
     # is the sixth drawn: index 5 % 3 = 2.
     assert timed == [2] and result["untimed_batches"] == 5 and result["images"] == 4
     assert data_pipeline._backlog(workers=8) == 8 * data_pipeline.PREFETCH_FACTOR
+
+
+@pytest.mark.slow
+def test_first_run_benchmark_trains_the_cpu_recipe_and_writes_json(small_folder, tmp_path):
+    """The goal's benchmark end to end on 48 images: the CPU preset (the network made tiny), k-NN of the
+    teacher, of the run's own random init and of raw pixels, in JSON."""
+    import json
+    import subprocess
+
+    from .conftest import TINY_OVERRIDES
+
+    tiny = ",".join([*TINY_OVERRIDES, "run.epochs=2", "data.in_memory=false"])
+    out = tmp_path / "first_run.json"
+    cmd = [sys.executable, str(BENCHMARKS / "first_run.py"), "--config", "cifar_small", "--train",
+           str(small_folder), "--val", str(small_folder), "--holdout", "0", "--scratch", str(tmp_path),
+           "--variant", f"tiny:{tiny}", "--seeds", "0", "1", "--out", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    body = json.loads(out.read_text())
+    assert body["config"] == "cifar_small" and body["bank"] == 48 and body["held_out"] == {"sample-val": 48}
+    runs = body["runs"]
+    assert [r["seed"] for r in runs] == [0, 1] and all(r["images_seen"] == 2 * 3 * 16 for r in runs)
+    for r in runs:
+        assert 0 <= r["teacher"]["sample-val"] <= 100 and 0 <= r["random_init"]["sample-val"] <= 100
+        # the monitor's baseline is the same network as the benchmark's random init: the same accuracy
+        assert r["monitor_knn"][0] == [-1, r["random_init"]["sample-val"]]
+        assert r["monitor_knn"][-1] == [1, r["teacher"]["sample-val"]]
+    assert 0 < body["raw_pixels"]["sample-val"] <= 100
+    summary = body["summary"]["tiny"]["sample-val"]
+    gains = [r["teacher"]["sample-val"] - r["random_init"]["sample-val"] for r in runs]
+    assert (summary["gain_min"], summary["gain_max"]) == (min(gains), max(gains))
