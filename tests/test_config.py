@@ -1,6 +1,6 @@
 import pytest
 
-from dino.train.config import (
+from dino.config import (
     ConfigError,
     DINOConfig,
     config_from_dict,

@@ -45,11 +45,11 @@ from torch import Tensor, nn
 from dino.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    _check_channels,
-    _check_probabilities,
-    _check_scale,
-    _check_size,
 )
+from dino.data.transforms import check_channels as _check_channels
+from dino.data.transforms import check_probabilities as _check_probabilities
+from dino.data.transforms import check_scale as _check_scale
+from dino.data.transforms import check_size as _check_size
 
 __all__ = [
     "LUMA_WEIGHTS",

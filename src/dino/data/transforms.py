@@ -51,20 +51,23 @@ class RandomGaussianBlur:
         return f"{type(self).__name__}(p={self.p}, sigma_range={self.sigma_range})"
 
 
-def _check_size(name: str, value: object) -> int:
+def check_size(name: str, value: object) -> int:
+    """``value`` as a positive whole number of pixels, or a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer number of pixels, got {value!r}")
     return value
 
 
-def _check_probabilities(name: str, values: Sequence[float], n: int) -> tuple[float, ...]:
+def check_probabilities(name: str, values: Sequence[float], n: int) -> tuple[float, ...]:
+    """``values`` as ``n`` probabilities in [0, 1], or a ValueError naming ``name``."""
     values = tuple(float(v) for v in values)
     if len(values) != n or not all(0.0 <= v <= 1.0 for v in values):
         raise ValueError(f"{name} must be {n} probabilities in [0, 1], got {list(values)}")
     return values
 
 
-def _check_scale(name: str, value: Sequence[float]) -> tuple[float, float]:
+def check_scale(name: str, value: Sequence[float]) -> tuple[float, float]:
+    """``value`` as a crop-area range (low, high) with 0 < low <= high <= 1, or a ValueError naming ``name``."""
     try:
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError):
@@ -74,7 +77,9 @@ def _check_scale(name: str, value: Sequence[float]) -> tuple[float, float]:
     return lo, hi
 
 
-def _check_channels(name: str, value: Sequence[float], positive: bool) -> tuple[float, float, float]:
+def check_channels(name: str, value: Sequence[float], positive: bool) -> tuple[float, float, float]:
+    """``value`` as one number per RGB channel (positive ones with ``positive``), or a ValueError naming
+    ``name``."""
     values = tuple(float(v) for v in value)
     if len(values) != 3 or (positive and min(values) <= 0):
         need = "three positive numbers" if positive else "three numbers"
@@ -106,10 +111,10 @@ class MultiCropAugmentation:
         blur_probs: Sequence[float] = (1.0, 0.1, 0.5),
         solarize_prob: float = 0.2,
     ) -> None:
-        self.blur_probs = _check_probabilities("blur_probs", blur_probs, 3)
-        self.solarize_prob = _check_probabilities("solarize_prob", [solarize_prob], 1)[0]
-        self.global_crops_scale = _check_scale("global_crops_scale", global_crops_scale)
-        self.local_crops_scale = _check_scale("local_crops_scale", local_crops_scale)
+        self.blur_probs = check_probabilities("blur_probs", blur_probs, 3)
+        self.solarize_prob = check_probabilities("solarize_prob", [solarize_prob], 1)[0]
+        self.global_crops_scale = check_scale("global_crops_scale", global_crops_scale)
+        self.local_crops_scale = check_scale("local_crops_scale", local_crops_scale)
         if (
             isinstance(local_crops_number, bool)
             or not isinstance(local_crops_number, int)
@@ -117,10 +122,10 @@ class MultiCropAugmentation:
         ):
             raise ValueError(f"local_crops_number must be an integer >= 0, got {local_crops_number!r}")
         self.local_crops_number = local_crops_number
-        self.global_crop_size = _check_size("global_crop_size", global_crop_size)
-        self.local_crop_size = _check_size("local_crop_size", local_crop_size)
-        self.mean = _check_channels("mean", mean, positive=False)
-        self.std = _check_channels("std", std, positive=True)
+        self.global_crop_size = check_size("global_crop_size", global_crop_size)
+        self.local_crop_size = check_size("local_crop_size", local_crop_size)
+        self.mean = check_channels("mean", mean, positive=False)
+        self.std = check_channels("std", std, positive=True)
 
         def pipeline(
             size: int, scale: tuple[float, float], tail: list[Callable[[Image.Image], Image.Image]]
@@ -192,14 +197,14 @@ class EvalTransform:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        self.resize = _check_size("resize", resize)
-        self.crop_size = _check_size("crop_size", crop_size)
+        self.resize = check_size("resize", resize)
+        self.crop_size = check_size("crop_size", crop_size)
         if self.crop_size > self.resize:
             raise ValueError(
                 f"crop_size ({crop_size}) must not exceed resize ({resize}), or the crop would be padded"
             )
-        self.mean = _check_channels("mean", mean, positive=False)
-        self.std = _check_channels("std", std, positive=True)
+        self.mean = check_channels("mean", mean, positive=False)
+        self.std = check_channels("std", std, positive=True)
         self.pipeline = transforms.Compose(
             [
                 transforms.Resize(self.resize, interpolation=InterpolationMode.BICUBIC),

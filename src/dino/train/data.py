@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dino.config import ConfigError, DINOConfig
 from dino.data.datasets import ImageFolderDataset, check_usable, collate_skipping_bad
 from dino.data.gpu_augment import BatchMultiCrop
 from dino.data.gpu_loader import DeviceMultiCropLoader, EncodedImageDataset, collate_encoded
 from dino.data.in_memory import DecodedImages, InMemoryMultiCropLoader, InMemoryTooLarge
 from dino.data.sample import sample_dataset
 from dino.data.transforms import MultiCropAugmentation
-from dino.train.config import ConfigError, DINOConfig
 from dino.train.signals import STOP_SIGNALS
 
 
