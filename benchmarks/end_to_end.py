@@ -37,7 +37,7 @@ from pathlib import Path
 
 from _common import benchmark_parser, imagenet_sized_jpegs, pick_device, plain_overrides, report
 
-from dino.train.config import load_config
+from dino.config import load_config
 from dino.train.profiling import PROFILE_SKIP
 
 VARIANTS = {

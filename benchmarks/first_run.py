@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 from _common import CIFAR_TARBALL, benchmark_parser, report
 
+from dino import hub
+from dino.config import load_config
 from dino.data import sample_dataset
 from dino.data.datasets import ImageFolderDataset
 from dino.data.transforms import EvalTransform
 from dino.eval.features import extract_features
 from dino.eval.knn import knn_accuracy
-from dino.hub import load_backbone
-from dino.train.config import load_config
 
 
 def cifar_heldout(scratch: Path, per_class: int) -> Path | None:
@@ -83,7 +83,7 @@ def knn_top1(bank: tuple, test: tuple) -> float:
 
 def evaluate(weights: Path | None, random_init: bool, sets: dict[str, ImageFolderDataset], bank) -> dict:
     """k-NN top-1 of the backbone in ``weights`` on each held-out set (``bank`` = the training images)."""
-    loaded = load_backbone(weights, random_init=random_init)
+    loaded = hub.load(weights, random_init=random_init)
     model = loaded.model
     feats = {name: extract_features(model, ds, torch.device("cpu"), 256, 0) for name, ds in sets.items()}
     bank_f = extract_features(model, bank, torch.device("cpu"), 256, 0)

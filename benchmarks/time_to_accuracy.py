@@ -33,12 +33,12 @@ import torch
 from _common import CIFAR_TARBALL as TARBALL
 from _common import benchmark_parser, pick_device, plain_overrides, report
 
+from dino import hub
+from dino.config import load_config
 from dino.data.datasets import ImageFolderDataset
 from dino.data.transforms import EvalTransform
 from dino.eval.features import extract_features
 from dino.eval.knn import knn_accuracy
-from dino.hub import load_backbone
-from dino.train.config import load_config
 
 
 class Split(NamedTuple):
@@ -86,7 +86,7 @@ def knn(weights: Path, random_init: bool, banks: dict[str, Path], test: Path, cr
     """Weighted k-NN (k = 20, T = 0.07) of the held-out images against each labelled bank in ``banks``
     (name -> folder): ``{name: {top1, top5, extract_seconds}}``, the test features extracted once."""
     torch.manual_seed(0)
-    loaded = load_backbone(weights, random_init=random_init)
+    loaded = hub.load(weights, random_init=random_init)
     transform = EvalTransform(resize=crop, crop_size=crop, mean=mean, std=std)
     device = pick_device("auto")
     model = loaded.model.to(device)

@@ -47,13 +47,14 @@ from _common import (
 )
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from dino.config import COMPILE_MODES
+from dino.devices import resolve_precision
 from dino.loss import DINOLoss
 from dino.models.multicrop import MultiCropWrapper
 from dino.models.vision_transformer import VIT_SIZES
 from dino.teacher import ema_update, init_teacher
-from dino.train.config import COMPILE_MODES
 from dino.train.optim import build_optimizer, clip_gradients, param_groups, set_schedules
-from dino.train.setup import compile_backbones, resolve_precision, uses_cuda_graphs
+from dino.train.setup import compile_backbones, uses_cuda_graphs
 
 
 def build(args: argparse.Namespace, device: torch.device, plain: bool, compiled: bool = False):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import dino.train.checkpoint as checkpoint_module
-from dino.train.checkpoint import (
+import dino.checkpoint as checkpoint_module
+from dino.checkpoint import (
     CheckpointError,
     CheckpointManager,
     DiskFullError,
@@ -78,7 +78,7 @@ def test_iterations_past_nine_digits_stay_in_the_rolling_window(tmp_path):
 
 
 def test_an_epoch_keeper_copied_without_hard_links_is_complete_or_absent(tmp_path, monkeypatch):
-    import dino.train.checkpoint as checkpoint
+    import dino.checkpoint as checkpoint
 
     def no_links(src, dst):
         raise OSError("hard links not supported")
@@ -187,7 +187,7 @@ _ON_TINY_TMPFS = textwrap.dedent(
     """
     import subprocess, sys, tempfile, torch
     from pathlib import Path
-    from dino.train.checkpoint import CheckpointManager, DiskFullError
+    from dino.checkpoint import CheckpointManager, DiskFullError
     root = Path(tempfile.mkdtemp())
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root)], check=True)
     manager = CheckpointManager(root / "run", keep_last=2)

@@ -12,11 +12,11 @@ import pytest
 
 import dino
 import dino.cli
+from dino.checkpoint import CheckpointError
 from dino.cli import main
 from dino.data.datasets import ImageDecodeError
 from dino.data.in_memory import InMemoryTooLarge
 from dino.data.sample import sample_dataset
-from dino.train.checkpoint import CheckpointError
 from dino.train.guard import TrainingDiverged
 
 

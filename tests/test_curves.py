@@ -8,8 +8,8 @@ import math
 import pytest
 
 from dino.cli import main
+from dino.config import load_config
 from dino.data.sample import sample_dataset
-from dino.train.config import load_config
 from dino.train.curves import RunCurves, curves_figure, knn_summary, plot_runs
 from dino.train.setup import build_knn_monitor
 

@@ -369,7 +369,7 @@ def test_multicrop_decode_reduction_never_leaves_a_crop_smaller_than_its_output(
 
 
 def test_training_uses_reduced_decoding_unless_turned_off(tmp_path: Path) -> None:
-    from dino.train.config import load_config
+    from dino.config import load_config
     from dino.train.data import build_train_data
 
     _smooth_photo(tmp_path / "data" / "a.jpg", (2000, 1500))

@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from dino.cli import main
+from dino.cli.output import write_results
 from dino.data.datasets import ImageFolderDataset
 from dino.data.sample import sample_dataset
 from dino.data.transforms import EvalTransform
-from dino.eval.common import resolve_device, training_image_settings, write_results
+from dino.devices import resolve_device
 from dino.eval.copy_detection import copy_descriptor
 from dino.eval.features import FeatureSet
 from dino.eval.lowshot import lowshot_evaluate
+from dino.hub import training_image_settings
 from dino.models.backbones import build_backbone
 
 CLASSES = ("airplane", "automobile", "bird")
@@ -392,7 +394,7 @@ def test_extract_flat_folder_is_unlabelled(data, tmp_path, capsys):
 def test_feature_extraction_precision_is_a_choice():
     """bf16 autocast on a GPU by default (fast); fp32 on request, as the original scripts compute."""
     from dino.cli import parse_args
-    from dino.eval.common import autocast_dtype_for
+    from dino.devices import autocast_dtype_for
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert autocast_dtype_for(cuda) is torch.bfloat16 and autocast_dtype_for(cpu) is None
@@ -401,6 +403,19 @@ def test_feature_extraction_precision_is_a_choice():
     for command, args in required.items():
         assert parse_args([command, *args]).precision == "auto"
         assert parse_args([command, *args, "--precision", "fp32"]).precision == "fp32"
+
+
+def test_evaluations_name_devices_as_training_does(capsys):
+    """``--device`` takes what ``run.device`` takes (a GPU by index too) and refuses anything else at once."""
+    from dino.cli import parse_args
+
+    for name in ("auto", "cpu", "cuda", "cuda:1", "mps"):
+        assert parse_args(["knn", "--device", name]).device == name
+        assert parse_args(["videoseg", "--data", "d", "--device", name]).device == name
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["knn", "--device", "tpu"])
+    assert exit_info.value.code == 2
+    assert "must be auto, cpu, mps, cuda or cuda:N, got 'tpu'" in capsys.readouterr().err
 
 
 def test_knn_help_states_the_top5_rule(capsys):

@@ -1,4 +1,4 @@
-"""dino.export: round trips for every format, the released layout, safetensors metadata, timm, the command."""
+"""dino.hub.export: round trips for every format, the released layout, safetensors metadata, timm, the command."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from dino import hub
+from dino.checkpoint import CheckpointManager
 from dino.cli import main
-from dino.export import EXPORT_FORMATS, export_backbone, safetensors_metadata, timm_model_args
+from dino.config import config_to_dict, load_config
 from dino.hub import WeightsError
+from dino.hub.export import EXPORT_FORMATS, export_backbone, safetensors_metadata, timm_model_args
 from dino.models.vision_transformer import VisionTransformer
-from dino.train.checkpoint import CheckpointManager
-from dino.train.config import config_to_dict, load_config
 from dino.train.setup import build_student_teacher, model_state_dict
 
 PATCH, IMG, DEPTH = 4, 16, 2
@@ -187,11 +187,11 @@ def test_small_stem_resnet_round_trips_and_its_load_hint_builds_it(tmp_path):
     from_safetensors = hub.load(safetensors.path)
     assert torch.equal(features(from_safetensors.model, 16), x_out)
     # Evaluations default to the 32 px images such a network is trained on, not 224.
-    from dino.eval.common import _untrained, default_crop_size
+    from dino.cli.arguments import default_crop_size
 
     assert default_crop_size(loaded) == default_crop_size(from_safetensors) == 32
-    assert default_crop_size(_untrained("resnet18_cifar", 16, 0)) == 32
-    assert default_crop_size(_untrained("resnet18", 16, 0)) == 224
+    assert default_crop_size(hub.build_untrained("resnet18_cifar", 16, 0)) == 32
+    assert default_crop_size(hub.build_untrained("resnet18", 16, 0)) == 224
     exported = export_backbone(tmp_path / "rn.pth", "dino", tmp_path / "rn_dino.pth")
     m = torchvision.models.resnet18()
     exec(exported.load_hint.replace(f"torch.load({str(exported.path)!r})", "state"),  # the printed recipe

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dino.checkpoint import CheckpointError, CheckpointManager
 from dino.cli import main
+from dino.config import load_config
 from dino.loss import DINOLoss
 from dino.models.multicrop import MultiCropWrapper
-from dino.train.checkpoint import CheckpointError, CheckpointManager
-from dino.train.config import load_config
 from dino.train.loop import EXIT_PREEMPTED, TrainingDiverged, train
 
 from .conftest import TINY_OVERRIDES

@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from dino import hub
+from dino.checkpoint import CheckpointManager, load_checkpoint
+from dino.config import config_from_dict, config_to_dict, load_config
 from dino.hub import WeightsError
 from dino.loss import DINOLoss
 from dino.models.backbones import build_backbone
 from dino.models.vision_transformer import VisionTransformer
 from dino.teacher import ema_update
-from dino.train.checkpoint import CheckpointManager, load_checkpoint
-from dino.train.config import config_from_dict, config_to_dict, load_config
 from dino.train.setup import build_student_teacher, load_model_state_dict, model_state_dict
 
 from .original_dino import original_run, save_as_numpy1

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from dino.config import ConfigError, load_config
 from dino.data.datasets import ImageFolderDataset, SkippedImageWarning
 from dino.data.gpu_augment import BatchMultiCrop
 from dino.data.gpu_loader import DeviceMultiCropLoader, EncodedImageDataset, collate_encoded
 from dino.data.in_memory import DecodedImages, InMemoryMultiCropLoader, InMemoryTooLarge
-from dino.train.config import ConfigError, load_config
 from dino.train.data import build_train_data
 from dino.train.loop import train
 

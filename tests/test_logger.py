@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dino.train.logger as logger_module
-from dino.train.config import load_config
+from dino.config import load_config
 from dino.train.distributed import DistEnv
 from dino.train.logger import RunLogger, counted, peak_memory_gib
 

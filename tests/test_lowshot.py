@@ -9,9 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dino.eval.common import shuffled_class_members
 from dino.eval.linear import stratified_split
-from dino.eval.lowshot import fit_logistic_regression, logistic_objective, lowshot_evaluate, lowshot_subset
+from dino.eval.lowshot import (
+    fit_logistic_regression,
+    logistic_objective,
+    lowshot_evaluate,
+    lowshot_subset,
+    shuffled_class_members,
+)
 
 
 def test_subset_sizes_per_class():

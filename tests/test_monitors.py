@@ -5,13 +5,13 @@ import shutil
 import pytest
 import torch
 
+from dino import hub
+from dino.config import load_config
 from dino.data.datasets import ImageFolderDataset
 from dino.data.sample import sample_dataset
 from dino.data.transforms import EvalTransform
 from dino.eval.features import extract_features
 from dino.eval.knn import knn_accuracy
-from dino.hub import load_backbone
-from dino.train.config import load_config
 from dino.train.loop import out_of_memory_advice, train
 from dino.train.monitors import CollapseMonitor
 
@@ -68,7 +68,7 @@ def test_online_knn_runs_before_training_and_every_epoch(small_folder, tmp_path)
     knn = [r for r in records if r["type"] == "knn"]
     assert [r["epoch"] for r in knn] == [-1, 0, 1]  # random-init baseline first
     transform = EvalTransform(resize=round(32 * 8 / 7), crop_size=32, mean=cfg.data.mean, std=cfg.data.std)
-    teacher = load_backbone(out).model
+    teacher = hub.load(out).model
     cpu = torch.device("cpu")
     bank_f, bank_y = extract_features(teacher, ImageFolderDataset(small_folder, transform), cpu, 16, 0, None)
     val_f, val_y = extract_features(teacher, ImageFolderDataset(val, transform), cpu, 16, 0, None)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dino.config import load_config
 from dino.models.head import DINOHead
 from dino.models.multicrop import MultiCropWrapper
 from dino.models.vision_transformer import vit
-from dino.train.config import load_config
 from dino.train.loop import train
 from dino.train.optim import param_groups
 from dino.train.setup import build_student_teacher
@@ -58,7 +58,7 @@ def test_resuming_the_originals_checkpoint_continues_its_adamw_state_by_name(tmp
     step the original takes. With norm_last_layer off, the original trains weight_g (registered before
     weight_v) and ours weight_v before weight_g: a load by position would swap their moments."""
     from dino import hub
-    from dino.train.config import config_from_dict
+    from dino.config import config_from_dict
     from dino.train.optim import build_optimizer, set_schedules
     from dino.train.setup import load_model_state_dict, load_released_optimizer, model_state_dict
 

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from dino.train.config import load_config
+from dino.config import load_config
 from dino.train.schedules import Schedules, cosine_schedule, teacher_temperature_schedule
 
 from .original_dino import cosine_scheduler

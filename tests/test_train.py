@@ -10,10 +10,10 @@ import shutil
 import pytest
 import torch
 
+from dino import hub
 from dino.cli import main
+from dino.config import ConfigError, load_config
 from dino.data.sample import sample_dataset
-from dino.hub import load_backbone
-from dino.train.config import ConfigError, load_config
 from dino.train.loop import train
 from dino.train.optim import param_groups
 from dino.train.setup import build_student_teacher, model_state_dict
@@ -59,7 +59,7 @@ def test_training_learns_and_writes_a_run(small_folder, tmp_path):
     rolling = sorted(p.name for p in (out / "checkpoints").glob("last-*.pth"))
     assert rolling == ["last-000000012.pth", "last-000000015.pth"]  # keep_last = 2 of the epoch ends
     assert torch.load(out / "checkpoints" / rolling[-1], weights_only=True)["epoch"] == 5
-    backbone = load_backbone(out)  # teacher backbone, architecture read from the run
+    backbone = hub.load(out)  # teacher backbone, architecture read from the run
     state = torch.load(out / "teacher_backbone.pth", weights_only=True)
     assert set(state) == set(backbone.model.state_dict())
 

@@ -353,12 +353,12 @@ def test_frames_are_normalised_with_the_original_davis_constants(tmp_path: Path)
 def test_videoseg_normalisation_defaults_to_the_davis_protocol(monkeypatch, stored, given, expected) -> None:
     import argparse
 
-    from dino.eval import dense_commands
-    from dino.eval.common import TrainingImageSettings
+    from dino.cli import arguments
+    from dino.hub import TrainingImageSettings
 
     monkeypatch.setattr(
-        dense_commands, "training_image_settings", lambda weights: TrainingImageSettings(32, *stored)
+        arguments, "training_image_settings", lambda weights: TrainingImageSettings(32, *stored)
     )
     args = argparse.Namespace(weights="run", mean=given and list(given[0]), std=given and list(given[1]))
-    norm = dense_commands._normalization(args, fallback=(DAVIS_MEAN, DAVIS_STD), protocol=True)
+    norm = arguments.normalization_options(args, fallback=(DAVIS_MEAN, DAVIS_STD), protocol=True)
     assert norm == {"mean": list(expected[0]), "std": list(expected[1])}

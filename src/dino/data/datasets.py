@@ -36,6 +36,7 @@ __all__ = [
     "check_usable",
     "collate_skipping_bad",
     "load_rgb",
+    "to_rgb",
 ]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
@@ -76,7 +77,7 @@ def load_rgb(
     at least ``size / reduction`` pixels per side), which skips most of the decoding work for large
     photos. Other formats, and reductions under 2, decode at full size.
 
-    Every pixel mode PIL can open is converted faithfully (see :func:`_to_rgb`); transparency is
+    Every pixel mode PIL can open is converted faithfully (see :func:`to_rgb`); transparency is
     composited onto :data:`ALPHA_BACKGROUND`. Images with more than ``max_pixels`` pixels are refused
     before their pixel data is decoded (``None`` disables this check; PIL's own hard limit of twice
     ``Image.MAX_IMAGE_PIXELS`` still applies, since raising it would mean changing PIL's global).
@@ -102,7 +103,7 @@ def load_rgb(
                     if factor >= 2:
                         img.draft(img.mode, (math.ceil(width / factor), math.ceil(height / factor)))
                 img.load()
-                return _to_rgb(ImageOps.exif_transpose(img) if exif_transpose else img)
+                return to_rgb(ImageOps.exif_transpose(img) if exif_transpose else img)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -124,7 +125,7 @@ def _file_size(path: str | os.PathLike[str]) -> int | None:
         return None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Return a new 8-bit RGB copy of ``img`` whatever its mode.
 
     High-bit-depth modes are rescaled rather than clipped: ``I;16*`` maps 0..65535 to 0..255; ``I``
@@ -144,7 +145,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _scale_to_uint8(mode: str, pixels: np.ndarray) -> np.ndarray:
-    """Map a single-channel high-bit-depth array onto 0..255 (see :func:`_to_rgb` for the rules)."""
+    """Map a single-channel high-bit-depth array onto 0..255 (see :func:`to_rgb` for the rules)."""
     values = pixels.astype(np.float64)
     finite = values[np.isfinite(values)]
     lo = float(finite.min()) if finite.size else 0.0

@@ -39,7 +39,7 @@ from dino.data.datasets import (
     ImageFolderDataset,
     SampleList,
     SkippedImageWarning,
-    _to_rgb,
+    to_rgb,
 )
 from dino.data.gpu_augment import BatchMultiCrop
 
@@ -288,7 +288,7 @@ def decode_with_pil(data: bytes | memoryview, max_pixels: int | None = DEFAULT_M
                     f"{max_pixels} (possible decompression bomb)"
                 )
             img.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(img))
+            rgb = to_rgb(ImageOps.exif_transpose(img))
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:

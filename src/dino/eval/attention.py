@@ -29,8 +29,9 @@ from torch import Tensor
 
 from dino.data.datasets import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from dino.eval.common import image_tensor, normalize
 from dino.eval.davis_metrics import VOID_LABEL, region_similarity
+from dino.eval.images import image_tensor, normalize
+from dino.eval.retrieval import batches_by_size
 from dino.models.vision_transformer import VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -249,8 +250,6 @@ def attention_over_images(
     std: Sequence[float] = IMAGENET_STD,
 ) -> Iterator[AttentionResult]:
     """Attention maps and masks of every image, computed in batches of equally sized images (input order)."""
-    from dino.eval.retrieval import batches_by_size
-
     originals: dict[int, tuple[Image.Image, tuple[int, int]]] = {}
 
     def prepared() -> Iterator[tuple[int, Tensor]]:

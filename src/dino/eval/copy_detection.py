@@ -41,8 +41,8 @@ from torch.utils.data import DataLoader
 
 from dino.data.datasets import IMAGE_EXTENSIONS
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from dino.eval.common import ImageFileDataset
 from dino.eval.features import DEFAULT_GEM_P, gem_pool, resnet_feature_map
+from dino.eval.images import ImageFileDataset
 from dino.eval.retrieval import average_precision
 from dino.models.vision_transformer import VisionTransformer
 

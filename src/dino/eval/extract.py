@@ -2,28 +2,23 @@
 
 ``dino extract`` writes a :class:`~dino.eval.features.FeatureSet` file; ``dino knn``, ``dino lowshot`` and the
 fast mode of ``dino linear`` accept such files wherever they accept image folders, so a model is run over a
-dataset once. :class:`FeatureProvider` hides which of the two a user gave and loads the model only when an
-image folder actually needs it.
+dataset once. Each file records the model and the transform behind it (:func:`model_info`,
+:func:`transform_info`), so that features of different models are not compared unawares.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from dino.data.datasets import ImageFolderDataset
 from dino.data.transforms import EvalTransform
-from dino.eval.common import (
-    autocast_dtype_for,
-    eval_transform_from_args,
-    model_from_args,
-    model_info,
-    resolve_device,
-    transform_info,
-)
+from dino.devices import autocast_dtype_for, resolve_device
 from dino.eval.features import DEFAULT_GEM_P, FeatureSet, check_representations, extract_representations
 from dino.hub import LoadedBackbone
 
@@ -38,11 +33,38 @@ def is_feature_file(path: str | Path) -> bool:
     return path.suffix in FEATURE_SUFFIXES and not path.is_dir()
 
 
+def model_info(loaded: LoadedBackbone) -> dict[str, Any]:
+    """Plain-data description of a loaded backbone, for results and feature files."""
+    return {
+        "arch": loaded.arch,
+        "patch_size": loaded.patch_size,
+        "embed_dim": loaded.embed_dim,
+        "depth": num_blocks(loaded.model),
+        "source": loaded.source,
+    }
+
+
+def num_blocks(model: torch.nn.Module) -> int:
+    """Transformer blocks of a ViT (0 for other backbones)."""
+    blocks = getattr(model, "blocks", None)
+    return len(blocks) if blocks is not None else 0
+
+
+def transform_info(transform: EvalTransform) -> dict[str, Any]:
+    """Plain-data description of an evaluation transform."""
+    return {
+        "resize": transform.resize,
+        "crop_size": transform.crop_size,
+        "mean": list(transform.mean),
+        "std": list(transform.std),
+    }
+
+
 def extract_folder(
     loaded: LoadedBackbone,
     folder: str | Path,
     transform: EvalTransform,
-    device,
+    device: str | torch.device,
     representations: Sequence[str],
     batch_size: int = 128,
     num_workers: int = 0,
@@ -87,62 +109,6 @@ def extract_folder(
         f", {skipped} undecodable skipped" if skipped else "",
     )
     return features
-
-
-class FeatureProvider:
-    """Features for the evaluation commands, from image folders (through the model) or cached files.
-
-    The model and its transform are loaded on first use, so evaluations of cached files need no weights.
-    """
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self._loaded: LoadedBackbone | None = None
-        self._transform: EvalTransform | None = None
-
-    @property
-    def model_loaded(self) -> bool:
-        """Whether the model has run (some source was an image folder)."""
-        return self._loaded is not None
-
-    @property
-    def loaded(self) -> LoadedBackbone:
-        if self._loaded is None:
-            self._loaded = model_from_args(self.args)
-            log.info("model: %s", model_info(self._loaded))
-        return self._loaded
-
-    @property
-    def transform(self) -> EvalTransform:
-        if self._transform is None:
-            self._transform = eval_transform_from_args(self.args, self.loaded)
-        return self._transform
-
-    def get(self, source: str | Path, representations: Sequence[str], desc: str) -> FeatureSet:
-        """A labelled feature set from a feature file or an image folder with class sub-folders."""
-        if is_feature_file(source):
-            features = FeatureSet.load(source)
-            for name in representations:
-                features.get(name)  # fails early, naming the stored representations
-        else:
-            if not Path(source).expanduser().is_dir():
-                raise FileNotFoundError(f"{source} is neither an image folder nor a .pt/.npz feature file")
-            features = extract_folder(
-                self.loaded,
-                source,
-                self.transform,
-                self.args.device,
-                representations,
-                self.args.batch_size,
-                self.args.num_workers,
-                getattr(self.args, "gem_p", DEFAULT_GEM_P),
-                labelled=True,
-                desc=desc,
-                precision=getattr(self.args, "precision", "auto"),
-            )
-        if not features.labelled:
-            raise ValueError(f"{source} has no labels; give a folder with one sub-folder per class")
-        return features
 
 
 def check_same_model(train: FeatureSet, test: FeatureSet) -> None:

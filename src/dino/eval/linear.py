@@ -25,9 +25,9 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from dino.data.datasets import collate_skipping_bad
-from dino.eval.common import shuffled_class_members
 from dino.eval.features import Representation, compute_representations, show_progress
 from dino.eval.knn import topk_hits
+from dino.eval.lowshot import shuffled_class_members
 
 DEFAULT_LRS: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 """Learning rates swept by default, for a batch of 256 (scaled linearly with the batch size)."""

@@ -2,25 +2,40 @@
 
 The paper trains a logistic regression on frozen features with 1% and 10% of the ImageNet labels. Here the
 labelled subset is a deterministic fraction of every class (at least one image each), drawn from a seed; the
-subsets for growing fractions are nested. Features are centred on the labelled subset's mean and
+subsets for growing fractions are nested (the per-class orders, :func:`shuffled_class_members`, also give
+the linear probe its validation split). Features are centred on the labelled subset's mean and
 L2-normalised; the model minimises the mean cross-entropy plus ``l2 / 2 · ||W||²`` (bias unpenalised) with
 full-batch L-BFGS (closed-form gradient, no autograd), a convex problem with one optimum.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dino.eval.common import shuffled_class_members
 from dino.eval.knn import topk_accuracy
 
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.01, 0.1)
 DEFAULT_L2 = 1e-4
+
+
+def shuffled_class_members(labels: Tensor, seed: int, labelled_only: bool = False) -> Iterator[Tensor]:
+    """The sample indices of each class c of ``labels`` (ascending c), in a random order seeded by
+    ``seed × 1000003 + c``: the same seed gives the same order however the other classes change.
+
+    ``labelled_only`` skips negative labels (unlabelled samples).
+    """
+    labels = labels.cpu().long()
+    for c in torch.unique(labels).tolist():
+        if labelled_only and c < 0:
+            continue
+        members = (labels == c).nonzero().flatten()
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + c)
+        yield members[torch.randperm(members.numel(), generator=generator)]
 
 
 def lowshot_subset(labels: Tensor, fraction: float, seed: int = 0) -> Tensor:

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from dino.eval.common import ImageFileDataset
+from dino.eval.images import ImageFileDataset
 
 PROTOCOLS = ("easy", "medium", "hard")
 MULTISCALE_FACTORS = (1.0, 1 / math.sqrt(2), 0.5)

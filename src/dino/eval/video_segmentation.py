@@ -32,8 +32,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from dino.eval.common import ImageFileDataset, image_tensor
 from dino.eval.davis_metrics import VOID_LABEL, evaluate_results, read_label_map
+from dino.eval.images import ImageFileDataset, image_tensor
 from dino.models.vision_transformer import VisionTransformer
 
 log = logging.getLogger(__name__)

@@ -6,20 +6,26 @@ errors that name the mismatch and its likely cause. The modules:
 - :mod:`~dino.hub.releases`: the released model names, the cache folder (``$DINO_HOME``) and downloads
   (only on ``download=True``);
 - :mod:`~dino.hub.files`: reading ``.pth`` (weights only) and ``.safetensors`` files;
-- :mod:`~dino.hub.state`: key normalisation, architecture inference, position-embedding resampling;
-- :mod:`~dino.hub.weights`: backbone weights from anything the user names, and strict loading;
-- :mod:`~dino.hub.loading`: the public loaders :func:`load` / :func:`load_backbone`;
-- :mod:`~dino.hub.checkpoints`: training checkpoints, ours and the released full ones.
+- :mod:`~dino.hub.state`: key normalisation, architecture inference, position-embedding checks;
+- :mod:`~dino.hub.weights`: backbone weights from anything the user names (resampled to another input size
+  on request), and strict loading;
+- :mod:`~dino.hub.loading`: the public loader :func:`load`, and :func:`build_untrained` for baselines;
+- :mod:`~dino.hub.checkpoints`: training checkpoints, ours and the released full ones, and the image
+  settings a run was trained with;
+- :mod:`~dino.hub.export`: a backbone out to the released layout, safetensors or timm.
 
 Everything is importable from ``dino.hub`` itself.
 """
 
 from dino.hub.checkpoints import (
+    TrainingImageSettings,
     config_from_released_args,
     load_training_checkpoint,
     released_checkpoint_config,
+    training_image_settings,
 )
 from dino.hub.errors import WeightsError, Which
+from dino.hub.export import EXPORT_FORMATS, Exported, ExportFormat, export_backbone
 from dino.hub.files import (
     SAFETENSORS_FORMAT,
     SAFETENSORS_FORMAT_VERSION,
@@ -27,13 +33,12 @@ from dino.hub.files import (
     read_safetensors,
     read_weights_file,
 )
-from dino.hub.loading import LoadedBackbone, load, load_backbone
+from dino.hub.loading import LoadedBackbone, build_untrained, load
 from dino.hub.releases import (
     DEFAULT_HOME,
     ENV_HOME,
     RELEASES,
     Release,
-    add_weights_arguments,
     resolve_weights,
     weights_folder,
 )
@@ -43,30 +48,33 @@ from dino.hub.state import (
     describe_architecture,
     infer_architecture,
     pos_embed_grid,
-    resize_pos_embed,
 )
 from dino.hub.weights import BackboneWeights, load_backbone_weights, load_strict, read_backbone_weights
 
 __all__ = [
     "DEFAULT_HOME",
     "ENV_HOME",
+    "EXPORT_FORMATS",
     "RELEASES",
     "SAFETENSORS_FORMAT",
     "SAFETENSORS_FORMAT_VERSION",
     "BackboneWeights",
+    "ExportFormat",
+    "Exported",
     "LoadedBackbone",
     "Release",
+    "TrainingImageSettings",
     "WeightsError",
     "Which",
-    "add_weights_arguments",
     "backbone_state_dict",
+    "build_untrained",
     "check_img_size_applies",
     "config_from_released_args",
     "describe_architecture",
+    "export_backbone",
     "infer_architecture",
     "is_safetensors",
     "load",
-    "load_backbone",
     "load_backbone_weights",
     "load_strict",
     "load_training_checkpoint",
@@ -75,7 +83,7 @@ __all__ = [
     "read_safetensors",
     "read_weights_file",
     "released_checkpoint_config",
-    "resize_pos_embed",
     "resolve_weights",
+    "training_image_settings",
     "weights_folder",
 ]

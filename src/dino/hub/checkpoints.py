@@ -2,8 +2,8 @@
 
 A released full checkpoint is converted to our layout (``backbone.*``/``head.*`` keys, the loss center,
 the next epoch, its optimiser state keyed by parameter name and a config rebuilt from its ``args``), so
-training can resume from it as the original would. The training modules are imported lazily:
-:mod:`dino.train` imports this package.
+training can resume from it as the original would. :func:`training_image_settings` reads what a run's model
+saw in training (crop size, normalisation), for the evaluations to default to it.
 """
 
 from __future__ import annotations
@@ -11,38 +11,23 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import torch
+import yaml
 
-from dino.hub.errors import WeightsError, Which, _short
+from dino.checkpoint import CHECKPOINT_FORMAT, CheckpointManager
+from dino.config import ConfigError, config_from_dict, config_to_dict
+from dino.hub.errors import WeightsError, short_list
 from dino.hub.files import is_safetensors, read_weights_file
 from dino.hub.releases import resolve_weights
-from dino.hub.state import _model_state, infer_architecture
+from dino.hub.state import infer_architecture, released_model_state
+from dino.models.vision_transformer import VIT_SIZES
 
 log = logging.getLogger("dino.hub")  # the package's logger: log records keep the name they always had
-
-
-def _run_weights(run_dir: Path, which: Which) -> Path:
-    from dino.train.checkpoint import CheckpointManager
-
-    newest = CheckpointManager(run_dir).rolling()
-    kept_teacher = (run_dir / "teacher_backbone.pth").is_file()
-    if which == "teacher" and kept_teacher and not newest:
-        return run_dir / "teacher_backbone.pth"
-    if not newest and kept_teacher:
-        raise WeightsError(
-            f"{run_dir} kept only the teacher backbone (teacher_backbone.pth) and no training checkpoint: "
-            "the student needs a checkpoint in checkpoints/. Drop --which student (which='student') to use "
-            "the teacher, or point at a run that kept its checkpoints"
-        )
-    if not newest:
-        raise WeightsError(
-            f"{run_dir} has no checkpoints/ and no teacher_backbone.pth; is it a dino run directory?"
-        )
-    return newest[0]
 
 
 # Released ``args`` field → (our config section, key).
@@ -82,15 +67,13 @@ def load_training_checkpoint(
     """A training checkpoint in our layout, from one of ours or a released full DINO checkpoint.
 
     Ours (a file, or a run directory's newest readable one) come back exactly as
-    :func:`dino.train.checkpoint.load_checkpoint` returns them. A released full checkpoint (or a released
+    :func:`dino.checkpoint.load_checkpoint` returns them. A released full checkpoint (or a released
     name, which resolves to its ``*_full_checkpoint.pth``) comes back as ``format``, ``student`` and
     ``teacher`` (``backbone.*``/``head.*`` keys), ``dino_loss`` (``{"center": [1, K]}``), ``epoch`` (the
     next epoch to run), ``config`` (plain dict built from its ``args``, or None), ``fp16_scaler`` when
     present and ``released_optimizer`` (see :func:`released_optimizer_state`) when its optimiser state
     matches its student; it has no ``optimizer``, ``rng``, ``iteration`` or ``step_in_epoch``.
     """
-    from dino.train.checkpoint import CHECKPOINT_FORMAT, CheckpointManager
-
     resolved = resolve_weights(path, weights_dir, download, full=True)
     if resolved.is_dir():
         found = CheckpointManager(resolved).load_latest(map_location=map_location)
@@ -121,13 +104,11 @@ def _backbone_only_message(path: Path) -> str:
 
 
 def _convert_released_checkpoint(obj: dict[str, Any], origin: str) -> dict[str, Any]:
-    from dino.train.checkpoint import CHECKPOINT_FORMAT
-
-    student = _model_state(obj["student"], "student", origin)
-    teacher = _model_state(obj["teacher"], "teacher", origin)
+    student = released_model_state(obj["student"], "student", origin)
+    teacher = released_model_state(obj["teacher"], "teacher", origin)
     if set(student) != set(teacher):
         raise WeightsError(
-            f"{origin}: student and teacher keys differ ({_short(sorted(set(student) ^ set(teacher)))}); "
+            f"{origin}: student and teacher keys differ ({short_list(sorted(set(student) ^ set(teacher)))}); "
             "the checkpoint is damaged or not from DINO"
         )
     loss = obj.get("dino_loss")
@@ -156,8 +137,6 @@ def released_checkpoint_config(
     """The config (plain dict) that a released full checkpoint's ``args`` and tensor shapes give, for
     ``dino train --resume`` to start from; None for anything else (our checkpoints and run directories,
     backbone files). The tensors are mapped from the file, not read (a ViT-B checkpoint is gigabytes)."""
-    from dino.train.checkpoint import CHECKPOINT_FORMAT
-
     resolved = resolve_weights(path, weights_dir, download, full=True)
     if resolved.is_dir() or is_safetensors(resolved):
         return None
@@ -166,7 +145,9 @@ def released_checkpoint_config(
         return None
     if not (isinstance(obj.get("teacher"), dict) and isinstance(obj.get("student"), dict)):
         return None
-    return config_from_released_args(obj.get("args"), _model_state(obj["teacher"], "teacher", str(resolved)))
+    return config_from_released_args(
+        obj.get("args"), released_model_state(obj["teacher"], "teacher", str(resolved))
+    )
 
 
 # Buffers (not parameters, so not in the optimiser) that a DINO student can hold: BatchNorm statistics.
@@ -241,8 +222,6 @@ def config_from_released_args(args: Any, model_state: dict[str, torch.Tensor]) -
 
     The data path and precision are not carried over (they belong to the machine that trained it).
     """
-    from dino.train.config import ConfigError, config_from_dict, config_to_dict
-
     fields = vars(args) if isinstance(args, argparse.Namespace) else args
     if not isinstance(fields, dict):
         return None
@@ -253,8 +232,6 @@ def config_from_released_args(args: Any, model_state: dict[str, torch.Tensor]) -
     except WeightsError as err:
         log.warning("cannot rebuild the config of this checkpoint: %s", err)
         return None
-    from dino.models.vision_transformer import VIT_SIZES
-
     standard_depth = VIT_SIZES[arch.removeprefix("vit_")][1] if arch.startswith("vit_") else 0
     linears = sorted(
         (k for k, v in head.items() if k.startswith("mlp.") and k.endswith(".weight") and v.ndim == 2),
@@ -283,3 +260,51 @@ def config_from_released_args(args: Any, model_state: dict[str, torch.Tensor]) -
     except ConfigError as err:
         log.warning("cannot rebuild the config of this checkpoint: %s", err)
         return None
+
+
+# --- What a run's model saw in training -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingImageSettings:
+    """What the model saw during training, when its files say so (None where unknown)."""
+
+    crop_size: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+def training_image_settings(weights: str | Path | None) -> TrainingImageSettings:
+    """Crop size and normalisation from the training config stored with ``weights``, when there is one.
+
+    A run directory holds ``config.yaml``; our training checkpoints hold the config as a dict. Backbone-only
+    files carry none (their crop size is still known from the model).
+    """
+    if not weights or str(weights).startswith("torchvision:"):
+        return TrainingImageSettings()
+    path = Path(weights).expanduser()
+    data: Mapping[str, Any] | None = None
+    if path.is_dir() and (path / "config.yaml").is_file():
+        raw = yaml.safe_load((path / "config.yaml").read_text())
+        data = raw.get("data") if isinstance(raw, dict) else None
+    elif path.is_file():
+        data = _checkpoint_data_config(path)
+    if not isinstance(data, Mapping):
+        return TrainingImageSettings()
+    crop = data.get("global_crop_size")
+    mean, std = data.get("mean"), data.get("std")
+    return TrainingImageSettings(
+        int(crop) if crop else None,
+        tuple(float(v) for v in mean) if mean and len(mean) == 3 else None,  # type: ignore[arg-type]
+        tuple(float(v) for v in std) if std and len(std) == 3 else None,  # type: ignore[arg-type]
+    )
+
+
+def _checkpoint_data_config(path: Path) -> Mapping[str, Any] | None:
+    """The ``data`` section of one of our checkpoints, read lazily (memory-mapped), or None."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not ours, legacy format or refused: no stored settings, the loader reports problems
+        return None
+    config = obj.get("config") if isinstance(obj, dict) else None
+    return config.get("data") if isinstance(config, dict) else None

@@ -1,4 +1,4 @@
-"""The public loaders: a backbone in eval mode, with what defines it, from any name, file or run."""
+"""The public loader: a backbone in eval mode, with what defines it, from any name, file or run."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from dino.hub.errors import WeightsError, Which
-from dino.hub.state import check_img_size_applies, resize_pos_embed
+from dino.hub.state import check_img_size_applies
 from dino.hub.weights import load_strict, read_backbone_weights
+from dino.models.backbones import RESNETS, build_backbone, convnet_image_size
 
 
 @dataclass
@@ -44,8 +45,6 @@ def load(
     ``img_size`` resamples ViT position embeddings to another input size (bicubic). ``random_init`` builds
     the same architecture untrained (the baseline to report every number against).
     """
-    from dino.models.backbones import build_backbone
-
     spec = str(name_or_path)
     if spec.startswith("torchvision:"):
         if img_size is not None:
@@ -54,48 +53,30 @@ def load(
     weights = read_backbone_weights(
         spec, which, arch=arch, patch_size=patch_size, weights_dir=weights_dir, download=download
     )
-    state, size = weights.state, weights.img_size
     if img_size is not None:
-        check_img_size_applies(weights.arch, img_size)
-        state, size = resize_pos_embed(state, img_size), img_size
-    model, dim = build_backbone(weights.arch, weights.patch_size or 16, size, 0.0, weights.depth)
+        weights = weights.resampled(img_size)
+    model, dim = build_backbone(weights.arch, weights.patch_size or 16, weights.img_size, 0.0, weights.depth)
     if not random_init:
-        load_strict(model, state, weights.source, which=weights.which)
+        load_strict(model, weights.state, weights.source, which=weights.which)
     model.eval().to(device)
     source = "random init" if random_init else weights.source
-    return LoadedBackbone(model, weights.arch, weights.patch_size, dim, source, weights.depth, size)
-
-
-def load_backbone(
-    spec: str | Path,
-    which: Which = "teacher",
-    random_init: bool = False,
-    arch: str | None = None,
-    patch_size: int | None = None,
-    *,
-    img_size: int | None = None,
-    weights_dir: str | Path | None = None,
-    download: bool = False,
-    device: str | torch.device = "cpu",
-) -> LoadedBackbone:
-    """The positional form of :func:`load`, as the evaluation commands call it: ``which``, ``random_init``,
-    ``arch`` and ``patch_size`` may be passed by position. Everything else is :func:`load`."""
-    return load(
-        spec,
-        which=which,
-        img_size=img_size,
-        arch=arch,
-        patch_size=patch_size,
-        weights_dir=weights_dir,
-        download=download,
-        random_init=random_init,
-        device=device,
+    return LoadedBackbone(
+        model, weights.arch, weights.patch_size, dim, source, weights.depth, weights.img_size
     )
 
 
-def _torchvision_backbone(name: str, random_init: bool) -> LoadedBackbone:
-    from dino.models.backbones import RESNETS, build_backbone
+def build_untrained(arch: str, patch_size: int = 16, depth: int = 0) -> LoadedBackbone:
+    """The architecture ``arch`` untrained, in eval mode, without any weights file: the random-init baseline
+    (``patch_size`` and ``depth``, 0 for the standard depth, apply to ViTs). Seed torch's generator first
+    for reproducible weights."""
+    model, dim = build_backbone(arch, patch_size, 224, 0.0, depth)
+    is_vit = arch.startswith("vit_")
+    n_blocks = len(model.blocks) if is_vit else 0
+    size = 224 if is_vit else convnet_image_size(arch)
+    return LoadedBackbone(model.eval(), arch, patch_size if is_vit else 0, dim, "random init", n_blocks, size)
 
+
+def _torchvision_backbone(name: str, random_init: bool) -> LoadedBackbone:
     if name not in RESNETS:
         raise WeightsError(f"torchvision backbone {name!r} is not supported; choose one of {RESNETS}")
     if not random_init:

@@ -8,7 +8,6 @@ The original model names (``dino_vits16``, ``dino_vits8``, ``dino_vitb16``, ``di
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -121,20 +120,3 @@ def _download(url: str, target: Path) -> Path:
             f"could not download {url} ({err}); fetch it yourself into {target.parent} and try again"
         ) from err
     return target
-
-
-# --- Command-line options shared by every command that loads weights --------------------------------------
-
-
-def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--weights-dir`` and ``--download``, for commands that accept released model names."""
-    parser.add_argument(
-        "--weights-dir",
-        metavar="DIR",
-        help=f"folder holding the released weights files (default: ${ENV_HOME} or {DEFAULT_HOME})",
-    )
-    parser.add_argument(
-        "--download",
-        action="store_true",
-        help="fetch a released model's file from the original URL into the weights folder if it is missing",
-    )

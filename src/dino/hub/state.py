@@ -1,4 +1,4 @@
-"""State dicts: normalising their keys, telling their architecture, resampling ViT position embeddings.
+"""State dicts: normalising their keys, telling their architecture, checking ViT position embeddings.
 
 Keys are normalised (``module.`` / ``backbone.`` prefixes, the ``teacher``/``student`` entry of a full
 checkpoint, a classifier ``head``/``fc``) to the released backbone layout; the architecture (ViT size,
@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 
-from dino.hub.errors import WeightsError, Which, _short
+from dino.hub.errors import WeightsError, Which, short_list
 from dino.models.backbones import (
     BASIC_BLOCK_LAYERS,
     SMALL_STEM_SUFFIX,
     convnet_image_size,
+    is_resnet,
     narrow_resnet_name,
 )
 
@@ -60,7 +61,7 @@ def backbone_state_dict(obj: Any, which: Which = "teacher") -> dict[str, torch.T
     return {k: v for k, v in state.items() if k not in _CLASSIFIER_KEYS}
 
 
-def _model_state(obj: Any, name: str, origin: str) -> dict[str, torch.Tensor]:
+def released_model_state(obj: Any, name: str, origin: str) -> dict[str, torch.Tensor]:
     """A released full checkpoint's ``student``/``teacher`` as our ``backbone.*``/``head.*`` state dict."""
     if not _is_tensor_dict(obj):
         raise WeightsError(f"{origin}: the {name!r} entry is not a state dict of tensors")
@@ -73,7 +74,7 @@ def _model_state(obj: Any, name: str, origin: str) -> dict[str, torch.Tensor]:
     strays = sorted(k for k in state if not k.startswith(("backbone.", "head.")))
     if strays or not any(k.startswith("head.") for k in state):
         raise WeightsError(
-            f"{origin}: the {name!r} entry is not a DINO backbone + head (stray keys {_short(strays)}); "
+            f"{origin}: the {name!r} entry is not a DINO backbone + head (stray keys {short_list(strays)}); "
             "is it a full DINO training checkpoint?"
         )
     return state
@@ -130,13 +131,13 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, int, int, i
 def pos_embed_grid(state: dict[str, torch.Tensor]) -> int | None:
     """The side S of the square patch grid the ViT position embeddings of ``state`` are stored for (None
     without ``pos_embed``), or a WeightsError for a layout that cannot be loaded or resampled."""
-    problem = _pos_embed_problem(state)
+    problem = pos_embed_problem(state)
     if problem:
         raise WeightsError(problem)
     return math.isqrt(int(state["pos_embed"].shape[1]) - 1) if "pos_embed" in state else None
 
 
-def _pos_embed_problem(state: dict[str, torch.Tensor]) -> str | None:
+def pos_embed_problem(state: dict[str, torch.Tensor]) -> str | None:
     """Why the position embeddings of ``state`` are unusable, or None. The DINO ViT (like the original)
     stores one class-token position then an S×S patch grid: [1, 1 + S*S, D]."""
     pos = state.get("pos_embed")
@@ -167,27 +168,8 @@ def describe_architecture(arch: str, patch_size: int, img_size: int, depth: int)
     return f"{arch}/{patch_size} ({img_size} px, {depth} blocks)" if arch.startswith("vit_") else arch
 
 
-def resize_pos_embed(state: dict[str, torch.Tensor], img_size: int) -> dict[str, torch.Tensor]:
-    """``state`` with its ViT position embeddings resampled (bicubic) to an ``img_size`` input grid.
-
-    Uses the same resampling as the model does on the fly, so a model loaded at ``img_size`` gives the
-    features the native model gives on ``img_size`` inputs. Non-ViT states are returned unchanged.
-    """
-    from dino.models.vision_transformer import resample_pos_embed
-
-    if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
-        return state
-    pos_embed_grid(state)  # refuses layouts the resampling cannot handle
-    patch = int(state["patch_embed.proj.weight"].shape[-1])
-    grid = img_size // patch
-    if grid < 1 or grid * patch != img_size:
-        raise WeightsError(f"img_size {img_size} must be a positive multiple of the patch size {patch}")
-    if int(state["pos_embed"].shape[1]) == grid * grid + 1:
-        return state
-    return {**state, "pos_embed": resample_pos_embed(state["pos_embed"], (grid, grid))}
-
-
-def _architecture_or_none(state: dict[str, torch.Tensor]) -> tuple[str, int, int, int] | None:
+def infer_architecture_or_none(state: dict[str, torch.Tensor]) -> tuple[str, int, int, int] | None:
+    """:func:`infer_architecture`, or None for weights it cannot tell (where a caller has other clues)."""
     try:
         return infer_architecture(state)
     except WeightsError:
@@ -197,8 +179,6 @@ def _architecture_or_none(state: dict[str, torch.Tensor]) -> tuple[str, int, int
 def check_img_size_applies(arch: str, img_size: int) -> None:
     """Refuse an ``img_size`` request for a backbone it means nothing to: it resamples the position
     embeddings of the DINO ViTs (``vit_*``); convolutional networks have none and take any input size."""
-    from dino.models.backbones import is_resnet
-
     if arch.startswith("vit_"):
         return
     what = (

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dino.hub.checkpoints import _run_weights
-from dino.hub.errors import WeightsError, Which, _short
+from dino.checkpoint import CheckpointManager
+from dino.hub.errors import WeightsError, Which, short_list
 from dino.hub.files import (
     SAFETENSORS_FORMAT,
     SAFETENSORS_FORMAT_VERSION,
@@ -27,14 +27,15 @@ from dino.hub.files import (
 )
 from dino.hub.releases import RELEASES, resolve_weights
 from dino.hub.state import (
-    _architecture_or_none,
-    _pos_embed_problem,
     backbone_state_dict,
+    check_img_size_applies,
     describe_architecture,
     infer_architecture,
+    infer_architecture_or_none,
     pos_embed_grid,
-    resize_pos_embed,
+    pos_embed_problem,
 )
+from dino.models.vision_transformer import VisionTransformer, resample_pos_embed
 
 log = logging.getLogger("dino.hub")  # the package's logger: log records keep the name they always had
 
@@ -68,7 +69,7 @@ def load_strict(
         model.load_state_dict(state, strict=True)
         return
     hints = []
-    found, wanted = _architecture_or_none(state), _architecture_or_none(expected)
+    found, wanted = infer_architecture_or_none(state), infer_architecture_or_none(expected)
     if found and wanted and found[:2] + found[3:] != wanted[:2] + wanted[3:]:
         hints.append(
             f"the file holds a {describe_architecture(*found)} but the model is a "
@@ -76,7 +77,7 @@ def load_strict(
         )
     elif set(wrong) == {"pos_embed"}:
         hints.append(
-            _pos_embed_problem(state)
+            pos_embed_problem(state)
             or "the file's position embeddings are for another image size: pass img_size=… to resample"
         )
     elif wrong:
@@ -96,10 +97,12 @@ def load_strict(
     if which == "student":
         hints.append("you picked the student; the released backbones and evaluations use the teacher")
     parts = [
-        f"missing {_short(missing)}" if missing else "",
-        f"unexpected {_short(unexpected)}" if unexpected else "",
+        f"missing {short_list(missing)}" if missing else "",
+        f"unexpected {short_list(unexpected)}" if unexpected else "",
         "shape mismatch "
-        + _short([f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong])
+        + short_list(
+            [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong]
+        )
         if wrong
         else "",
     ]
@@ -135,6 +138,23 @@ class BackboneWeights:
     depth: int  # ViT blocks (0 for convnets)
     source: str
     which: Which | None = None  # set when taken from a full checkpoint
+
+    def resampled(self, img_size: int) -> BackboneWeights:
+        """These weights for ``img_size`` inputs: ViT position embeddings resampled (bicubic) to its patch
+        grid, as the model resamples them on the fly, so a model loaded at ``img_size`` gives the features
+        the native model gives on ``img_size`` inputs. Refused for backbones without position embeddings."""
+        check_img_size_applies(self.arch, img_size)
+        state = self.state
+        if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
+            return replace(self, img_size=img_size)
+        pos_embed_grid(state)  # refuses layouts the resampling cannot handle
+        patch = int(state["patch_embed.proj.weight"].shape[-1])
+        grid = img_size // patch
+        if grid < 1 or grid * patch != img_size:
+            raise WeightsError(f"img_size {img_size} must be a positive multiple of the patch size {patch}")
+        if int(state["pos_embed"].shape[1]) != grid * grid + 1:
+            state = {**state, "pos_embed": resample_pos_embed(state["pos_embed"], (grid, grid))}
+        return replace(self, state=state, img_size=img_size)
 
 
 def read_backbone_weights(
@@ -178,7 +198,7 @@ def read_backbone_weights(
     if str(spec) in RELEASES and declared is None:
         release = RELEASES[str(spec)]
         declared = (release.arch, release.patch_size, 0, 0)
-    inferred = _architecture_or_none(state)
+    inferred = infer_architecture_or_none(state)
     pos_embed_grid(state)  # a position-embedding layout we cannot use is refused whatever declared the arch
     base = declared or inferred
     if base is None and arch is None:
@@ -195,6 +215,26 @@ def read_backbone_weights(
     details += [which] if from_full else []
     source = f"{spec} ({', '.join(details)})" if details else str(spec)
     return BackboneWeights(state, arch_, patch, img or 224, depth, source, which if from_full else labelled)
+
+
+def _run_weights(run_dir: Path, which: Which) -> Path:
+    """The file a run directory's backbones are read from: its newest checkpoint, or the kept
+    ``teacher_backbone.pth`` of a run without checkpoints (the teacher only)."""
+    newest = CheckpointManager(run_dir).rolling()
+    kept_teacher = (run_dir / "teacher_backbone.pth").is_file()
+    if which == "teacher" and kept_teacher and not newest:
+        return run_dir / "teacher_backbone.pth"
+    if not newest and kept_teacher:
+        raise WeightsError(
+            f"{run_dir} kept only the teacher backbone (teacher_backbone.pth) and no training checkpoint: "
+            "the student needs a checkpoint in checkpoints/. Drop --which student (which='student') to use "
+            "the teacher, or point at a run that kept its checkpoints"
+        )
+    if not newest:
+        raise WeightsError(
+            f"{run_dir} has no checkpoints/ and no teacher_backbone.pth; is it a dino run directory?"
+        )
+    return newest[0]
 
 
 def _no_student_message(path: Path) -> str:
@@ -233,15 +273,12 @@ def _declared_by_config(config: dict[str, Any]) -> tuple[str, int, int, int] | N
 def load_backbone_weights(model: nn.Module, path: str | Path, which: Which = "teacher") -> None:
     """Load backbone weights from ``path`` (any supported file, run directory or released name) into
     ``model`` strictly. ViT position embeddings are resampled to the model's input size if that differs."""
-    from dino.models.vision_transformer import VisionTransformer
-
     weights = read_backbone_weights(path, which)
-    state = weights.state
-    if isinstance(model, VisionTransformer) and "pos_embed" in state:
+    if isinstance(model, VisionTransformer) and "pos_embed" in weights.state:
         spec = model.spec
         if spec.patch_size == weights.patch_size and spec.img_size != weights.img_size:
             log.info(
                 "resampling position embeddings of %s from %d to %d px", path, weights.img_size, spec.img_size
             )
-            state = resize_pos_embed(state, spec.img_size)
-    load_strict(model, state, weights.source, which=weights.which)
+            weights = weights.resampled(spec.img_size)
+    load_strict(model, weights.state, weights.source, which=weights.which)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dino.config import ConfigError, DINOConfig
 from dino.data.datasets import ImageFolderDataset, check_usable, collate_skipping_bad
 from dino.data.gpu_augment import BatchMultiCrop
 from dino.data.gpu_loader import DeviceMultiCropLoader, EncodedImageDataset, collate_encoded
@@ -23,7 +24,6 @@ from dino.data.in_memory import DecodedImages, InMemoryMultiCropLoader, InMemory
 from dino.data.multicrop_spec import MultiCropSpec
 from dino.data.sample import sample_dataset
 from dino.data.transforms import MultiCropAugmentation
-from dino.train.config import ConfigError, DINOConfig
 from dino.train.signals import STOP_SIGNALS
 
 

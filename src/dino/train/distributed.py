@@ -10,6 +10,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from dino.devices import resolve_device
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -25,35 +27,6 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
-    """``auto`` → the local CUDA device when there is one, else the CPU; ``cuda`` → this process's GPU.
-
-    Under torchrun each process takes GPU ``LOCAL_RANK``, or GPU 0 where the launcher shows every process
-    only its own GPU; a fixed ``cuda:N`` would put every process on one GPU, so it is refused there."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"run.device={name} but no CUDA device is visible; use run.device=cpu")
-    if name == "cuda":
-        count = torch.cuda.device_count()
-        if count == 1:
-            index = 0
-        elif local_rank < count:
-            index = local_rank
-        else:
-            raise ValueError(
-                f"process LOCAL_RANK={local_rank} but this node shows {count} GPUs: start at most {count} "
-                "processes per node (torchrun --nproc_per_node)"
-            )
-        name = f"cuda:{index}"
-    elif name.startswith("cuda:") and world_size > 1:
-        raise ValueError(
-            f"run.device={name} would put all {world_size} processes on one GPU: use run.device=cuda (each "
-            "process takes its LOCAL_RANK's GPU) and choose GPUs with CUDA_VISIBLE_DEVICES"
-        )
-    return torch.device(name)
 
 
 def init_distributed(device_name: str = "auto", timeout_minutes: float = 60.0) -> DistEnv:

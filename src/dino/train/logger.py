@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from dino.train.config import DINOConfig
+    from dino.config import DINOConfig
     from dino.train.distributed import DistEnv
 
 log = logging.getLogger("dino.train")

@@ -7,8 +7,8 @@
         loss.backward(); optimiser step      # student only
         teacher ← EMA(teacher, student)
 
-Helpers own the details: :mod:`dino.train.setup` builds the models and chooses the precision,
-:mod:`dino.train.checkpoint` saves and restores, :mod:`dino.train.logger` logs, :mod:`dino.train.monitors`
+Helpers own the details: :mod:`dino.train.setup` builds the models, :mod:`dino.devices` picks the precision,
+:mod:`dino.checkpoint` saves and restores, :mod:`dino.train.logger` logs, :mod:`dino.train.monitors`
 watches for collapse and runs the online k-NN.
 """
 
@@ -24,10 +24,12 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from dino.checkpoint import CheckpointManager, set_aside
+from dino.config import DINOConfig, save_config
+from dino.devices import resolve_precision
+from dino.hub import load_training_checkpoint
 from dino.loss import DINOLoss
 from dino.teacher import TeacherUpdater
-from dino.train.checkpoint import CheckpointManager, set_aside
-from dino.train.config import DINOConfig, save_config
 from dino.train.curves import write_run_curves
 from dino.train.data import build_train_data
 from dino.train.distributed import DistEnv, any_processes, barrier, cleanup, init_distributed
@@ -46,7 +48,6 @@ from dino.train.setup import (
     gather_process_rng,
     load_model_state_dict,
     load_released_optimizer,
-    resolve_precision,
     restore_process_rng,
     run_state_dict,
     save_backbone,
@@ -350,8 +351,7 @@ def _restore(resume: str | Path | bool, checkpoints: CheckpointManager, device: 
         return None
     if resume is True:
         return checkpoints.load_latest(map_location=device)
-    from dino.hub import load_training_checkpoint  # ours, or a released full checkpoint of the original code
-
+    # ours, or a released full checkpoint of the original code
     return load_training_checkpoint(resume, map_location=device), Path(resume)
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from dino.train.config import DINOConfig
+    from dino.config import DINOConfig
 
 log = logging.getLogger(__name__)
 

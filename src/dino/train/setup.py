@@ -1,67 +1,34 @@
-"""Building blocks of a run: models, precision, schedules, random state and the checkpoint payload."""
+"""Building blocks of a run: models, schedules, random state and the checkpoint payload."""
 
 from __future__ import annotations
 
 import logging
 import random
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from dino.checkpoint import atomic_save
+from dino.config import COMPILE_MODES, ConfigError, DINOConfig, config_to_dict
+from dino.data.datasets import ImageFolderDataset
 from dino.data.sample import sample_dataset
+from dino.hub import WeightsError, describe_architecture, infer_architecture, load_backbone_weights
+from dino.loss import DINOLoss
 from dino.models.backbones import build_backbone
 from dino.models.head import DINOHead
 from dino.models.multicrop import MultiCropWrapper
 from dino.teacher import init_teacher
-from dino.train.checkpoint import atomic_save
-from dino.train.config import COMPILE_MODES, ConfigError, DINOConfig, config_to_dict
 from dino.train.data import resolve_num_workers
+from dino.train.monitors import OnlineKNN
 from dino.train.optim import load_state_by_name
 
 if TYPE_CHECKING:
-    from dino.data.datasets import ImageFolderDataset
-    from dino.loss import DINOLoss
-    from dino.train.loop import TrainState
-    from dino.train.monitors import OnlineKNN
+    from dino.train.loop import TrainState  # the loop builds its runs from this module
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Precision:
-    name: str  # fp32 | bf16 | fp16
-    autocast_dtype: torch.dtype | None
-
-    @property
-    def autocast(self) -> bool:
-        return self.autocast_dtype is not None
-
-    @property
-    def use_scaler(self) -> bool:
-        return self.name == "fp16"
-
-
-def resolve_precision(requested: str, device: torch.device) -> Precision:
-    """``auto`` → bf16 on GPUs that support it, fp32 elsewhere. fp16 uses a gradient scaler."""
-    if requested == "auto":
-        requested = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if requested == "fp32":
-        return Precision("fp32", None)
-    if requested == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError(
-                "run.precision=bf16 but this GPU has no bf16 support; use run.precision=fp16 or fp32"
-            )
-        return Precision("bf16", torch.bfloat16)
-    if requested == "fp16":
-        if device.type == "cpu":
-            raise ValueError("run.precision=fp16 needs a GPU; on the CPU use fp32 (or bf16)")
-        return Precision("fp16", torch.float16)
-    raise ValueError(f"run.precision must be auto, fp32, bf16 or fp16, got {requested!r}")
 
 
 def _backbone(cfg: DINOConfig, drop_path_rate: float) -> tuple[nn.Module, int]:
@@ -92,8 +59,6 @@ def _build_student_teacher(
 ) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     student_backbone, dim = _backbone(cfg, cfg.model.drop_path_rate)
     if cfg.model.pretrained:
-        from dino.hub import load_backbone_weights
-
         load_backbone_weights(student_backbone, cfg.model.pretrained)
         log.info("student backbone initialised from %s", cfg.model.pretrained)
     teacher_backbone, _ = _backbone(cfg, 0.0)
@@ -264,8 +229,6 @@ def check_architecture(model: MultiCropWrapper, state: dict[str, torch.Tensor], 
 def describe_model_state(state: dict[str, torch.Tensor]) -> str:
     """``vit_small/16 (224 px, 12 blocks) with a 3-layer head to K = 65536`` for a ``backbone.*`` /
     ``head.*`` state dict."""
-    from dino.hub import WeightsError, describe_architecture, infer_architecture
-
     backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     try:
         arch = describe_architecture(*infer_architecture(backbone))
@@ -345,8 +308,6 @@ def build_knn_monitor(cfg: DINOConfig, train_dataset: ImageFolderDataset) -> Onl
     mon = cfg.monitor
     if not mon.knn_every:
         return None
-    from dino.train.monitors import OnlineKNN
-
     bank = mon.knn_train or str(train_dataset.root)  # build_train_data checked that it is labelled
     # Training on the bundled sample, its held-out split is the default (validate() allows no other gap).
     val = mon.knn_val if mon.knn_val is not None else str(sample_dataset("val"))

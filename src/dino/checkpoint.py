@@ -5,6 +5,9 @@ A checkpoint holds only tensors and plain containers (the config as plain data),
 kill at any moment leaves every previous checkpoint readable; on resume, an unreadable newest file is
 reported and the previous good one is used (the rolling ones first, then the kept ``epoch-N.pth``). A write
 that does not fit on the disk stops with one error saying so; the previous checkpoint stays the newest.
+
+Training writes these files; :mod:`dino.hub` reads them (and writes its exports with :func:`atomic_save`),
+so this module sits below both.
 """
 
 from __future__ import annotations

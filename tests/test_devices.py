@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dino.train.distributed import resolve_device
+from dino.devices import resolve_device
 
 
 @pytest.fixture
@@ -44,3 +44,30 @@ def test_no_gpu(gpus):
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(ValueError, match="no CUDA device is visible; use run.device=cpu"):
         resolve_device("cuda:0")
+
+
+def test_device_names_are_those_of_run_device():
+    from dino.devices import is_device_name
+
+    assert all(is_device_name(n) for n in ("auto", "cpu", "mps", "cuda", "cuda:0", "cuda:12"))
+    assert not any(is_device_name(n) for n in ("tpu", "cuda:", "cuda:x", "cudafoo", "CPU", ""))
+
+
+def test_errors_name_the_setting_the_device_came_from(gpus):
+    gpus(0)
+    with pytest.raises(ValueError, match="--device=cuda:1 but no CUDA device is visible; use --device=cpu"):
+        resolve_device("cuda:1", setting="--device")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")  # already resolved: unchanged
+
+
+def test_training_precision(gpus):
+    from dino.devices import resolve_precision
+
+    gpus(0)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu).name == "fp32" and not resolve_precision("auto", cpu).autocast
+    assert resolve_precision("bf16", cpu).autocast_dtype is torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="must be auto, fp32, bf16 or fp16"):
+        resolve_precision("fp8", cpu)

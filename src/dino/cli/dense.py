@@ -1,31 +1,57 @@
-"""``dino retrieval``, ``dino copydetect``, ``dino videoseg`` and ``dino attention``: argument parsing only.
+"""``dino videoseg``, ``dino attention``, ``dino retrieval`` and ``dino copydetect``: the evaluations on image
+files that size images their own way (dense patch features, attention maps, retrieval descriptors).
 
-Each ``register_*`` adds one sub-command; the work is done by the library functions of
-:mod:`dino.eval.retrieval`, :mod:`dino.eval.copy_detection`, :mod:`dino.eval.video_segmentation` and
-:mod:`dino.eval.attention`. Inputs are checked before the model is loaded, so a wrong path fails at once.
+Arguments only: the work is done by :mod:`dino.eval.video_segmentation`, :mod:`dino.eval.attention`,
+:mod:`dino.eval.retrieval` and :mod:`dino.eval.copy_detection`. Inputs are checked before the model is
+loaded, so a wrong path fails at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-from collections.abc import Sequence
-from contextlib import redirect_stdout
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
-from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from dino.eval.common import (
-    TrainingImageSettings,
+from tqdm import tqdm
+
+from dino.cli.arguments import (
     add_model_arguments,
     add_normalization_arguments,
+    device_from_args,
     model_from_args,
-    model_info,
-    normalization_from_args,
-    resolve_device,
-    training_image_settings,
-    write_results,
+    normalization_options,
+)
+from dino.cli.output import write_results
+from dino.eval.attention import (
+    attention_jaccard,
+    attention_over_images,
+    attention_video,
+    check_animation_output,
+    list_images,
+    read_video_frames,
+    readable_images,
+    save_attention_pictures,
+)
+from dino.eval.copy_detection import (
+    CopydaysLayout,
+    check_descriptor_support,
+    evaluate_copydays,
+    positives_for,
+)
+from dino.eval.davis_metrics import evaluate_results
+from dino.eval.extract import model_info
+from dino.eval.retrieval import RevisitedDataset, evaluate_retrieval, image_paths, load_ground_truth
+from dino.eval.video_segmentation import (
+    DAVIS_MEAN,
+    DAVIS_STD,
+    PropagationSettings,
+    check_scorable,
+    evaluate_davis,
+    list_sequences,
+    require_vit,
+    segment_davis,
+    sequence_frames,
 )
 from dino.output_paths import writable_file, writable_folder
 
@@ -37,43 +63,18 @@ _EXIF_HELP = (
 )
 
 
-def _normalization(
-    args: argparse.Namespace,
-    fallback: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD),
-    protocol: bool = False,
-) -> dict[str, list[float]]:
-    """``mean``/``std`` keyword arguments (:func:`normalization_from_args`: ``fallback`` when neither the
-    options nor the run's config give them), the std checked positive. With ``protocol`` (a protocol that
-    normalises with constants of its own), a run trained on ImageNet's statistics gets the protocol's
-    constants, as the original evaluates every model; only other statistics (a run on CIFAR) are kept."""
-    stored = None
-    if protocol:
-        stored = training_image_settings(getattr(args, "weights", None))
-        if _close(stored.mean, IMAGENET_MEAN) and _close(stored.std, IMAGENET_STD):
-            stored = TrainingImageSettings(crop_size=stored.crop_size)
-    mean, std = normalization_from_args(args, stored, fallback=fallback)
-    if any(v <= 0 for v in std):
-        raise ValueError(f"--std values must be positive, got {std}")
-    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
-
-
-def _close(values: Sequence[float] | None, reference: Sequence[float]) -> bool:
-    return values is not None and all(abs(a - b) < 1e-6 for a, b in zip(values, reference, strict=True))
-
-
-def _report(results: dict[str, object], path: str | None, title: str, detail: str | None = None) -> None:
-    """Print ``results`` as a table (without the bulky ``detail`` entry) and write all of it as JSON."""
-    shown = {k: v for k, v in results.items() if k != detail}
-    write_results(shown, None, title)
-    if path:
-        with redirect_stdout(io.StringIO()):  # the table is already printed
-            write_results(results, path, title)
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``dino videoseg``, ``dino attention``, ``dino retrieval`` and ``dino copydetect``."""
+    _add_videoseg(sub)
+    _add_attention(sub)
+    _add_retrieval(sub)
+    _add_copydetect(sub)
 
 
 # --- dino videoseg ---------------------------------------------------------------------------------------
 
 
-def register_videoseg(sub: argparse._SubParsersAction) -> None:
+def _add_videoseg(sub: argparse._SubParsersAction) -> None:
     """Add ``dino videoseg``: DAVIS label propagation with frozen patch features, scored with J and F."""
     p = sub.add_parser(
         "videoseg",
@@ -128,23 +129,10 @@ def register_videoseg(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
     add_normalization_arguments(p, fallback="the original DAVIS script's (see above)")
     add_model_arguments(p)
-    p.set_defaults(func=_videoseg, batch_size=8)
+    p.set_defaults(func=run_videoseg, batch_size=8)
 
 
-def _videoseg(args: argparse.Namespace) -> int:
-    from dino.eval.davis_metrics import evaluate_results
-    from dino.eval.video_segmentation import (
-        DAVIS_MEAN,
-        DAVIS_STD,
-        PropagationSettings,
-        check_scorable,
-        evaluate_davis,
-        list_sequences,
-        require_vit,
-        segment_davis,
-        sequence_frames,
-    )
-
+def run_videoseg(args: argparse.Namespace) -> int:
     root = Path(args.data).expanduser()
     if not (root / "JPEGImages").is_dir() or not (root / "Annotations").is_dir():
         raise FileNotFoundError(f"{root} is not a DAVIS root: it needs JPEGImages/ and Annotations/ folders")
@@ -172,10 +160,10 @@ def _videoseg(args: argparse.Namespace) -> int:
         short_side=args.short_side,
         size_multiple=args.size_multiple,
     )
-    norm = _normalization(args, fallback=(DAVIS_MEAN, DAVIS_STD), protocol=True)
+    norm = normalization_options(args, fallback=(DAVIS_MEAN, DAVIS_STD), protocol=True)
     loaded = model_from_args(args)
     model = require_vit(loaded.model, "video segmentation")
-    device = resolve_device(args.device)
+    device = device_from_args(args)
     run = segment_davis if args.no_score else partial(evaluate_davis, exclude_void=args.exclude_void)
     scores = run(
         model,
@@ -205,7 +193,7 @@ def _videoseg(args: argparse.Namespace) -> int:
 # --- dino attention --------------------------------------------------------------------------------------
 
 
-def register_attention(sub: argparse._SubParsersAction) -> None:
+def _add_attention(sub: argparse._SubParsersAction) -> None:
     """Add ``dino attention``: last-block [CLS] attention maps, masks, animations and the Jaccard check."""
     p = sub.add_parser(
         "attention",
@@ -251,22 +239,10 @@ def register_attention(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
     add_normalization_arguments(p)
     add_model_arguments(p)
-    p.set_defaults(func=_attention, batch_size=8)
+    p.set_defaults(func=run_attention, batch_size=8)
 
 
-def _attention(args: argparse.Namespace) -> int:
-    from dino.eval.attention import (
-        attention_jaccard,
-        attention_over_images,
-        attention_video,
-        check_animation_output,
-        list_images,
-        read_video_frames,
-        readable_images,
-        save_attention_pictures,
-    )
-    from dino.eval.video_segmentation import require_vit
-
+def run_attention(args: argparse.Namespace) -> int:
     source = Path(args.input).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist; give an image, a folder of images or a video")
@@ -278,11 +254,11 @@ def _attention(args: argparse.Namespace) -> int:
         animation = Path(args.animation).expanduser() if args.animation else output_dir / "attention.gif"
         check_animation_output(animation)
         frames, native_fps = read_video_frames(source, args.max_images)
-        norm = _normalization(args)
+        norm = normalization_options(args)
         loaded = model_from_args(args)
         model = require_vit(loaded.model, "attention maps")
         n = attention_video(
-            model, frames, animation, resolve_device(args.device), args.fps or native_fps or 10.0, image_size,
+            model, frames, animation, device_from_args(args), args.fps or native_fps or 10.0, image_size,
             args.head, args.batch_size, progress=not args.quiet, **norm,
         )  # fmt: skip
         write_results(
@@ -297,10 +273,10 @@ def _attention(args: argparse.Namespace) -> int:
     mask_dir = Path(args.masks).expanduser() if args.masks else None
     if mask_dir is not None and not mask_dir.is_dir():
         raise FileNotFoundError(f"--masks {mask_dir} is not a folder of <stem>.png masks")
-    norm = _normalization(args)
+    norm = normalization_options(args)
     loaded = model_from_args(args)
     model = require_vit(loaded.model, "attention maps")
-    device = resolve_device(args.device)
+    device = device_from_args(args)
     results: dict[str, object] = {
         "model": model_info(loaded),
         "image_size": args.image_size,
@@ -315,8 +291,6 @@ def _attention(args: argparse.Namespace) -> int:
         results.update(scores)
         title = "Attention masks: Jaccard with the ground-truth masks (%)"
     else:
-        from tqdm import tqdm
-
         kept: list[Path] = []  # the images that decode; the others are skipped with a warning
         stream = attention_over_images(
             model, readable_images(images, kept), device, image_size, args.threshold, args.batch_size, **norm
@@ -335,14 +309,14 @@ def _attention(args: argparse.Namespace) -> int:
         title = "Attention maps"
     if mask_dir is None or not args.no_pictures:
         results["pictures"] = str(output_dir)
-    _report(results, args.output, title, detail="per_image")
+    write_results(results, args.output, title, detail="per_image")
     return 0
 
 
 # --- dino retrieval --------------------------------------------------------------------------------------
 
 
-def register_retrieval(sub: argparse._SubParsersAction) -> None:
+def _add_retrieval(sub: argparse._SubParsersAction) -> None:
     """Add ``dino retrieval``: revisited Oxford/Paris mAP and mP@k (Easy/Medium/Hard)."""
     p = sub.add_parser(
         "retrieval",
@@ -387,12 +361,10 @@ def register_retrieval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
     add_normalization_arguments(p)
     add_model_arguments(p)
-    p.set_defaults(func=_retrieval, batch_size=16)
+    p.set_defaults(func=run_retrieval, batch_size=16)
 
 
-def _retrieval(args: argparse.Namespace) -> int:
-    from dino.eval.retrieval import RevisitedDataset, evaluate_retrieval, image_paths, load_ground_truth
-
+def run_retrieval(args: argparse.Namespace) -> int:
     if args.gnd and args.images:
         gnd_path, images = Path(args.gnd).expanduser(), Path(args.images).expanduser()
         name = args.dataset or gnd_path.stem.removeprefix("gnd_")
@@ -405,10 +377,10 @@ def _retrieval(args: argparse.Namespace) -> int:
         raise ValueError("--imsize and every --ks value must be positive")
     truth = load_ground_truth(gnd_path)
     image_paths(images, truth.imlist + truth.qimlist)  # every file present before the model loads
-    norm = _normalization(args)
+    norm = normalization_options(args)
     loaded = model_from_args(args)
     scores = evaluate_retrieval(
-        loaded.model, images, truth, resolve_device(args.device), args.imsize, args.multiscale,
+        loaded.model, images, truth, device_from_args(args), args.imsize, args.multiscale,
         args.query_crop, args.batch_size, args.num_workers, args.ks, progress=not args.quiet,
         upscale=args.upscale, exif_transpose=args.exif_rotate, **norm,
     )  # fmt: skip
@@ -425,14 +397,14 @@ def _retrieval(args: argparse.Namespace) -> int:
         "database": len(truth.imlist),
         **scores,
     }
-    _report(results, args.output, f"Image retrieval on {name} (%)", detail="per_query")
+    write_results(results, args.output, f"Image retrieval on {name} (%)", detail="per_query")
     return 0
 
 
 # --- dino copydetect -------------------------------------------------------------------------------------
 
 
-def register_copydetect(sub: argparse._SubParsersAction) -> None:
+def _add_copydetect(sub: argparse._SubParsersAction) -> None:
     """Add ``dino copydetect``: Copydays mAP per block with [CLS] ⊕ GeM descriptors and optional whitening."""
     p = sub.add_parser(
         "copydetect",
@@ -475,17 +447,10 @@ def register_copydetect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
     add_normalization_arguments(p)
     add_model_arguments(p)
-    p.set_defaults(func=_copydetect, batch_size=32)
+    p.set_defaults(func=run_copydetect, batch_size=32)
 
 
-def _copydetect(args: argparse.Namespace) -> int:
-    from dino.eval.copy_detection import (
-        CopydaysLayout,
-        check_descriptor_support,
-        evaluate_copydays,
-        positives_for,
-    )
-
+def run_copydetect(args: argparse.Namespace) -> int:
     layout = CopydaysLayout.read(args.data)
     for paths in layout.blocks.values():
         for query in paths:
@@ -497,11 +462,11 @@ def _copydetect(args: argparse.Namespace) -> int:
         raise ValueError("--imsize must be positive")
     if args.whiten_dim is not None and args.whiten_dim < 1:
         raise ValueError(f"--whiten-dim {args.whiten_dim}: keep at least 1 component (or leave it out: all)")
-    norm = _normalization(args)
+    norm = normalization_options(args)
     loaded = model_from_args(args)
     check_descriptor_support(loaded.model)
     scores = evaluate_copydays(
-        loaded.model, args.data, resolve_device(args.device), args.imsize, args.whiten_dir, args.whiten_dim,
+        loaded.model, args.data, device_from_args(args), args.imsize, args.whiten_dir, args.whiten_dim,
         args.distractors, args.max_rank, args.group_chars, args.batch_size, args.num_workers,
         progress=not args.quiet, whitening_kind=args.whitening, exif_transpose=args.exif_rotate, **norm,
     )  # fmt: skip
@@ -513,5 +478,5 @@ def _copydetect(args: argparse.Namespace) -> int:
         "normalization": norm,
         **scores,
     }
-    _report(results, args.output, "Copy detection on Copydays (mAP, %)", detail="per_query")
+    write_results(results, args.output, "Copy detection on Copydays (mAP, %)", detail="per_query")
     return 0

@@ -1,7 +1,8 @@
 """``dino extract``, ``dino knn``, ``dino linear`` and ``dino lowshot``: the classification evaluations.
 
-Each ``register_*`` function adds one sub-command to the CLI; each ``run_*`` function executes it and
-returns the exit status. Model, device and image options are shared (:mod:`dino.eval.common`).
+Model, device and image options are shared (:mod:`dino.cli.arguments`); the work is done by
+:mod:`dino.eval.extract`, :mod:`dino.eval.knn`, :mod:`dino.eval.linear` and :mod:`dino.eval.lowshot`.
+:class:`FeatureProvider` gives each evaluation its features from image folders or cached feature files.
 """
 
 from __future__ import annotations
@@ -9,24 +10,32 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dino.data.datasets import ImageFolderDataset
-from dino.eval.common import (
+from dino.cli.arguments import (
     add_image_arguments,
     add_model_arguments,
     add_precision_argument,
-    autocast_dtype_for,
+    device_from_args,
+    eval_transform_from_args,
+    model_from_args,
+)
+from dino.cli.output import write_results
+from dino.data.datasets import ImageFolderDataset
+from dino.data.transforms import EvalTransform
+from dino.devices import autocast_dtype_for
+from dino.eval.extract import (
+    check_same_model,
+    extract_folder,
+    is_feature_file,
     model_info,
     num_blocks,
-    resolve_device,
     transform_info,
-    write_results,
 )
-from dino.eval.extract import FeatureProvider, check_same_model, extract_folder, is_feature_file
 from dino.eval.features import (
     DEFAULT_GEM_P,
     FeatureSet,
@@ -47,6 +56,7 @@ from dino.eval.linear import (
     train_transform,
 )
 from dino.eval.lowshot import DEFAULT_FRACTIONS, DEFAULT_L2, lowshot_evaluate
+from dino.hub import LoadedBackbone
 from dino.output_paths import writable_file
 
 log = logging.getLogger(__name__)
@@ -56,6 +66,70 @@ _CROP_NOTE = (
     "crop is the model's training crop size (224 for released models, e.g. 32 for a CIFAR run) and the resize "
     "crop × 8/7, normalised as in training when the run's config is at hand."
 )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``dino extract``, ``dino knn``, ``dino linear`` and ``dino lowshot``."""
+    _add_extract(sub)
+    _add_knn(sub)
+    _add_linear(sub)
+    _add_lowshot(sub)
+
+
+class FeatureProvider:
+    """Features for the evaluation commands, from image folders (through the model) or cached files.
+
+    The model and its transform are loaded on first use, so evaluations of cached files need no weights.
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self._loaded: LoadedBackbone | None = None
+        self._transform: EvalTransform | None = None
+
+    @property
+    def model_loaded(self) -> bool:
+        """Whether the model has run (some source was an image folder)."""
+        return self._loaded is not None
+
+    @property
+    def loaded(self) -> LoadedBackbone:
+        if self._loaded is None:
+            self._loaded = model_from_args(self.args)
+            log.info("model: %s", model_info(self._loaded))
+        return self._loaded
+
+    @property
+    def transform(self) -> EvalTransform:
+        if self._transform is None:
+            self._transform = eval_transform_from_args(self.args, self.loaded)
+        return self._transform
+
+    def get(self, source: str | Path, representations: Sequence[str], desc: str) -> FeatureSet:
+        """A labelled feature set from a feature file or an image folder with class sub-folders."""
+        if is_feature_file(source):
+            features = FeatureSet.load(source)
+            for name in representations:
+                features.get(name)  # fails early, naming the stored representations
+        else:
+            if not Path(source).expanduser().is_dir():
+                raise FileNotFoundError(f"{source} is neither an image folder nor a .pt/.npz feature file")
+            features = extract_folder(
+                self.loaded,
+                source,
+                self.transform,
+                device_from_args(self.args),
+                representations,
+                self.args.batch_size,
+                self.args.num_workers,
+                getattr(self.args, "gem_p", DEFAULT_GEM_P),
+                labelled=True,
+                desc=desc,
+                precision=getattr(self.args, "precision", "auto"),
+            )
+        if not features.labelled:
+            raise ValueError(f"{source} has no labels; give a folder with one sub-folder per class")
+        return features
 
 
 def _add_split_arguments(p: argparse.ArgumentParser, what: str) -> None:
@@ -129,7 +203,7 @@ def _common_results(provider: FeatureProvider, train: FeatureSet) -> dict[str, A
 # --- dino extract ---------------------------------------------------------------------------------------
 
 
-def register_extract(sub: argparse._SubParsersAction) -> None:
+def _add_extract(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "extract",
         help="save a folder's frozen features (several representations) for reuse by the evaluations",
@@ -174,7 +248,7 @@ def run_extract(args: argparse.Namespace) -> int:
         loaded,
         args.folder,
         provider.transform,
-        args.device,
+        device_from_args(args),
         names,
         args.batch_size,
         args.num_workers,
@@ -201,7 +275,7 @@ def run_extract(args: argparse.Namespace) -> int:
 # --- dino knn -------------------------------------------------------------------------------------------
 
 
-def register_knn(sub: argparse._SubParsersAction) -> None:
+def _add_knn(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "knn",
         help="weighted k-NN classification on frozen features (top-1/top-5 for several k)",
@@ -238,7 +312,7 @@ def run_knn(args: argparse.Namespace) -> int:
         raise ValueError("--temperature must be positive and every --ks value at least 1")
     provider = FeatureProvider(args)
     train, test = _train_test(provider, (train_src, test_src), args.representation, "knn")
-    device = resolve_device(args.device)
+    device = device_from_args(args)
     start = time.perf_counter()
     acc = knn_accuracy(
         train.get(args.representation),
@@ -271,7 +345,7 @@ def run_knn(args: argparse.Namespace) -> int:
 # --- dino lowshot ---------------------------------------------------------------------------------------
 
 
-def register_lowshot(sub: argparse._SubParsersAction) -> None:
+def _add_lowshot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "lowshot",
         help="logistic regression on frozen features with 1%% / 10%% of the labels",
@@ -318,7 +392,7 @@ def run_lowshot(args: argparse.Namespace) -> int:
         seed=args.seed,
         l2=args.l2,
         max_iter=args.max_iter,
-        device=resolve_device(args.device),
+        device=device_from_args(args),
     )
     results: dict[str, Any] = dict(per_fraction)
     results.update(
@@ -340,7 +414,7 @@ def run_lowshot(args: argparse.Namespace) -> int:
 # --- dino linear ----------------------------------------------------------------------------------------
 
 
-def register_linear(sub: argparse._SubParsersAction) -> None:
+def _add_linear(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "linear",
         help="linear probe on frozen features with a learning-rate sweep chosen on a validation split",
@@ -409,7 +483,7 @@ def run_linear(args: argparse.Namespace) -> int:
         rep = _linear_representation_name(args, loaded.embed_dim, num_blocks(loaded.model))
         check_representations(loaded.model, [rep])
     Representation.parse(rep)
-    device = resolve_device(args.device)
+    device = device_from_args(args)
     start = time.perf_counter()
     if cached:
         # Only ``rep`` is kept, so the two subsets below copy it alone, not every stored representation.

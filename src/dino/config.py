@@ -2,12 +2,12 @@
 
 ``load_config(preset_or_path, overrides)`` merges the defaults below (the paper's ViT-S/16 recipe) with a
 preset or YAML file and ``key=value`` overrides, then validates every value before any work starts.
+Training runs from it; :mod:`dino.hub` rebuilds one for a released checkpoint, so it sits below both.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dino.devices import DEVICE_NAMES, PRECISIONS, is_device_name
 from dino.loss import TeacherNorm
 from dino.models.backbones import available_archs, is_resnet
 from dino.models.vision_transformer import VIT_SIZES
@@ -115,7 +116,7 @@ class RunConfig:
     epochs: int = 100
     batch_size: int = 64  # per process
     precision: str = "auto"  # auto (bf16 on capable GPUs, fp32 on CPU) | fp32 | bf16 | fp16
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | mps | cuda | cuda:N
     seed: int = 0
     output_dir: str = "runs/dino"
     log_every: int = 10  # iterations between log lines
@@ -376,15 +377,11 @@ def validate(cfg: DINOConfig) -> None:
     _require(r.epochs >= 1, "run.epochs", f"must be >= 1, got {r.epochs}")
     _require(r.batch_size >= 1, "run.batch_size", f"must be >= 1, got {r.batch_size}")
     _require(
-        r.precision in ("auto", "fp32", "bf16", "fp16"),
+        r.precision in PRECISIONS,
         "run.precision",
-        f"must be auto, fp32, bf16 or fp16, got {r.precision!r}",
+        f"must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, got {r.precision!r}",
     )
-    _require(
-        re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", r.device) is not None,
-        "run.device",
-        f"must be auto, cpu, mps, cuda or cuda:N, got {r.device!r}",
-    )
+    _require(is_device_name(r.device), "run.device", f"must be {DEVICE_NAMES}, got {r.device!r}")
     _require(
         not (r.precision == "fp16" and r.device == "cpu"),
         "run.precision",

@@ -1,4 +1,4 @@
-"""``dino export``: a backbone (teacher by default) out to the formats people already use.
+"""A backbone (teacher by default) out to the formats people already use (``dino export``).
 
 - ``dino``: a plain state dict in the released DINO key layout, so the original ``vision_transformer.py``
   (or torchvision's ResNet without ``fc``) and everything built for it load it with ``strict=True``;
@@ -11,7 +11,6 @@ Every export is read back and compared tensor by tensor before it is reported as
 
 from __future__ import annotations
 
-import argparse
 import os
 import stat
 from dataclasses import dataclass, replace
@@ -20,21 +19,13 @@ from typing import Any, Literal
 
 import torch
 
-from dino.hub import (
-    SAFETENSORS_FORMAT,
-    SAFETENSORS_FORMAT_VERSION,
-    BackboneWeights,
-    WeightsError,
-    Which,
-    add_weights_arguments,
-    check_img_size_applies,
-    describe_architecture,
-    read_backbone_weights,
-    resize_pos_embed,
-    resolve_weights,
-)
+from dino.checkpoint import atomic_save
+from dino.hub.errors import WeightsError, Which
+from dino.hub.files import SAFETENSORS_FORMAT, SAFETENSORS_FORMAT_VERSION
+from dino.hub.releases import resolve_weights
+from dino.hub.weights import BackboneWeights, read_backbone_weights
 from dino.models.backbones import SMALL_STEM_SUFFIX, narrow_resnet_layout
-from dino.output_paths import writable_file_or_folder
+from dino.models.vision_transformer import VIT_SIZES
 
 ExportFormat = Literal["dino", "safetensors", "timm"]
 EXPORT_FORMATS: tuple[str, ...] = ("dino", "safetensors", "timm")
@@ -88,8 +79,6 @@ def _embed_dim(weights: BackboneWeights) -> int:
 
 def timm_model_args(weights: BackboneWeights) -> tuple[str, dict[str, Any]]:
     """The ``timm.create_model`` name and keyword arguments whose state dict matches ``weights``."""
-    from dino.models.vision_transformer import VIT_SIZES
-
     arch = weights.arch
     if arch.startswith("timm:"):
         return arch.removeprefix("timm:"), {"num_classes": 0}
@@ -169,16 +158,13 @@ def export_backbone(
         raise WeightsError(f"{target} exists; pass --force to replace it or choose another --output")
     weights = read_backbone_weights(source, which, weights_dir=weights_dir)
     if img_size is not None:
-        check_img_size_applies(weights.arch, img_size)
-        weights = replace(weights, state=resize_pos_embed(weights.state, img_size), img_size=img_size)
+        weights = weights.resampled(img_size)
     weights = replace(weights, state={k: v.detach().cpu().contiguous() for k, v in weights.state.items()})
     state = to_timm_state_dict(weights) if fmt == "timm" else weights.state
     target.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         write_safetensors(state, target, safetensors_metadata(weights))
     else:
-        from dino.train.checkpoint import atomic_save
-
         atomic_save(state, target)
     _verify(target, state, weights)
     if fmt == "timm":
@@ -260,8 +246,6 @@ def _load_hint(path: Path, fmt: str, weights: BackboneWeights) -> str:
             f"m = torchvision.models.{weights.arch.removesuffix(SMALL_STEM_SUFFIX)}(); {stem}"
             f"m.fc = torch.nn.Identity(); m.load_state_dict(torch.load({str(path)!r}), strict=True)"
         )
-    from dino.models.vision_transformer import VIT_SIZES
-
     dim, depth, heads = VIT_SIZES[weights.arch.removeprefix("vit_")]
     img = f", img_size=[{weights.img_size}]" if weights.img_size != 224 else ""
     if weights.depth and weights.depth != depth:
@@ -279,54 +263,3 @@ def _load_hint(path: Path, fmt: str, weights: BackboneWeights) -> str:
             "model at 224 px need a re-export with --img-size 224"
         )
     return hint
-
-
-# --- Command line -------------------------------------------------------------------------------------------
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``dino export`` to the command-line interface."""
-    p = subparsers.add_parser(
-        "export",
-        help="write a backbone in the released DINO layout, as safetensors, or for timm",
-        description="Export the teacher (or student) backbone of a run, one of our checkpoints, a released "
-        "DINO file or name (dino_vits16, …), or a timm ViT state dict.",
-    )
-    p.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="run directory, weights file or released name")
-    p.add_argument("--format", choices=EXPORT_FORMATS, default="dino", help="output format (default: dino)")
-    p.add_argument(
-        "--which",
-        choices=("teacher", "student"),
-        default="teacher",
-        help="default: teacher (student needs a full training checkpoint or a run directory)",
-    )
-    p.add_argument(
-        "--output",
-        "-o",
-        type=writable_file_or_folder,
-        help="output file, or an existing folder to write the default file name into "
-        "(default: beside the source, or <run>/export/)",
-    )
-    p.add_argument("--img-size", type=int, help="resample ViT position embeddings to this input size")
-    p.add_argument("--force", action="store_true", help="replace an existing output file")
-    add_weights_arguments(p)
-    p.set_defaults(func=_export)
-
-
-def _export(args: argparse.Namespace) -> int:
-    exported = export_backbone(
-        args.source,
-        args.format,
-        args.output,
-        which=args.which,
-        img_size=args.img_size,
-        weights_dir=args.weights_dir,
-        download=args.download,
-        overwrite=args.force,
-    )
-    w = exported.weights
-    print(
-        f"wrote {exported.path} ({args.format}: {describe_architecture(w.arch, w.patch_size, w.img_size, w.depth)}, from {w.source})"
-    )
-    print(f"load with: {exported.load_hint}")
-    return 0
