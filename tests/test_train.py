@@ -543,7 +543,7 @@ def test_batched_augmentation_on_the_device_trains_and_resumes_exactly(small_fol
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_channels_last_for_convolutional_networks_on_gpus_only():
+def test_channels_last_for_convolutional_networks():
     from torchvision.models import resnet18
 
     from dino.models.vision_transformer import vit
@@ -551,8 +551,10 @@ def test_channels_last_for_convolutional_networks_on_gpus_only():
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert memory_format_for(resnet18(), cuda) == torch.channels_last
-    assert memory_format_for(resnet18(), cpu) is None
+    assert memory_format_for(resnet18(), cpu) == torch.channels_last
+    assert memory_format_for(resnet18(), torch.device("mps")) is None
     assert memory_format_for(vit("tiny", 8, img_size=32), cuda) is None
+    assert memory_format_for(vit("tiny", 8, img_size=32), cpu) is None
 
 
 def test_gradient_clipping_is_per_tensor():

@@ -141,10 +141,11 @@ def unwrap_compiled(module: nn.Module) -> nn.Module:
 
 
 def memory_format_for(model: nn.Module, device: torch.device) -> torch.memory_format | None:
-    """Channels-last for convolutional networks on GPUs, where their convolutions run fastest that way;
-    None (leave as is) elsewhere — a ViT's only convolution is its patch embedding."""
+    """Channels-last for convolutional networks, whose convolutions run fastest that way on GPUs and on
+    CPUs alike (oneDNN; see benchmarks/README.md); None (leave as is) for the others — a ViT's only
+    convolution is its patch embedding. ``device`` is where the model runs (MPS keeps the default)."""
     convolutional = sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
-    return torch.channels_last if device.type == "cuda" and convolutional else None
+    return torch.channels_last if device.type in ("cuda", "cpu") and convolutional else None
 
 
 def _has_batch_norm(model: nn.Module) -> bool:
