@@ -135,3 +135,23 @@ def test_a_compiled_preset_turns_eager_with_run_compile_false_alone():
     cfg = load_config("cifar_resnet18", ["run.compile=false"])
     assert cfg.run.compile is False and cfg.run.compile_mode == "reduce-overhead"
     assert load_config("cifar_resnet18").run.compile is True
+
+
+def test_the_first_run_cpu_preset_is_pinned():
+    """cifar_small is the README's first command; its figures (benchmarks/README.md, first_run.py) were
+    measured with exactly these settings: a change here must be measured again."""
+    cfg = load_config("cifar_small")
+    m, h, lo, t, o, d, r = cfg.model, cfg.head, cfg.loss, cfg.teacher, cfg.optim, cfg.data, cfg.run
+    assert (m.arch, m.drop_path_rate) == ("resnet10_w16_cifar", 0.0)
+    assert (h.out_dim, h.hidden_dim, h.bottleneck_dim, h.use_bn, h.norm_last_layer, h.freeze_last_layer) == (
+        1024, 512, 128, True, True, 0)  # fmt: skip
+    assert (lo.warmup_teacher_temp, lo.teacher_temp, lo.warmup_teacher_temp_epochs) == (0.04, 0.04, 0)
+    assert (lo.student_temp, lo.center_momentum, lo.teacher_norm) == (0.1, 0.9, "centering")
+    assert (t.mode, t.momentum, t.final_momentum) == ("momentum", 0.96, 0.99)
+    assert (o.name, o.lr, o.min_lr, o.warmup_epochs, o.weight_decay, o.weight_decay_end, o.clip_grad) == (
+        "adamw", 0.008, 1e-5, 0.2, 0.04, 0.1, 3.0)  # fmt: skip
+    assert (d.global_crops_scale, d.local_crops_scale, d.local_crops_number) == ([0.4, 1.0], [0.2, 0.5], 6)
+    assert (d.global_crop_size, d.local_crop_size, d.blur_probs, d.solarize_prob) == (32, 16, [0.0] * 3, 0.2)
+    assert (d.augment_on, d.in_memory, d.path) == ("device", True, None)
+    assert (r.epochs, r.batch_size) == (12, 64)
+    assert (cfg.monitor.knn_every, cfg.monitor.knn_val, cfg.monitor.knn_resize) == (1, None, 32)
