@@ -9,13 +9,13 @@ the previous epoch).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 TeacherMode = Literal["momentum", "student", "previous_iter", "previous_epoch"]
-TEACHER_MODES = ("momentum", "student", "previous_iter", "previous_epoch")
+TEACHER_MODES: tuple[TeacherMode, ...] = get_args(TeacherMode)
 
 
 def init_teacher(teacher: nn.Module, student: nn.Module) -> nn.Module:
