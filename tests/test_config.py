@@ -106,6 +106,38 @@ def test_invalid_values_name_the_key(override, key):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [
+        ("loss.teacher_norm", "softmax", "'centering', 'sinkhorn', 'batch_softmax', 'none'"),
+        ("teacher.mode", "frozen", "'momentum', 'student', 'previous_iter', 'previous_epoch'"),
+        ("optim.name", "adam", "'adamw', 'sgd', 'lars'"),
+        ("data.augment_on", "gpu", "'auto', 'workers', 'device'"),
+        ("run.precision", "fp8", "'auto', 'fp32', 'bf16', 'fp16'"),
+        ("run.progress_bar", "sometimes", "'auto', 'always', 'never'"),
+        ("run.compile_mode", "cudagraphs", "'default', 'reduce-overhead', 'max-autotune'"),
+    ],
+)
+def test_a_value_outside_a_settings_choices_names_the_key_and_the_choices_in_one_line(
+    tmp_path, key, value, allowed
+):
+    # OmegaConf checks the Literal-typed settings as it merges each source: overrides, YAML files and the
+    # settings of a checkpoint alike
+    section, name = key.split(".")
+    preset = tmp_path / "bad.yaml"
+    preset.write_text(f"{section}:\n  {name}: {value}\n")
+    for config, overrides, base, origin in [
+        (None, [f"{key}={value}"], None, "command line"),
+        (preset, None, None, str(preset)),
+        (None, None, {section: {name: value}}, "the checkpoint"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config(config, overrides, base=base)
+        message = str(err.value)
+        assert message.startswith(f"{key}: ") and allowed in message and f"(from {origin})" in message
+        assert repr(value) in message and "\n" not in message
+
+
 def test_activation_checkpointing_is_refused_for_resnets_and_fractional_warmup_is_accepted():
     with pytest.raises(ConfigError, match=r"model\.activation_checkpointing.*vit_"):
         load_config("resnet50", ["model.activation_checkpointing=true"])

@@ -47,6 +47,15 @@ def test_window_and_epoch_figures(tmp_path, monkeypatch):
     assert kinds == ["iter", "iter", "epoch"]
 
 
+def test_an_event_may_carry_a_field_named_kind(tmp_path):
+    # the collapse monitor's warnings say which collapse: a field named like the event's own parameter
+    run = RunLogger(tmp_path / "log.jsonl", progress="never")
+    run.event("collapse_warning", kind="one_dimension", iteration=3)
+    run.close()
+    record = json.loads((tmp_path / "log.jsonl").read_text())
+    assert (record["type"], record["kind"], record["iteration"]) == ("collapse_warning", "one_dimension", 3)
+
+
 def test_peak_memory_on_the_cpu_is_the_resident_peak_in_gib():
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert peak_memory_gib(torch.device("cpu")) == pytest.approx(kib / 2**20, rel=0.01)

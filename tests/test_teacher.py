@@ -74,3 +74,27 @@ def test_the_teacher_keeps_its_own_batch_norm_statistics(mode):
         assert torch.equal(teacher.state_dict()[key], value), key
     moved = {"momentum": 0.5, "student": 1.0, "previous_epoch": 1.0}[mode]
     torch.testing.assert_close(teacher[0].weight, start + moved)  # the parameters did follow
+
+
+def test_the_masked_ema_reads_nothing_back_to_the_host():
+    """With a device-side ``skip`` flag the update is decided on the device: no tensor is turned into a
+    Python number (on a GPU that would wait for the step to finish)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    student, teacher = pair()
+    with torch.no_grad():
+        student[0].weight.add_(1.0)
+    start = teacher[0].weight.clone()
+    with Calls() as calls:
+        ema_update(teacher, student, 0.75, skip=torch.tensor(0.0))
+    assert not any("_local_scalar_dense" in op for op in calls.ops), calls.ops
+    torch.testing.assert_close(teacher[0].weight, start + 0.25)

@@ -11,18 +11,24 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from dino.devices import DEVICE_NAMES, PRECISIONS, is_device_name
+from dino.devices import DEVICE_NAMES, PrecisionName, is_device_name
 from dino.loss import TeacherNorm
 from dino.models.backbones import available_archs, is_resnet
 from dino.models.vision_transformer import VIT_SIZES
-from dino.teacher import TEACHER_MODES
+from dino.teacher import TeacherMode
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# The string-valued settings with a fixed set of values: OmegaConf refuses any other value when it merges a
+# preset, a checkpoint's settings or an override, naming the key and the allowed values.
+OptimName = Literal["adamw", "sgd", "lars"]
+AugmentOn = Literal["auto", "workers", "device"]
+ProgressBar = Literal["auto", "always", "never"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES: tuple[CompileMode, ...] = get_args(CompileMode)
 
 CONFIG_VERSION = 1
 
@@ -59,19 +65,19 @@ class LossConfig:
     teacher_temp: float = 0.07
     warmup_teacher_temp_epochs: int = 30
     center_momentum: float = 0.9
-    teacher_norm: str = "centering"  # centering | sinkhorn | batch_softmax | none (paper ablations)
+    teacher_norm: TeacherNorm = "centering"  # centering | sinkhorn | batch_softmax | none (paper ablations)
 
 
 @dataclass
 class TeacherConfig:
-    mode: str = "momentum"  # momentum | student | previous_iter | previous_epoch
+    mode: TeacherMode = "momentum"  # momentum | student | previous_iter | previous_epoch
     momentum: float = 0.996  # start of the cosine schedule to final_momentum
     final_momentum: float = 1.0
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd | lars
+    name: OptimName = "adamw"  # adamw | sgd | lars
     lr: float = 0.0005  # for a total batch of 256; scaled linearly with the total batch size
     min_lr: float = 1e-6
     warmup_epochs: float = 10  # fractions allowed: short runs warm up over part of an epoch
@@ -99,7 +105,7 @@ class DataConfig:
     # Where the multi-crop augmentation runs: "workers" (PIL, image by image in loader processes),
     # "device" (batched tensors on run.device; workers only read bytes, JPEGs decoded on the GPU), or
     # "auto" (device on a GPU, workers on the CPU).
-    augment_on: str = "auto"
+    augment_on: AugmentOn = "auto"
     # CPU pipeline (augment_on=workers): decode large JPEGs at 1/2, 1/4 or 1/8 size when every crop still
     # has at least as many pixels as its output (libjpeg DCT scaling: far less decoding for big photos).
     reduced_decode: bool = True
@@ -115,7 +121,7 @@ class DataConfig:
 class RunConfig:
     epochs: int = 100
     batch_size: int = 64  # per process
-    precision: str = "auto"  # auto (bf16 on capable GPUs, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: PrecisionName = "auto"  # auto (bf16 on capable GPUs, fp32 on CPU) | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | mps | cuda | cuda:N
     seed: int = 0
     output_dir: str = "runs/dino"
@@ -129,12 +135,12 @@ class RunConfig:
     checkpoint_every_iters: int = 0  # mid-epoch checkpoints; 0 = only at epoch ends
     checkpoint_every_minutes: float = 0.0  # mid-epoch checkpoints by wall time; 0 disables
     max_bad_steps: int = 5  # consecutive non-finite losses tolerated (skipped) before stopping
-    progress_bar: str = "auto"  # auto (on a terminal) | always | never
+    progress_bar: ProgressBar = "auto"  # auto (on a terminal) | always | never
     compile: bool = False  # torch.compile the student's and teacher's backbones
     # torch.compile mode, used with run.compile=true (ignored without, so that run.compile=false alone turns
     # a compiled preset eager): default | reduce-overhead (adds CUDA graphs: the fastest on GPUs) |
     # max-autotune | max-autotune-no-cudagraphs
-    compile_mode: str = "default"
+    compile_mode: CompileMode = "default"
     profile_steps: int = 0  # profile this many steps after the first 10 (profile.* in the run dir); 0: off
     deterministic: bool = False  # deterministic algorithms (bit-exact resume on CPU)
     # How long a process waits in a collective for the others (torch's NCCL default is 10 minutes): the
@@ -202,7 +208,7 @@ def load_config(
             loaded = OmegaConf.load(path)
         except Exception as err:
             raise ConfigError(f"cannot read config {path}: {err}") from err
-        if not isinstance(loaded, dict) and not OmegaConf.is_dict(loaded):
+        if not isinstance(loaded, DictConfig):
             raise ConfigError(f"config {path} must be a mapping of sections (model:, head:, …)")
         _check_version(loaded.get("version", CONFIG_VERSION), str(path))
         sources.append((str(path), loaded))
@@ -216,6 +222,9 @@ def load_config(
             merged = OmegaConf.merge(merged, source)
         except OmegaConfBaseException as err:
             key = getattr(err, "full_key", None) or ""
+            if key and not isinstance(err, ConfigKeyError):
+                # a known key with a value of the wrong type, or not among its Literal's values
+                raise ConfigError(f"{key}: {_first_line(err)} (from {origin})") from err
             raise ConfigError(
                 f"invalid config key or value {key!r} from {origin}: {_first_line(err)}; "
                 f"valid sections: {', '.join(f.name for f in fields(DINOConfig))}"
@@ -241,7 +250,7 @@ def config_from_dict(data: dict[str, Any]) -> DINOConfig:
 def config_to_dict(cfg: DINOConfig) -> dict[str, Any]:
     container = OmegaConf.to_container(OmegaConf.structured(cfg))
     assert isinstance(container, dict)
-    return container
+    return {str(key): value for key, value in container.items()}
 
 
 def save_config(cfg: DINOConfig, path: Path) -> None:
@@ -266,7 +275,10 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 
 def validate(cfg: DINOConfig) -> None:
-    """Refuse every out-of-range value up front, naming the key and the allowed values."""
+    """Refuse every out-of-range value up front, naming the key and the allowed values.
+
+    The settings typed ``Literal[...]`` (``optim.name``, ``run.precision``, …) are checked by OmegaConf as it
+    merges them (:func:`load_config`); this checks ranges, free-form names and combinations."""
     m, h, lo, t, o, d, r, mon = (
         cfg.model,
         cfg.head,
@@ -308,14 +320,8 @@ def validate(cfg: DINOConfig) -> None:
         "loss.center_momentum",
         f"must be in [0, 1), got {lo.center_momentum}",
     )
-    norms = TeacherNorm.__args__  # type: ignore[attr-defined]
-    _require(
-        lo.teacher_norm in norms, "loss.teacher_norm", f"must be one of {norms}, got {lo.teacher_norm!r}"
-    )
-    _require(t.mode in TEACHER_MODES, "teacher.mode", f"must be one of {TEACHER_MODES}, got {t.mode!r}")
     for key in ("momentum", "final_momentum"):
         _require(0.0 <= getattr(t, key) <= 1.0, f"teacher.{key}", f"must be in [0, 1], got {getattr(t, key)}")
-    _require(o.name in ("adamw", "sgd", "lars"), "optim.name", f"must be adamw, sgd or lars, got {o.name!r}")
     _require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive number, got {o.lr}")
     _require(o.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {o.min_lr}")
     # Warmups longer than the run are cut at its end (useful for short trial runs of a long recipe).
@@ -354,11 +360,6 @@ def validate(cfg: DINOConfig) -> None:
     )
     _require(0.0 <= d.solarize_prob <= 1.0, "data.solarize_prob", f"must be in [0, 1], got {d.solarize_prob}")
     _require(
-        d.augment_on in ("auto", "workers", "device"),
-        "data.augment_on",
-        f"must be auto, workers or device, got {d.augment_on!r}",
-    )
-    _require(
         not (d.in_memory and d.augment_on == "workers"),
         "data.in_memory",
         "keeps decoded images for the batched augmentation, which data.augment_on=workers does not use; "
@@ -376,11 +377,6 @@ def validate(cfg: DINOConfig) -> None:
         )
     _require(r.epochs >= 1, "run.epochs", f"must be >= 1, got {r.epochs}")
     _require(r.batch_size >= 1, "run.batch_size", f"must be >= 1, got {r.batch_size}")
-    _require(
-        r.precision in PRECISIONS,
-        "run.precision",
-        f"must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, got {r.precision!r}",
-    )
     _require(is_device_name(r.device), "run.device", f"must be {DEVICE_NAMES}, got {r.device!r}")
     _require(
         not (r.precision == "fp16" and r.device == "cpu"),
@@ -401,16 +397,6 @@ def validate(cfg: DINOConfig) -> None:
         r.dist_timeout_minutes > 0,
         "run.dist_timeout_minutes",
         f"must be > 0 minutes, got {r.dist_timeout_minutes}",
-    )
-    _require(
-        r.compile_mode in COMPILE_MODES,
-        "run.compile_mode",
-        f"must be one of {', '.join(COMPILE_MODES)}, got {r.compile_mode!r}",
-    )
-    _require(
-        r.progress_bar in ("auto", "always", "never"),
-        "run.progress_bar",
-        f"must be auto, always or never, got {r.progress_bar!r}",
     )
     _require(mon.knn_every >= 0, "monitor.knn_every", "must be >= 0")
     _require(mon.knn_k >= 1, "monitor.knn_k", f"must be >= 1, got {mon.knn_k}")

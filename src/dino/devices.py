@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 DEVICE_NAMES = "auto, cpu, mps, cuda or cuda:N"
 _DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[PrecisionName, ...] = get_args(PrecisionName)
 FEATURE_PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
 
 

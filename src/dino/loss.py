@@ -58,6 +58,8 @@ def sinkhorn_knopp(logits: Tensor, n_iters: int = 3) -> Tensor:
 class DINOLoss(nn.Module):
     """Cross-entropy between teacher (global views) and student (all views); keeps the center as a buffer."""
 
+    center: Tensor
+
     def __init__(
         self,
         out_dim: int,

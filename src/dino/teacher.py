@@ -9,13 +9,13 @@ the previous epoch).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 TeacherMode = Literal["momentum", "student", "previous_iter", "previous_epoch"]
-TEACHER_MODES = ("momentum", "student", "previous_iter", "previous_epoch")
+TEACHER_MODES: tuple[TeacherMode, ...] = get_args(TeacherMode)
 
 
 def init_teacher(teacher: nn.Module, student: nn.Module) -> nn.Module:
@@ -39,12 +39,18 @@ def ema_update(
     ``skip``: a 0-dim 0/1 tensor on the device; where it is 1 the teacher is left as it is, decided
     without a host synchronisation.
     """
-    t_params = [p for p in teacher.parameters()]
+    t_params: list[torch.Tensor] = list(teacher.parameters())
     s_params = [p.detach() for p in student.parameters()]
     if len(t_params) != len(s_params):
         raise ValueError("teacher and student have different parameter lists")
-    weight = 1.0 - momentum if skip is None else (1.0 - momentum) * (1.0 - skip.float())
-    torch._foreach_lerp_(t_params, s_params, weight)
+    if skip is None:
+        torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+        return
+    # _foreach_lerp_ takes its weight as a number: a tensor there is read on the host (a synchronisation).
+    # θ_t += w·(θ_s − θ_t) instead, with w = (1 − m)·(1 − skip) multiplied in on the device.
+    steps = torch._foreach_sub(s_params, t_params)
+    torch._foreach_mul_(steps, (1.0 - momentum) * (1.0 - skip.float()))
+    torch._foreach_add_(t_params, steps)
 
 
 @torch.no_grad()

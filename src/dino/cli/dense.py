@@ -9,6 +9,7 @@ loaded, so a wrong path fails at once.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -143,10 +144,10 @@ def run_videoseg(args: argparse.Namespace) -> int:
         raise ValueError(f"no sequence to evaluate in {root}; pass --sequences")
     title = "DAVIS video object segmentation (J&F, fractions)"
     if args.score_only:
-        scores = evaluate_results(
+        evaluated = evaluate_results(
             root, args.output_dir, sequences, args.resolution, args.max_frames, exclude_void=args.exclude_void
         )
-        write_results({"predictions": str(args.output_dir), **scores}, args.output, title)
+        write_results({"predictions": str(args.output_dir), **evaluated}, args.output, title)
         return 0
     for seq in sequences:
         sequence_frames(root, seq, args.resolution, args.max_frames)
@@ -164,7 +165,9 @@ def run_videoseg(args: argparse.Namespace) -> int:
     loaded = model_from_args(args)
     model = require_vit(loaded.model, "video segmentation")
     device = device_from_args(args)
-    run = segment_davis if args.no_score else partial(evaluate_davis, exclude_void=args.exclude_void)
+    run: Callable[..., dict[str, object] | None] = (
+        segment_davis if args.no_score else partial(evaluate_davis, exclude_void=args.exclude_void)
+    )
     scores = run(
         model,
         root,
@@ -177,7 +180,8 @@ def run_videoseg(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         progress=not args.quiet,
-        **norm,
+        mean=norm["mean"],
+        std=norm["std"],
     )
     results = {
         "model": model_info(loaded),

@@ -219,7 +219,7 @@ class SampleList(Sequence[tuple[Path, int]]):
     def path(self, index: int) -> Path:
         return self.root / self._paths[index].decode("utf-8", "surrogateescape")
 
-    def __getitem__(self, index):  # type: ignore[override]
+    def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         return self.path(index), int(self.labels[index])

@@ -22,9 +22,9 @@ import os
 import queue
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -141,7 +141,7 @@ class PackedBytes(Sequence[Tensor]):
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, index: int) -> Tensor:  # type: ignore[override]
+    def __getitem__(self, index: int) -> Tensor:  # type: ignore[override]  # files one by one, no slices
         if not -len(self) <= index < len(self):
             raise IndexError(f"file {index} of a batch of {len(self)}")
         index %= len(self)
@@ -170,8 +170,9 @@ def collate_encoded(
     has one), so that a worker hands a batch over in one piece."""
     kept = [item for item in batch if item is not None]
     labels = torch.tensor([int(item[1]) for item in kept], dtype=torch.long)
-    names = [item[2] for item in kept] if kept and all(len(item) > 2 for item in kept) else None
-    return PackedBytes([item[0] for item in kept], names), labels, len(batch) - len(kept)
+    names = [item[2] for item in kept if len(item) == 3]
+    packed = PackedBytes([item[0] for item in kept], names if kept and len(names) == len(kept) else None)
+    return packed, labels, len(batch) - len(kept)
 
 
 # ------------------------------------------------------------------------------------- JPEG header
@@ -196,7 +197,7 @@ def _exif_orientation(tiff: bytes) -> int | None:
     block has no such tag or cannot be read)."""
     if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
         return None
-    order = "little" if tiff[:2] == b"II" else "big"
+    order: Literal["little", "big"] = "little" if tiff[:2] == b"II" else "big"
     ifd = int.from_bytes(tiff[4:8], order)
     if ifd + 2 > len(tiff):
         return None
@@ -378,7 +379,7 @@ def decode_batch(
             f"encoded file {bad[0]} is not a uint8 1-D CPU tensor (got {encoded[bad[0]].dtype}, shape "
             f"{tuple(encoded[bad[0]].shape)} on {encoded[bad[0]].device}); pass the raw file bytes"
         )
-    buffers = [memoryview(data.numpy()) for data in encoded]
+    buffers = [data.numpy().data for data in encoded]
     headers = [read_jpeg_header(buf) for buf in buffers]
     fast = [i for i, header in enumerate(headers) if _fast_decodable(header, max_pixels)]
 
@@ -447,6 +448,7 @@ class DeviceMultiCropLoader:
         self.epoch, self.start_step = int(epoch), int(start_step)
 
     def __len__(self) -> int:
+        assert self.loader is not None, "a subclass without a DataLoader defines __len__"
         return len(self.loader)
 
     def batch_seed(self, step: int) -> int:
@@ -494,8 +496,9 @@ class DeviceMultiCropLoader:
         finally:
             batches.close()  # stops the DataLoader's workers now when the epoch is left early
 
-    def _decoded_batches(self) -> Iterator[tuple[int, Sequence[Tensor] | Tensor, Tensor, int]]:
+    def _decoded_batches(self) -> Generator[tuple[int, Sequence[Tensor] | Tensor, Tensor, int], None, None]:
         """``(step, decoded images, their labels, files skipped)`` for each batch of the epoch."""
+        assert self.loader is not None, "a subclass without a DataLoader defines _decoded_batches"
         for step, (encoded, labels, unreadable) in enumerate(self.loader, start=self.start_step):
             decoded = decode_batch(encoded, self.device, self.max_pixels, getattr(encoded, "names", None))
             if decoded.failed:
@@ -550,7 +553,7 @@ def _in_background(items: Iterator, setup: Callable[[], None], depth: int = 1) -
         while True:
             ok, item = ready.get()
             if not ok:
-                raise item  # type: ignore[misc]
+                raise item
             if item is _END:
                 return
             yield item

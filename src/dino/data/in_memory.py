@@ -19,9 +19,10 @@ import logging
 import os
 import random
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -128,8 +129,8 @@ class DecodedImages:
         budget = memory_budget(self.device) if budget is None else int(budget)
         sample = random.Random(0).sample(paths, min(len(paths), _SAMPLE_FILES))
         with ThreadPoolExecutor(max(1, threads)) as pool:
-            pixels = list(pool.map(_jpeg_pixels, sample))
-            pixels = [_pil_pixels(path) if n is None else n for path, n in zip(sample, pixels, strict=True)]
+            headers = list(pool.map(_jpeg_pixels, sample))
+            pixels = [_pil_pixels(path) if n is None else n for path, n in zip(sample, headers, strict=True)]
             mean_pixels = float(np.mean(pixels)) if pixels else 0.0
             estimate = 3 * mean_pixels * len(paths)
             if estimate > budget:
@@ -139,13 +140,16 @@ class DecodedImages:
             used = 0
             for start in range(0, len(paths), chunk):
                 names = paths[start : start + chunk]
-                encoded = list(pool.map(read_file_bytes, names))
-                readable = [i for i, data in enumerate(encoded) if data is not None]
+                encoded = pool.map(read_file_bytes, names)
+                readable = [(i, data) for i, data in enumerate(encoded) if data is not None]
                 decoded = decode_batch(
-                    [encoded[i] for i in readable], self.device, max_pixels, [str(names[i]) for i in readable]
+                    [data for _, data in readable],
+                    self.device,
+                    max_pixels,
+                    [str(names[i]) for i, _ in readable],
                 )
-                failed = {readable[i] for i in decoded.failed}
-                positions = [i for i in readable if i not in failed]
+                failed = {readable[i][0] for i in decoded.failed}
+                positions = [i for i, _ in readable if i not in failed]
                 for i, image in zip(positions, decoded.images, strict=True):
                     slot[start + i] = len(kept)
                     kept.append(image)
@@ -181,11 +185,20 @@ class DecodedImages:
         if not bool(kept.all()):
             index, slots = index[kept], slots[kept]
         labels = self.labels[index]
+        images: Tensor | list[Tensor]
         if isinstance(self.images, Tensor):
             images = self.images.index_select(0, to_device(slots, self.device))
         else:
             images = [self.images[s] for s in slots.tolist()]
         return images, labels, len(indices) - int(slots.numel())
+
+
+class IndexSampler(Protocol):
+    """A sized iterable of dataset indices, or of ``(index, seed)`` pairs (a sampler, a list)."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def __len__(self) -> int: ...
 
 
 class InMemoryMultiCropLoader(DeviceMultiCropLoader):
@@ -197,22 +210,22 @@ class InMemoryMultiCropLoader(DeviceMultiCropLoader):
     def __init__(
         self,
         images: DecodedImages,
-        sampler: Iterable,
+        sampler: IndexSampler,
         batch_size: int,
         augment: BatchMultiCrop,
         seed: int = 0,
         rank: int = 0,
         prefetch: bool | None = None,
     ) -> None:
-        super().__init__(None, augment, images.device, seed=seed, rank=rank, prefetch=prefetch)  # type: ignore[arg-type]
+        super().__init__(None, augment, images.device, seed=seed, rank=rank, prefetch=prefetch)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.images, self.sampler, self.batch_size = images, sampler, int(batch_size)
 
     def __len__(self) -> int:
-        return len(self.sampler) // self.batch_size  # type: ignore[arg-type]
+        return len(self.sampler) // self.batch_size
 
-    def _decoded_batches(self) -> Iterator[tuple[int, Sequence[Tensor] | Tensor, Tensor, int]]:
+    def _decoded_batches(self) -> Generator[tuple[int, Sequence[Tensor] | Tensor, Tensor, int], None, None]:
         step, indices = self.start_step, []
         for item in self.sampler:
             indices.append(item[0] if isinstance(item, tuple) else int(item))

@@ -59,7 +59,7 @@ def check_channels(name: str, value: Sequence[float], positive: bool) -> tuple[f
     if len(values) != 3 or (positive and min(values) <= 0):
         need = "three positive numbers" if positive else "three numbers"
         raise ValueError(f"{name} must be {need} (one per RGB channel), got {value!r}")
-    return values  # type: ignore[return-value]
+    return values
 
 
 def _check_count(name: str, value: object) -> int:

@@ -42,9 +42,10 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"})
 def attention_size(height: int, width: int, image_size: int | None, patch_size: int) -> tuple[int, int]:
     """(height, width) for the model: shorter side ``image_size`` (None: unchanged), multiples of the patch."""
     scale = 1.0 if image_size is None else image_size / min(height, width)
-    return tuple(
+    new_height, new_width = (
         max(patch_size, int(round(side * scale / patch_size)) * patch_size) for side in (height, width)
-    )  # type: ignore[return-value]
+    )
+    return new_height, new_width
 
 
 def to_model_input(
@@ -57,7 +58,7 @@ def to_model_input(
 def resize_for_model(image: Image.Image, image_size: int | None, patch_size: int) -> Image.Image:
     """Bicubic resize to :func:`attention_size`."""
     height, width = attention_size(image.height, image.width, image_size, patch_size)
-    return image.convert("RGB").resize((width, height), Image.BICUBIC)
+    return image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
 
 
 @torch.no_grad()
@@ -438,8 +439,9 @@ def attention_jaccard(
             "foreground_jaccard_head_mean": 100 * float(np.mean(scores)),
         }
         if objects:
-            entry["jaccard"] = 100 * float(np.mean([v.max() for v in objects.values()]))
-            object_scores.append(entry["jaccard"])  # type: ignore[arg-type]
+            per_object = 100 * float(np.mean([v.max() for v in objects.values()]))
+            entry["jaccard"] = per_object
+            object_scores.append(per_object)
         per_image[path.name] = entry
         if pictures_dir is not None:
             save_attention_pictures(result.image, result.attention, result.masks, pictures_dir / path.stem)

@@ -122,7 +122,7 @@ class SquareImages(ImageFileDataset):
         self.imsize = imsize
 
     def __getitem__(self, index: int) -> Tensor:
-        return self.normalized(self.load(index).resize((self.imsize, self.imsize), Image.BICUBIC))
+        return self.normalized(self.load(index).resize((self.imsize, self.imsize), Image.Resampling.BICUBIC))
 
 
 def check_descriptor_support(model: nn.Module) -> None:

@@ -127,7 +127,7 @@ def contour_accuracy(
     if void is not None:
         valid = ~void.astype(bool)
         gt, pred = gt & valid, pred & valid
-    radius = boundary_tolerance(*gt.shape, bound_th=bound_th)
+    radius = boundary_tolerance(gt.shape[0], gt.shape[1], bound_th=bound_th)
     gt_boundary, pred_boundary = boundary_map(gt), boundary_map(pred)
     n_gt, n_pred = int(gt_boundary.sum()), int(pred_boundary.sum())
     if n_pred == 0 and n_gt == 0:

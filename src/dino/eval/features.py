@@ -22,11 +22,11 @@ import json
 import re
 import sys
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -108,10 +108,24 @@ def default_representations(model: nn.Module) -> list[str]:
     return names
 
 
+class _TokenModel(Protocol):
+    """A ViT (this package's, timm's): its blocks, and the normalised tokens of the last ``n`` of them."""
+
+    blocks: Sized
+
+    def get_intermediate_layers(self, x: Tensor, n: int) -> Sequence[Tensor]: ...
+
+
+def _as_vit(model: nn.Module) -> _TokenModel | None:
+    """``model`` as a ViT when it has blocks and ``get_intermediate_layers``, else None."""
+    if hasattr(model, "get_intermediate_layers") and isinstance(getattr(model, "blocks", None), Sized):
+        return cast(_TokenModel, model)
+    return None
+
+
 def _vit_depth(model: nn.Module) -> int:
-    if hasattr(model, "get_intermediate_layers") and hasattr(model, "blocks"):
-        return len(model.blocks)
-    return 0
+    vit = _as_vit(model)
+    return len(vit.blocks) if vit is not None else 0
 
 
 def check_representations(model: nn.Module, names: Sequence[str]) -> list[Representation]:
@@ -152,17 +166,18 @@ def compute_representations(
     backbone: nn.Module, images: Tensor, reps: Sequence[Representation], gem_p: float = DEFAULT_GEM_P
 ) -> dict[str, Tensor]:
     """Each representation of a batch of images, from one forward pass."""
-    if _vit_depth(backbone):
+    vit = _as_vit(backbone)
+    if vit is not None and len(vit.blocks):
         n = max(rep.blocks_needed for rep in reps)
-        layers = backbone.get_intermediate_layers(images, n)  # oldest first, each through the final norm
+        layers = vit.get_intermediate_layers(images, n)  # oldest first, each through the final norm
         final = layers[-1]
         cls_tokens = [layer[:, 0] for layer in layers]
         patch_tokens = final[:, 1:]
     else:
         feature_map = _feature_map_fn(backbone)
         if feature_map is None:
-            out = backbone(images)
-            return {rep.name: out for rep in reps}
+            features = backbone(images)
+            return {rep.name: features for rep in reps}
         fmap = feature_map(images)  # [B, D, H, W]
         patch_tokens = fmap.flatten(2).transpose(1, 2)
         cls_tokens = [patch_tokens.mean(dim=1)]
@@ -183,16 +198,20 @@ def compute_representations(
     return out
 
 
+_RESNET_STAGES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
 def resnet_feature_map(model: nn.Module, images: Tensor) -> Tensor:
     """The final [B, D, H, W] feature map of a torchvision ResNet (stem, then ``layer1`` … ``layer4``)."""
-    x = model.maxpool(model.relu(model.bn1(model.conv1(images))))  # type: ignore[operator]
-    return model.layer4(model.layer3(model.layer2(model.layer1(x))))  # type: ignore[operator]
+    x = images
+    for name in _RESNET_STAGES:
+        x = model.get_submodule(name)(x)
+    return x
 
 
 def _feature_map_fn(model: nn.Module):
     """A function giving the final [B, D, H, W] feature map of a torchvision ResNet, else None."""
-    needed = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-    if not all(hasattr(model, name) for name in needed):
+    if not all(hasattr(model, name) for name in _RESNET_STAGES):
         return None
     return partial(resnet_feature_map, model)
 
@@ -278,7 +297,8 @@ class FeatureSet:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp" + path.suffix)
         if path.suffix == ".npz":
-            arrays = {f"feature:{k}": v.numpy() for k, v in self.features.items()}
+            # Any: np.savez's stub types the arrays given by name like its allow_pickle flag
+            arrays: dict[str, Any] = {f"feature:{k}": v.numpy() for k, v in self.features.items()}
             np.savez(
                 tmp,
                 labels=self.labels.numpy(),
@@ -412,15 +432,15 @@ def extract_representations(
     was_training = backbone.training
     backbone.eval()
     try:
-        for images, indices, _ in tqdm(loader, desc=desc, disable=not show_progress(), leave=False):
-            if len(indices) == 0:
+        for images, batch_indices, _ in tqdm(loader, desc=desc, disable=not show_progress(), leave=False):
+            if len(batch_indices) == 0:
                 continue
             images = images.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 out = compute_representations(backbone, images, reps, gem_p)
             for name, value in out.items():
                 chunks[name].append(value.float().cpu())
-            kept.extend(indices.tolist())
+            kept.extend(batch_indices.tolist())
     finally:
         backbone.train(was_training)
     if not kept:

@@ -50,20 +50,23 @@ def nearest_neighbors(
     all_sims, all_idx = [], []
     for start in range(0, queries.shape[0], chunk_size):
         q = F.normalize(queries[start : start + chunk_size].to(device).float(), dim=1)
-        best_sims = best_idx = None
-        for b_start in range(0, bank.shape[0], bank_chunk):
-            block = bank[b_start : b_start + bank_chunk]
-            sims, idx = (q @ block.T).topk(min(k, block.shape[0]), dim=1)
-            idx = idx + b_start
-            if best_sims is not None:
-                sims, pick = torch.cat((best_sims, sims), dim=1).topk(k, dim=1)
-                idx = torch.cat((best_idx, idx), dim=1).gather(1, pick)
-            best_sims, best_idx = sims, idx
+        best_sims, best_idx = _block_top_k(q, bank, 0, bank_chunk, k)
+        for b_start in range(bank_chunk, bank.shape[0], bank_chunk):
+            sims, idx = _block_top_k(q, bank, b_start, bank_chunk, k)
+            best_sims, pick = torch.cat((best_sims, sims), dim=1).topk(k, dim=1)
+            best_idx = torch.cat((best_idx, idx), dim=1).gather(1, pick)
         all_sims.append(best_sims.cpu())
         all_idx.append(best_idx.cpu())
     if not all_sims:
         return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
     return torch.cat(all_sims), torch.cat(all_idx)
+
+
+def _block_top_k(q: Tensor, bank: Tensor, start: int, size: int, k: int) -> tuple[Tensor, Tensor]:
+    """Each query's k nearest rows in ``bank[start : start + size]``: similarities, whole-bank indices."""
+    block = bank[start : start + size]
+    sims, idx = (q @ block.T).topk(min(k, block.shape[0]), dim=1)
+    return sims, idx + start
 
 
 def weighted_vote(sims: Tensor, neighbor_labels: Tensor, temperature: float, num_classes: int) -> Tensor:

@@ -46,10 +46,11 @@ class MultiLinearHeads(nn.Module):
         if not lrs or min(lrs) <= 0:
             raise ValueError(f"learning rates must be positive, got {list(lrs)}")
         self.lrs = [float(lr) for lr in lrs]
-        self.heads = nn.ModuleList(nn.Linear(in_dim, num_classes) for _ in self.lrs)
-        for head in self.heads:
+        heads = [nn.Linear(in_dim, num_classes) for _ in self.lrs]
+        for head in heads:
             nn.init.normal_(head.weight, mean=0.0, std=0.01)
             nn.init.zeros_(head.bias)
+        self.heads = nn.ModuleList(heads)
 
     def forward(self, features: Tensor) -> Tensor:
         """Logits of every head: [num_heads, B, num_classes]."""
@@ -123,7 +124,7 @@ class AugmentedFeatures:
             dataset,
             batch_size=batch_size,
             shuffle=True,
-            drop_last=len(dataset) > batch_size,  # type: ignore[arg-type]
+            drop_last=len(dataset) > batch_size,  # type: ignore[arg-type]  # Dataset declares no __len__
             num_workers=num_workers,
             collate_fn=collate_skipping_bad,
             generator=self.generator,

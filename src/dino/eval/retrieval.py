@@ -160,7 +160,7 @@ def load_ground_truth(path: str | Path) -> GroundTruth:
         n = len(imlist)
         queries.append(
             QueryTruth(
-                box,  # type: ignore[arg-type]
+                box,
                 _indices(g.get("easy"), f"gnd[{i}]['easy']", n),
                 _indices(g.get("hard"), f"gnd[{i}]['hard']", n),
                 _indices(g.get("junk"), f"gnd[{i}]['junk']", n),
@@ -186,7 +186,7 @@ def positive_ranks(ranking: np.ndarray, positives: np.ndarray, junk: np.ndarray)
     """0-based ranks of the positives in ``ranking`` once junk images are removed (sorted)."""
     is_junk = np.isin(ranking, junk)
     is_positive = np.isin(ranking, positives)
-    junk_before = np.cumsum(is_junk) - is_junk  # junk images strictly above each position
+    junk_before: np.ndarray = np.cumsum(is_junk) - is_junk  # junk images strictly above each position
     return (np.arange(ranking.size) - junk_before)[is_positive]
 
 
@@ -239,12 +239,12 @@ def resize_long_side(image: Image.Image, imsize: int, upscale: bool = False) -> 
     does; ``upscale`` also enlarges smaller images (bicubic) to a longer side of ``imsize``."""
     if max(image.size) > imsize:
         image = image.copy()
-        image.thumbnail((imsize, imsize), Image.LANCZOS)
+        image.thumbnail((imsize, imsize), Image.Resampling.LANCZOS)
         return image
     if upscale and max(image.size) < imsize:
         scale = imsize / max(image.size)
-        size = tuple(max(1, round(side * scale)) for side in image.size)
-        return image.resize(size, Image.BICUBIC)  # type: ignore[arg-type]
+        width, height = (max(1, round(side * scale)) for side in image.size)
+        return image.resize((width, height), Image.Resampling.BICUBIC)
     return image
 
 

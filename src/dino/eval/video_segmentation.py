@@ -218,7 +218,7 @@ def labels_to_mask(
     span = shifted.flatten(1).max(dim=1).values.view(k, 1, 1)
     up = torch.where(hi > 0, shifted / span.clamp_min(1e-12), up)
     labels = up.argmax(dim=0).to(torch.uint8).cpu().numpy()
-    return np.array(Image.fromarray(labels).resize((out_size[1], out_size[0]), Image.NEAREST))
+    return np.array(Image.fromarray(labels).resize((out_size[1], out_size[0]), Image.Resampling.NEAREST))
 
 
 def segment_video(
@@ -248,7 +248,9 @@ def segment_video(
     valid = first_annotation[first_annotation != VOID_LABEL]
     n_classes = int(valid.max(initial=0)) + 1
     small = np.array(
-        Image.fromarray(first_annotation.astype(np.uint8)).resize((grid[1], grid[0]), Image.NEAREST)
+        Image.fromarray(first_annotation.astype(np.uint8)).resize(
+            (grid[1], grid[0]), Image.Resampling.NEAREST
+        )
     )
     first_labels = one_hot_labels(small, n_classes).to(device)
     loader = DataLoader(

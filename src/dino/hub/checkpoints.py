@@ -180,7 +180,7 @@ def released_optimizer_state(
     groups = saved.get("param_groups")
     sizes = [len(g.get("params", ())) for g in groups] if isinstance(groups, list) else None
     fresh = "training goes on with a fresh optimiser state (its first updates differ from the original's)"
-    if sizes != [len(decay), len(no_decay)]:
+    if not isinstance(groups, list) or sizes != [len(decay), len(no_decay)]:
         log.warning(
             "%s: the optimiser's parameter groups hold %s parameters, not the %d weights and the %d biases "
             "and 1-D parameters its student trains; %s",
@@ -295,9 +295,17 @@ def training_image_settings(weights: str | Path | None) -> TrainingImageSettings
     mean, std = data.get("mean"), data.get("std")
     return TrainingImageSettings(
         int(crop) if crop else None,
-        tuple(float(v) for v in mean) if mean and len(mean) == 3 else None,  # type: ignore[arg-type]
-        tuple(float(v) for v in std) if std and len(std) == 3 else None,  # type: ignore[arg-type]
+        _per_channel(mean),
+        _per_channel(std),
     )
+
+
+def _per_channel(values: Any) -> tuple[float, float, float] | None:
+    """Three numbers (one per RGB channel) as floats; None for anything else."""
+    if not values or len(values) != 3:
+        return None
+    r, g, b = (float(v) for v in values)
+    return r, g, b
 
 
 def _checkpoint_data_config(path: Path) -> Mapping[str, Any] | None:

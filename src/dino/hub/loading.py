@@ -12,6 +12,7 @@ from dino.hub.errors import WeightsError, Which
 from dino.hub.state import check_img_size_applies
 from dino.hub.weights import load_strict, read_backbone_weights
 from dino.models.backbones import RESNETS, build_backbone, convnet_image_size
+from dino.models.vision_transformer import VisionTransformer
 
 
 @dataclass
@@ -71,7 +72,7 @@ def build_untrained(arch: str, patch_size: int = 16, depth: int = 0) -> LoadedBa
     for reproducible weights."""
     model, dim = build_backbone(arch, patch_size, 224, 0.0, depth)
     is_vit = arch.startswith("vit_")
-    n_blocks = len(model.blocks) if is_vit else 0
+    n_blocks = len(model.blocks) if isinstance(model, VisionTransformer) else 0
     size = 224 if is_vit else convnet_image_size(arch)
     return LoadedBackbone(model.eval(), arch, patch_size if is_vit else 0, dim, "random init", n_blocks, size)
 

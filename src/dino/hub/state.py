@@ -84,7 +84,7 @@ def released_model_state(obj: Any, name: str, origin: str) -> dict[str, torch.Te
 
 
 _HEADS_BY_DIM = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
-_RESNET_BLOCKS = {
+_RESNET_BLOCKS: dict[tuple[int, ...], str] = {
     (2, 2, 2, 2, False): "resnet18",
     (3, 4, 6, 3, False): "resnet34",
     (3, 4, 6, 3, True): "resnet50",
@@ -112,9 +112,9 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, int, int, i
         bottleneck = "layer1.0.conv3.weight" in state
         width = int(state["conv1.weight"].shape[0])
         small_stem = state["conv1.weight"].shape[-1] == 3
-        depth = next((d for d, layout in BASIC_BLOCK_LAYERS.items() if layout == blocks), None)
-        if small_stem and not bottleneck and depth is not None and (width != 64 or depth == 10):
-            return narrow_resnet_name(depth, width), 0, 32, 0  # resnet10_cifar, resnet18_w32_cifar …
+        basic = next((d for d, layout in BASIC_BLOCK_LAYERS.items() if layout == blocks), None)
+        if small_stem and not bottleneck and basic is not None and (width != 64 or basic == 10):
+            return narrow_resnet_name(basic, width), 0, 32, 0  # resnet10_cifar, resnet18_w32_cifar …
         name = _RESNET_BLOCKS.get((*blocks, bottleneck))
         if bottleneck and blocks == (3, 4, 6, 3) and state["layer1.0.conv1.weight"].shape[0] == 128:
             name = "wide_resnet50_2"

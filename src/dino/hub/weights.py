@@ -186,7 +186,8 @@ def read_backbone_weights(
         state = backbone_state_dict(tensors, which)
         if meta.get("format") == SAFETENSORS_FORMAT:
             declared = _declared_by_metadata(meta, path)
-            labelled = meta["which"] if meta.get("which") in ("teacher", "student") else None
+            stated = meta.get("which")
+            labelled = "teacher" if stated == "teacher" else "student" if stated == "student" else None
     else:
         obj = read_weights_file(path)
         state = backbone_state_dict(obj, which)
@@ -201,9 +202,12 @@ def read_backbone_weights(
     inferred = infer_architecture_or_none(state)
     pos_embed_grid(state)  # a position-embedding layout we cannot use is refused whatever declared the arch
     base = declared or inferred
-    if base is None and arch is None:
-        infer_architecture(state)  # raises the explanation
-    arch_, patch, img, depth = base or (arch, patch_size or 16, 0, 0)
+    if base is not None:
+        arch_, patch, img, depth = base
+    elif arch is not None:
+        arch_, patch, img, depth = arch, patch_size or 16, 0, 0
+    else:
+        arch_, patch, img, depth = infer_architecture(state)  # raises the explanation
     if inferred is not None:  # what a name or config leaves open (0) comes from the tensor shapes
         img, depth = img or inferred[2], depth or inferred[3]
     if arch is not None and arch != arch_:

@@ -100,12 +100,12 @@ def build_backbone(
 
     ``depth`` (ViT only) overrides the number of blocks; 0 keeps the size's standard depth."""
     if arch.startswith("vit_"):
-        model = vit(arch.removeprefix("vit_"), patch_size, img_size, drop_path_rate, depth)
-        return model, model.embed_dim
+        transformer = vit(arch.removeprefix("vit_"), patch_size, img_size, drop_path_rate, depth)
+        return transformer, transformer.embed_dim
     narrow = narrow_resnet_layout(arch)
     if narrow is not None:
-        model = SmallImageResNet(*narrow)
-        return model, model.embed_dim
+        small = SmallImageResNet(*narrow)
+        return small, small.embed_dim
     if is_resnet(arch):
         import torchvision
 
@@ -130,8 +130,7 @@ def build_backbone(
                 f"timm has no model {name!r} (timm {timm.__version__}); list them with "
                 "python -c 'import timm; print(timm.list_models())'"
             )
-        model = _timm_model(timm, name, img_size, drop_path_rate)
-        return model, model.num_features
+        return _timm_model(timm, name, img_size, drop_path_rate)
     raise ValueError(f"unknown arch {arch!r}; choose one of {available_archs()}")
 
 
@@ -139,9 +138,10 @@ def is_vit(arch: str) -> bool:
     return arch.startswith("vit_")
 
 
-def _timm_model(timm, name: str, img_size: int, drop_path_rate: float) -> nn.Module:
+def _timm_model(timm, name: str, img_size: int, drop_path_rate: float) -> tuple[nn.Module, int]:
     """A timm model without classifier, with stochastic depth, and for vision transformers sized for the
-    global crops and taking any input size (local crops, evaluation sizes): ``dynamic_img_size``."""
+    global crops and taking any input size (local crops, evaluation sizes): ``dynamic_img_size``; and its
+    feature dimension."""
     base = {"pretrained": False, "num_classes": 0}
     attempts = (
         {"img_size": img_size, "dynamic_img_size": True, "drop_path_rate": drop_path_rate},
@@ -149,12 +149,14 @@ def _timm_model(timm, name: str, img_size: int, drop_path_rate: float) -> nn.Mod
     )
     for extra in attempts:
         try:
-            return timm.create_model(name, **base, **extra)
+            model = timm.create_model(name, **base, **extra)
         except TypeError:
             continue
+        return model, model.num_features
     if drop_path_rate > 0:
         raise ValueError(
             f"timm model {name!r} takes no drop_path_rate; set model.drop_path_rate=0 to train it without "
             "stochastic depth"
         )
-    return timm.create_model(name, **base)
+    model = timm.create_model(name, **base)
+    return model, model.num_features

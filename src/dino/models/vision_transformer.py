@@ -229,8 +229,9 @@ class VisionTransformer(nn.Module):
 
     def set_fused_attention(self, enabled: bool) -> None:
         """Switch every block between SDPA and the explicit-softmax attention (same maths)."""
-        for block in self.blocks:
-            block.attn.fused = enabled
+        for module in self.blocks.modules():
+            if isinstance(module, Attention):
+                module.fused = enabled
 
     def interpolate_pos_encoding(self, height: int, width: int) -> Tensor:
         """Position embeddings for an input of ``height`` × ``width`` pixels (bicubic resampling).

@@ -30,11 +30,11 @@ from dino.train.signals import STOP_SIGNALS
 class SeededDataset(Dataset):
     """Wraps a dataset so that item ``(index, seed)`` is transformed under its own random seed."""
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: ImageFolderDataset | EncodedImageDataset) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(self.dataset)
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
@@ -129,15 +129,15 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
             f"data.in_memory: the augmentation runs in loader workers on {device} (data.augment_on="
             f"{d.augment_on}); set data.augment_on=device to augment the decoded images in batches"
         )
-    crops = MultiCropSpec(
-        global_crops_scale=tuple(d.global_crops_scale),
-        local_crops_scale=tuple(d.local_crops_scale),
+    crops = MultiCropSpec.resolve(  # checked and stored as tuples
+        global_crops_scale=d.global_crops_scale,
+        local_crops_scale=d.local_crops_scale,
         local_crops_number=d.local_crops_number,
         global_crop_size=d.global_crop_size,
         local_crop_size=d.local_crop_size,
-        mean=tuple(d.mean),
-        std=tuple(d.std),
-        blur_probs=tuple(d.blur_probs),
+        mean=d.mean,
+        std=d.std,
+        blur_probs=d.blur_probs,
         solarize_prob=d.solarize_prob,
     )
     transform = None if on_device else MultiCropAugmentation(crops)
@@ -160,8 +160,8 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
     sampler = ResumableSampler(len(dataset), cfg.run.seed, rank, world_size)
     workers = resolve_num_workers(d.num_workers)
     if d.in_memory:
-        loader = _in_memory_loader(cfg, dataset, sampler, device, BatchMultiCrop(crops), rank, workers)
-        return TrainData(dataset, sampler, loader, sampler.per_rank() // batch)
+        in_memory = _in_memory_loader(cfg, dataset, sampler, device, BatchMultiCrop(crops), rank, workers)
+        return TrainData(dataset, sampler, in_memory, sampler.per_rank() // batch)
     loader = DataLoader(
         SeededDataset(EncodedImageDataset(dataset) if on_device else dataset),
         batch_size=batch,

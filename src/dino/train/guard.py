@@ -66,7 +66,8 @@ class NonFiniteGuard:
             return True
         max_over_processes_(bad)  # every process skips the same steps, decided on the device
         self.mask = bad
-        self.optimizer.found_inf = bad  # read by the fused kernel: a flagged step changes nothing
+        # read by the fused kernel (as GradScaler sets it): a flagged step changes nothing
+        self.optimizer.found_inf = bad  # type: ignore[attr-defined]  # not in Optimizer's stub
         self._pending.append((iteration, bad, loss.detach()))
         return True
 

@@ -68,7 +68,8 @@ class RunLogger:
         if self._file is not None:
             self._file.write(json.dumps(record, default=float) + "\n")
 
-    def event(self, kind: str, **fields: Any) -> None:
+    def event(self, kind: str, /, **fields: Any) -> None:
+        """A record of type ``kind`` (positional-only: an event may have a field named ``kind``)."""
         self.write({"type": kind, "time": time.time(), **fields})
         if self.enabled and kind == "knn":
             log.info(

@@ -11,7 +11,8 @@ from torch import nn
 
 def param_groups(model: nn.Module) -> list[dict]:
     """Two groups: weights that get weight decay, and biases / norm parameters (ndim ≤ 1) that do not."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -33,7 +34,7 @@ class LARS(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None):
         """One update in a few multi-tensor kernels per group (a ResNet-50 has ~160 parameter tensors: a
         per-tensor loop would launch ~10 kernels for each)."""
         loss = closure() if closure is not None else None
@@ -160,5 +161,5 @@ def clip_gradients(model: nn.Module, max_norm: float) -> None:
 
 def cancel_last_layer_gradients(head: nn.Module) -> None:
     """During the first ``freeze_last_layer`` epochs the head's last layer is not updated."""
-    for param in head.last_layer.parameters():
+    for param in head.get_submodule("last_layer").parameters():
         param.grad = None

@@ -20,6 +20,7 @@ from dino.loss import DINOLoss
 from dino.models.backbones import build_backbone
 from dino.models.head import DINOHead
 from dino.models.multicrop import MultiCropWrapper
+from dino.models.vision_transformer import VisionTransformer
 from dino.teacher import init_teacher
 from dino.train.data import resolve_num_workers
 from dino.train.monitors import OnlineKNN
@@ -68,13 +69,15 @@ def _build_student_teacher(
     # BatchNorm statistics over the global batch (as the original): SyncBatchNorm runs on GPUs only, so a
     # multi-process CPU run normalises each process's own batch.
     if _has_batch_norm(student) and torch.distributed.is_initialized() and device.type == "cuda":
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # type: ignore[assignment]
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)  # type: ignore[assignment]
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
     if cfg.model.activation_checkpointing:
+        assert isinstance(student.backbone, VisionTransformer)  # validate allows it for vit_* only
         student.backbone.activation_checkpointing = True  # the teacher has no backward pass
     memory_format = memory_format_for(student, device)
-    student = student.to(device, memory_format=memory_format)
-    teacher = teacher.to(device, memory_format=memory_format)
+    student, teacher = student.to(device), teacher.to(device)
+    if memory_format is not None:
+        student, teacher = student.to(memory_format=memory_format), teacher.to(memory_format=memory_format)
     init_teacher(teacher, student)
     if cfg.run.compile:
         compile_backbones(student, teacher, cfg.run.compile_mode)
@@ -131,8 +134,14 @@ def compile_backbones(student: MultiCropWrapper, teacher: MultiCropWrapper, mode
     caller marks each training step's start (``torch.compiler.cudagraph_mark_step_begin``)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
-    student.backbone = torch.compile(student.backbone, dynamic=False, mode=mode)  # type: ignore[assignment]
-    teacher.backbone = torch.compile(teacher.backbone, dynamic=False, mode=mode)  # type: ignore[assignment]
+    student.backbone = _compiled(student.backbone, mode)
+    teacher.backbone = _compiled(teacher.backbone, mode)
+
+
+def _compiled(module: nn.Module, mode: str) -> nn.Module:
+    compiled = torch.compile(module, dynamic=False, mode=mode)
+    assert isinstance(compiled, nn.Module)  # an OptimizedModule around ``module``
+    return compiled
 
 
 def unwrap_compiled(module: nn.Module) -> nn.Module:

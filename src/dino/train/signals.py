@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType, TracebackType
+from typing import Any
 
 PREEMPTION_SIGNALS = tuple(
     s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s
@@ -39,7 +41,8 @@ class PreemptionGuard:
         self.signal_name: str | None = None  # the first signal received
         self.interrupted = False  # Ctrl-C was pressed
         self.announce = announce
-        self._previous: dict[int, object] = {}
+        # None: a handler not installed from Python (put back as the default action)
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.interrupted:
@@ -69,5 +72,5 @@ class PreemptionGuard:
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         self._previous.clear()

@@ -77,7 +77,9 @@ def draw_crop_boxes(
 
     draws = torch.rand(n, attempts, 2, generator=generator, device=device, dtype=torch.float64)
     if isinstance(lo, Tensor):
-        lo, hi = lo[:, None], hi[:, None]
+        lo = lo[:, None]
+    if isinstance(hi, Tensor):
+        hi = hi[:, None]
     target_area = (h_img * w_img)[:, None] * (lo + (hi - lo) * draws[..., 0])
     log_lo, log_hi = math.log(r_lo), math.log(r_hi)
     aspect = torch.exp(log_lo + (log_hi - log_lo) * draws[..., 1])

@@ -246,6 +246,9 @@ class BatchMultiCrop(nn.Module):
     BLUR_SIGMA = (0.1, 2.0)
     BLUR_PASSES = 3  # extended box blurs per direction, as PIL's GaussianBlur
 
+    mean: Tensor  # buffers [1, 3, 1, 1]
+    std: Tensor
+
     def __init__(
         self, spec: MultiCropSpec | None = None, *, max_pixels_per_chunk: int = 2**26, **fields: Any
     ) -> None:
@@ -420,7 +423,7 @@ class BatchMultiCrop(nn.Module):
         drawn_on = torch.device("cpu") if generator is None else generator.device
         if drawn_on.type not in ("cpu", device.type):
             raise ValueError(
-                f"the generator is on {generator.device} but the images are on {device}; "
+                f"the generator is on {drawn_on} but the images are on {device}; "
                 "use a CPU generator (torch.Generator()) or one on the images' device"
             )
         heights = torch.tensor([h for h, _ in shapes], device=drawn_on)

@@ -198,8 +198,8 @@ def resized_crop_runs(
     joined = []
     for a, b in runs:
         flip = [
-            torch.zeros_like(boxes[v].top, dtype=torch.bool) if flips[v] is None else flips[v]
-            for v in range(a, b)
+            torch.zeros_like(boxes[v].top, dtype=torch.bool) if f is None else f
+            for v, f in enumerate(flips[a:b], start=a)
         ]
         run_boxes = CropBoxes(*(torch.cat(field) for field in zip(*boxes[a:b], strict=True)))
         joined.append(CropRun.from_boxes(sizes[a], b - a, run_boxes, torch.cat(flip)))
@@ -270,9 +270,9 @@ def render_crop_runs(
         # (column), 3, s (row)].
         for r, run in enumerate(runs):
             size, views = run.size, run.views
-            fields = (run.start, run.length, run.flip, run.gain)
+            fields: tuple[Tensor, ...] = (run.start, run.length, run.flip, run.gain)
             if index is not None:  # this chunk's samples (all their views)
-                fields = (t.view(2, total, views)[:, index].reshape(2, -1) for t in fields)
+                fields = tuple(t.view(2, total, views)[:, index].reshape(2, -1) for t in fields)
             start, length, flip, gain = (t.reshape(-1) for t in fields)
             taps = max(_taps(width, size), _taps(height, size))
             matrices = _resampling_rows(start, length, matrix_width, size, flip, taps, gain)
