@@ -25,8 +25,8 @@ from dino.train.optim import load_state_by_name
 if TYPE_CHECKING:
     from dino.data.datasets import ImageFolderDataset
     from dino.loss import DINOLoss
-    from dino.train.loop import TrainState
     from dino.train.monitors import OnlineKNN
+    from dino.train.resume import TrainState
 
 log = logging.getLogger(__name__)
 
