@@ -12,6 +12,8 @@ import random
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -22,7 +24,7 @@ from dino.data.gpu_loader import DeviceMultiCropLoader, EncodedImageDataset, col
 from dino.data.in_memory import DecodedImages, InMemoryMultiCropLoader, InMemoryTooLarge
 from dino.data.sample import sample_dataset
 from dino.data.transforms import MultiCropAugmentation
-from dino.train.config import ConfigError, DINOConfig
+from dino.train.config import ConfigError, DataConfig, DINOConfig
 from dino.train.signals import STOP_SIGNALS
 
 
@@ -122,17 +124,7 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
     """
     d = cfg.data
     root = d.path if d.path is not None else sample_dataset("train")
-    crop_args = dict(
-        global_crops_scale=tuple(d.global_crops_scale),
-        local_crops_scale=tuple(d.local_crops_scale),
-        local_crops_number=d.local_crops_number,
-        global_crop_size=d.global_crop_size,
-        local_crop_size=d.local_crop_size,
-        mean=tuple(d.mean),
-        std=tuple(d.std),
-        blur_probs=tuple(d.blur_probs),
-        solarize_prob=d.solarize_prob,
-    )
+    crop_args = _crop_arguments(d)
     on_device = augment_on_device(cfg, device)
     if d.in_memory and not on_device:  # before the folder is scanned and sampled for decodability
         raise ConfigError(
@@ -144,6 +136,39 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
     dataset = ImageFolderDataset(
         root, transform=transform, min_valid_fraction=d.min_valid_fraction, decode_reduction=reduction
     )
+    _check_dataset(cfg, dataset, root, world_size)
+    sampler = ResumableSampler(len(dataset), cfg.run.seed, rank, world_size)
+    iters_per_epoch = sampler.per_rank() // cfg.run.batch_size
+    workers = resolve_num_workers(d.num_workers)
+    if d.in_memory:
+        loader = _in_memory_loader(cfg, dataset, sampler, device, BatchMultiCrop(**crop_args), rank, workers)
+        return TrainData(dataset, sampler, loader, iters_per_epoch)
+    files = _file_loader(cfg, dataset, sampler, device, on_device, rank, workers)
+    if on_device:
+        augment = BatchMultiCrop(**crop_args)
+        device_loader = DeviceMultiCropLoader(files, augment, device, seed=cfg.run.seed, rank=rank)
+        return TrainData(dataset, sampler, device_loader, iters_per_epoch)
+    return TrainData(dataset, sampler, files, iters_per_epoch)
+
+
+def _crop_arguments(d: DataConfig) -> dict[str, Any]:
+    """The multi-crop settings, as both augmentations (per image in workers, batched on a device) take them."""
+    return dict(
+        global_crops_scale=tuple(d.global_crops_scale),
+        local_crops_scale=tuple(d.local_crops_scale),
+        local_crops_number=d.local_crops_number,
+        global_crop_size=d.global_crop_size,
+        local_crop_size=d.local_crop_size,
+        mean=tuple(d.mean),
+        std=tuple(d.std),
+        blur_probs=tuple(d.blur_probs),
+        solarize_prob=d.solarize_prob,
+    )
+
+
+def _check_dataset(cfg: DINOConfig, dataset: ImageFolderDataset, root: str | Path, world_size: int) -> None:
+    """Refuse a dataset the run cannot use: unreadable, smaller than a global batch, or unlabelled where
+    the k-NN monitor takes its bank from it."""
     check_usable(dataset)
     batch, total = cfg.run.batch_size, cfg.run.batch_size * world_size
     if len(dataset) < total:
@@ -156,14 +181,22 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
             f"monitor.knn_train: the k-NN monitor's bank defaults to the training folder, but {root} has no "
             "class sub-folders; give a labelled folder (monitor.knn_train=DIR) or set monitor.knn_every=0"
         )
-    sampler = ResumableSampler(len(dataset), cfg.run.seed, rank, world_size)
-    workers = resolve_num_workers(d.num_workers)
-    if d.in_memory:
-        loader = _in_memory_loader(cfg, dataset, sampler, device, BatchMultiCrop(**crop_args), rank, workers)
-        return TrainData(dataset, sampler, loader, sampler.per_rank() // batch)
-    loader = DataLoader(
+
+
+def _file_loader(
+    cfg: DINOConfig,
+    dataset: ImageFolderDataset,
+    sampler: ResumableSampler,
+    device: torch.device,
+    on_device: bool,
+    rank: int,
+    workers: int,
+) -> DataLoader:
+    """Batches read by ``workers`` processes: multi-crop views augmented there, or the files' bytes for the
+    device to decode and augment (``on_device``)."""
+    return DataLoader(
         SeededDataset(EncodedImageDataset(dataset) if on_device else dataset),
-        batch_size=batch,
+        batch_size=cfg.run.batch_size,
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda" and not on_device,
@@ -178,11 +211,6 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
         # (SeededDataset seeds every sample).
         generator=torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + rank),
     )
-    if on_device:
-        augment = BatchMultiCrop(**crop_args)
-        device_loader = DeviceMultiCropLoader(loader, augment, device, seed=cfg.run.seed, rank=rank)
-        return TrainData(dataset, sampler, device_loader, sampler.per_rank() // batch)
-    return TrainData(dataset, sampler, loader, sampler.per_rank() // batch)
 
 
 def _in_memory_loader(

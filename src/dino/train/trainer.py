@@ -260,16 +260,9 @@ class Trainer:
         self.optimisation = Optimisation.build(
             cfg, self.student, self.precision, env.device, self.data.iters_per_epoch, env.world_size
         )
-        self.state = TrainState() if restored is None else self._resume_from(*restored)
-        self.resumed_from = (
-            None
-            if restored is None
-            else {
-                "checkpoint": str(restored[1]),
-                "epoch": self.state.epoch,
-                "iteration": self.state.iteration,
-            }
-        )
+        self.state, self.resumed_from = TrainState(), None
+        if restored is not None:
+            self._resume(*restored)
         barrier()  # every process has read its checkpoint before files are moved
         if env.is_main:
             self._prepare_run_directory(restored)
@@ -279,15 +272,9 @@ class Trainer:
         self.collapse = CollapseMonitor(cfg.head.out_dim) if cfg.monitor.collapse else None
         self.knn = build_knn_monitor(cfg, self.data.dataset) if env.is_main else None
         self.training_step = TrainingStep(
-            cfg,
-            self.student,
-            self.teacher,
-            self.optimisation,
-            self.precision,
-            env.device,
-            on_bad_step=self.logger.bad_step,
-            distributed=env.distributed,
-        )
+            cfg, self.student, self.teacher, self.optimisation, self.precision, env.device,
+            on_bad_step=self.logger.bad_step, distributed=env.distributed,
+        )  # fmt: skip
         self.guard = self.training_step.guard
         self.profiler = StepProfiler(cfg.run.profile_steps, self.run_dir, env.device, enabled=env.is_main)
         self.last_save_time = time.monotonic()
@@ -295,9 +282,9 @@ class Trainer:
 
     # Setup.
 
-    def _resume_from(self, checkpoint: dict, path: Path) -> TrainState:
-        """Load ``checkpoint`` into the models, the center, the optimiser, the scaler and the random
-        streams; returns where the run goes on."""
+    def _resume(self, checkpoint: dict, path: Path) -> None:
+        """Load ``checkpoint`` (read from ``path``) into the models, the center, the optimiser, the scaler
+        and the random streams; ``state`` becomes the point where the run goes on."""
         cfg, env, o = self.cfg, self.env, self.optimisation
         load_model_state_dict(self.student, checkpoint["student"])
         load_model_state_dict(self.teacher, checkpoint["teacher"])
@@ -327,7 +314,8 @@ class Trainer:
                 cfg.run.epochs,
             )
         log.info("resumed from %s at epoch %d, iteration %d", path, state.epoch, state.iteration)
-        return state
+        self.state = state
+        self.resumed_from = {"checkpoint": str(path), "epoch": state.epoch, "iteration": state.iteration}
 
     def _prepare_run_directory(self, restored: tuple[dict, Path] | None) -> None:
         """The run directory, with the files of a run this one replaces moved aside and the config saved."""
@@ -406,7 +394,8 @@ class Trainer:
         return self._stand_in
 
     def _record_step(self, it: int, epoch: int, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
-        """Log step ``it`` (read on the host every ``run.log_every`` steps only); profile; watch for collapse."""
+        """Log step ``it`` (read on the host every ``run.log_every`` steps only); profile it; watch for
+        collapse."""
         schedules = self.optimisation.schedules
         log_point = (it + 1) % self.cfg.run.log_every == 0
         record = self.logger.step(
