@@ -97,10 +97,11 @@ class Optimisation:
         iters_per_epoch: int,
         world_size: int = 1,
     ) -> Optimisation:
+        """Fresh ones, as a run starts: a zero center, the optimiser without state (lr and weight decay
+        are set by the schedules at every step)."""
         lo = cfg.loss
-        dino_loss = DINOLoss(cfg.head.out_dim, lo.student_temp, lo.center_momentum, lo.teacher_norm).to(
-            device
-        )
+        dino_loss = DINOLoss(cfg.head.out_dim, lo.student_temp, lo.center_momentum, lo.teacher_norm)
+        dino_loss = dino_loss.to(device)
         optimizer = build_optimizer(student, cfg.optim.name, cfg.optim.momentum)
         scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
         return cls(dino_loss, optimizer, scaler, Schedules.build(cfg, iters_per_epoch, world_size))
