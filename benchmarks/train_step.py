@@ -5,6 +5,8 @@ AdamW, the EMA teacher update — the same work the training loop does, without 
 ``--variants`` picks what is measured, side by side in one process (see ``make_step``):
 
 - ``ours``: what ``dino train`` does by default (eager);
+- ``step``: ``dino train``'s step itself (:class:`dino.train.trainer.TrainingStep`): ``ours`` with what the
+  loop adds around it — the non-finite-loss guard, the BatchNorm keeper, the schedules, the center update;
 - ``compiled``: ``ours`` with ``torch.compile`` (``--compile-mode``, ``--compile-scope``), as
   ``run.compile=true`` (``run.compile_mode=reduce-overhead`` adds CUDA graphs);
 - ``plain``: our code the simple way (explicit-softmax attention, unfused AdamW, fp16 + grad scaler on a
@@ -47,7 +49,7 @@ from _common import (
 )
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from dino.config import COMPILE_MODES
+from dino.config import COMPILE_MODES, load_config
 from dino.devices import resolve_precision
 from dino.loss import DINOLoss
 from dino.models.multicrop import MultiCropWrapper
@@ -55,6 +57,7 @@ from dino.models.vision_transformer import VIT_SIZES
 from dino.teacher import ema_update, init_teacher
 from dino.train.optim import build_optimizer, clip_gradients, param_groups, set_schedules
 from dino.train.setup import compile_backbones, uses_cuda_graphs
+from dino.train.trainer import TrainingStep
 
 
 def build(args: argparse.Namespace, device: torch.device, plain: bool, compiled: bool = False):
@@ -122,6 +125,8 @@ def make_step(args: argparse.Namespace, device: torch.device, variant: str) -> C
     loop's habits — PyTorch's default AdamW, per-tensor clipping and EMA in Python loops, fp16 + grad
     scaler on a GPU, the loss read every step."""
     torch.manual_seed(0)
+    if variant == "step":
+        return training_loop_step(args, device)
     plain = variant in ("plain", "original")
     precision = resolve_precision(
         ("fp16" if device.type == "cuda" else "fp32") if plain else args.precision, device
@@ -137,11 +142,7 @@ def make_step(args: argparse.Namespace, device: torch.device, variant: str) -> C
     loss_fn = DINOLoss(args.out_dim).to(device)
     set_schedules(optimizer, 1e-4, 0.04)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
-    b = args.batch
-    crops = [torch.randn(b, 3, args.global_size, args.global_size, device=device) for _ in range(2)]
-    crops += [
-        torch.randn(b, 3, args.local_size, args.local_size, device=device) for _ in range(args.local_crops)
-    ]
+    crops = random_crops(args, device)
 
     graphs = variant == "compiled" and uses_cuda_graphs(args.compile_mode)
 
@@ -164,6 +165,37 @@ def make_step(args: argparse.Namespace, device: torch.device, variant: str) -> C
                 loss.detach()
             )  # a host synchronisation every step, as a loop that checks the loss each time
         return loss
+
+    return step
+
+
+def random_crops(args: argparse.Namespace, device: torch.device) -> list[torch.Tensor]:
+    """Two global views and ``--local-crops`` local ones, ``--batch`` images each, of random pixels."""
+    b = args.batch
+    crops = [torch.randn(b, 3, args.global_size, args.global_size, device=device) for _ in range(2)]
+    crops += [
+        torch.randn(b, 3, args.local_size, args.local_size, device=device) for _ in range(args.local_crops)
+    ]
+    return crops
+
+
+def training_loop_step(args: argparse.Namespace, device: torch.device) -> Callable[[], torch.Tensor]:
+    """The ``step`` variant: ``dino train``'s :class:`~dino.train.trainer.TrainingStep` on the models of
+    ``ours`` (drop path 0.1 on the student, the paper's head to ``--out-dim``, clipping at 3), built from a
+    configuration, after the last layer's frozen epoch."""
+    cfg = load_config(
+        None,
+        [f"model.arch={args.arch}", f"model.patch_size={args.patch}", f"model.depth={args.depth}",
+         "model.drop_path_rate=0.1", f"model.activation_checkpointing={args.activation_checkpointing}",
+         f"head.out_dim={args.out_dim}", f"data.global_crop_size={args.global_size}",
+         f"data.local_crop_size={args.local_size}", f"data.local_crops_number={args.local_crops}",
+         f"run.batch_size={args.batch}", f"run.precision={args.precision}", "optim.clip_grad=3.0"],
+    )  # fmt: skip
+    training_step = TrainingStep.from_config(cfg, device)
+    crops = random_crops(args, device)
+
+    def step() -> torch.Tensor:
+        return training_step.step(crops, iteration=1, epoch=cfg.head.freeze_last_layer)[0]
 
     return step
 
@@ -282,7 +314,7 @@ def flops_report(
         }
 
 
-VARIANTS = ("ours", "compiled", "plain", "original")
+VARIANTS = ("ours", "step", "compiled", "plain", "original")
 
 
 def add_step_arguments(parser: argparse.ArgumentParser, batch: int = 8) -> None:
@@ -317,7 +349,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
-        "--variants", default="ours,plain", help="comma-separated: ours, compiled, plain, original"
+        "--variants", default="ours,plain", help="comma-separated: ours, step, compiled, plain, original"
     )
     parser.add_argument(
         "--rounds",
@@ -360,7 +392,7 @@ def main() -> None:
         if reference in body:
             body[f"speedup_vs_{reference}"] = {
                 name: body[name]["images_per_s"] / body[reference]["images_per_s"]
-                for name in ("ours", "compiled")
+                for name in ("ours", "step", "compiled")
                 if name in body
             }
     if args.flops:

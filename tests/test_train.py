@@ -321,7 +321,7 @@ def test_cli_takes_overrides_before_and_after_options(capsys):
 def test_bad_model_settings_stop_the_run_before_the_data(small_folder, tmp_path, monkeypatch, capsys,
                                                          override, message):  # fmt: skip
     """The models are built before the folder is scanned (and, in memory, decoded): their errors come first."""
-    import dino.train.loop as loop
+    import dino.train.trainer as trainer
 
     if override.startswith("model.arch=timm"):
         pytest.importorskip("timm")
@@ -329,7 +329,7 @@ def test_bad_model_settings_stop_the_run_before_the_data(small_folder, tmp_path,
     def no_data(*args, **kwargs):
         raise AssertionError("the data was built before the models")
 
-    monkeypatch.setattr(loop, "build_train_data", no_data)
+    monkeypatch.setattr(trainer, "build_train_data", no_data)
     out = tmp_path / "o"
     code = main(["train", "--data", str(small_folder), "--output", str(out), *TINY_OVERRIDES, override])
     assert code == 2 and message in capsys.readouterr().err
@@ -384,7 +384,7 @@ def test_a_broken_compile_toolchain_stops_the_run_before_the_data(
 ):
     """run.compile=true is tried on a one-line function first: the error names the way out, and neither
     the data nor the run directory are touched."""
-    import dino.train.loop as loop
+    import dino.train.trainer as trainer
 
     def no_compiler(fn, **kwargs):
         def fails(*args):
@@ -396,7 +396,7 @@ def test_a_broken_compile_toolchain_stops_the_run_before_the_data(
         raise AssertionError("the data were built before the toolchain check")
 
     monkeypatch.setattr(torch, "compile", no_compiler)
-    monkeypatch.setattr(loop, "build_train_data", data_built)
+    monkeypatch.setattr(trainer, "build_train_data", data_built)
     out = tmp_path / "run"
     argv = ["train", "--data", str(small_folder), "--output", str(out), *TINY_OVERRIDES, "run.compile=true"]
     assert main(argv) == 2

@@ -275,20 +275,23 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 
 def validate(cfg: DINOConfig) -> None:
-    """Refuse every out-of-range value up front, naming the key and the allowed values.
+    """Refuse every out-of-range value up front, naming the key and the allowed values (section by section,
+    in the order of the configuration). The settings typed ``Literal[...]`` (``optim.name``, ``run.precision``,
+    …) are checked by OmegaConf as it merges them (:func:`load_config`); this checks ranges, free-form names
+    and combinations."""
+    _validate_model(cfg.model)
+    _validate_head(cfg.head)
+    _validate_loss(cfg.loss)
+    _validate_teacher(cfg.teacher)
+    _validate_optim(cfg.optim)
+    _validate_augmentation(cfg.data, cfg.model)
+    _validate_loading(cfg.data)
+    _validate_run(cfg.run)
+    _validate_run_options(cfg.run)
+    _validate_monitor(cfg.monitor, cfg.data)
 
-    The settings typed ``Literal[...]`` (``optim.name``, ``run.precision``, …) are checked by OmegaConf as it
-    merges them (:func:`load_config`); this checks ranges, free-form names and combinations."""
-    m, h, lo, t, o, d, r, mon = (
-        cfg.model,
-        cfg.head,
-        cfg.loss,
-        cfg.teacher,
-        cfg.optim,
-        cfg.data,
-        cfg.run,
-        cfg.monitor,
-    )
+
+def _validate_model(m: ModelConfig) -> None:
     known = (
         is_resnet(m.arch)
         or m.arch.startswith("timm:")
@@ -306,12 +309,18 @@ def validate(cfg: DINOConfig) -> None:
         "model.activation_checkpointing",
         f"is available for the vit_* backbones only, not {m.arch!r}: set it to false",
     )
+
+
+def _validate_head(h: HeadConfig) -> None:
     _require(h.out_dim >= 2, "head.out_dim", f"K must be at least 2, got {h.out_dim}")
     for key in ("hidden_dim", "bottleneck_dim", "nlayers"):
         _require(getattr(h, key) >= 1, f"head.{key}", f"must be a positive integer, got {getattr(h, key)}")
     _require(
         h.freeze_last_layer >= 0, "head.freeze_last_layer", f"must be >= 0 epochs, got {h.freeze_last_layer}"
     )
+
+
+def _validate_loss(lo: LossConfig) -> None:
     for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
         _require(getattr(lo, key) > 0, f"loss.{key}", f"must be > 0, got {getattr(lo, key)}")
     _require(lo.warmup_teacher_temp_epochs >= 0, "loss.warmup_teacher_temp_epochs", "must be >= 0")
@@ -320,8 +329,14 @@ def validate(cfg: DINOConfig) -> None:
         "loss.center_momentum",
         f"must be in [0, 1), got {lo.center_momentum}",
     )
+
+
+def _validate_teacher(t: TeacherConfig) -> None:
     for key in ("momentum", "final_momentum"):
         _require(0.0 <= getattr(t, key) <= 1.0, f"teacher.{key}", f"must be in [0, 1], got {getattr(t, key)}")
+
+
+def _validate_optim(o: OptimConfig) -> None:
     _require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive number, got {o.lr}")
     _require(o.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {o.min_lr}")
     # Warmups longer than the run are cut at its end (useful for short trial runs of a long recipe).
@@ -329,6 +344,9 @@ def validate(cfg: DINOConfig) -> None:
     _require(0.0 <= o.momentum < 1.0, "optim.momentum", f"must be in [0, 1) (sgd and lars), got {o.momentum}")
     for key in ("weight_decay", "weight_decay_end", "clip_grad"):
         _require(getattr(o, key) >= 0, f"optim.{key}", f"must be >= 0, got {getattr(o, key)}")
+
+
+def _validate_augmentation(d: DataConfig, m: ModelConfig) -> None:
     for key in ("global_crops_scale", "local_crops_scale"):
         scale = getattr(d, key)
         _require(
@@ -359,6 +377,9 @@ def validate(cfg: DINOConfig) -> None:
         f"must be 3 probabilities in [0, 1] (global 1, global 2, local), got {list(d.blur_probs)}",
     )
     _require(0.0 <= d.solarize_prob <= 1.0, "data.solarize_prob", f"must be in [0, 1], got {d.solarize_prob}")
+
+
+def _validate_loading(d: DataConfig) -> None:
     _require(
         not (d.in_memory and d.augment_on == "workers"),
         "data.in_memory",
@@ -375,6 +396,9 @@ def validate(cfg: DINOConfig) -> None:
             "data.path",
             f"{d.path!r} is not an existing folder; pass --data DIR with your images",
         )
+
+
+def _validate_run(r: RunConfig) -> None:
     _require(r.epochs >= 1, "run.epochs", f"must be >= 1, got {r.epochs}")
     _require(r.batch_size >= 1, "run.batch_size", f"must be >= 1, got {r.batch_size}")
     _require(is_device_name(r.device), "run.device", f"must be {DEVICE_NAMES}, got {r.device!r}")
@@ -383,6 +407,9 @@ def validate(cfg: DINOConfig) -> None:
         "run.precision",
         f"fp16 (with a gradient scaler) needs a GPU; on run.device={r.device} use fp32 or bf16",
     )
+
+
+def _validate_run_options(r: RunConfig) -> None:
     for key in ("log_every", "keep_last", "checkpoint_every_epochs"):
         _require(getattr(r, key) >= 1, f"run.{key}", f"must be >= 1, got {getattr(r, key)}")
     for key in (
@@ -398,6 +425,9 @@ def validate(cfg: DINOConfig) -> None:
         "run.dist_timeout_minutes",
         f"must be > 0 minutes, got {r.dist_timeout_minutes}",
     )
+
+
+def _validate_monitor(mon: MonitorConfig, d: DataConfig) -> None:
     _require(mon.knn_every >= 0, "monitor.knn_every", "must be >= 0")
     _require(mon.knn_k >= 1, "monitor.knn_k", f"must be >= 1, got {mon.knn_k}")
     _require(mon.knn_temperature > 0, "monitor.knn_temperature", "must be > 0")
@@ -409,7 +439,7 @@ def validate(cfg: DINOConfig) -> None:
     if mon.knn_every:
         # On the bundled sample (no data.path) the held-out images default to the sample's own val split.
         _require(
-            mon.knn_val is not None or cfg.data.path is None,
+            mon.knn_val is not None or d.path is None,
             "monitor.knn_val",
             "set a labelled folder of held-out images to run the k-NN monitor",
         )

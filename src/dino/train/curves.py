@@ -106,25 +106,38 @@ def curves_figure(runs: list[RunCurves], title: str | None = None):
         kl_ax.plot(*series("kl"), color=colour, label=run.name)
         lr_ax.plot(*series("lr"), color=colour, label=run.name)
         temp_ax.plot(*series("teacher_temp"), color=colour, label=run.name)
-        trained = sorted((e, acc) for e, acc in run.knn if e >= 0)
-        if trained:
-            xs = [run.images_seen((e + 1) * run.iters_per_epoch) for e, _ in trained]
-            knn_ax.plot(
-                xs, [acc for _, acc in trained], marker="o", color=colour, label=f"{run.name}: teacher"
-            )
-        baseline = [acc for e, acc in run.knn if e < 0]
-        if baseline:
-            knn_ax.axhline(baseline[0], color=colour, linestyle="--", label=f"{run.name}: random init")
+        _plot_knn(knn_ax, run, colour)
     entropy_ax.axhline(0.0, color="black", linestyle=":", label="0 (one dimension)")
-    panels = (
-        (loss_ax, "DINO loss (cross-entropy)", "loss (nats)"),
-        (entropy_ax, "teacher entropy (collapse: 0 or ln K)", "entropy (nats)"),
-        (kl_ax, "KL(teacher ‖ student) (0: nothing learned)", "KL (nats)"),
-        (knn_ax, "weighted k-NN on held-out images", "top-1 accuracy (%)"),
-        (lr_ax, "learning rate", "learning rate"),
-        (temp_ax, "teacher temperature", "temperature"),
+    _label_panels(axes.flat, x_label)
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    names = ", ".join(run.name for run in runs)
+    fig.suptitle(title or f"DINO training curves: {names}")
+    return fig
+
+
+def _plot_knn(ax, run: RunCurves, colour: str) -> None:
+    """The teacher's k-NN accuracy at epoch ends, and the random initialisation's as a dashed line."""
+    trained = sorted((e, acc) for e, acc in run.knn if e >= 0)
+    if trained:
+        xs = [run.images_seen((e + 1) * run.iters_per_epoch) for e, _ in trained]
+        ax.plot(xs, [acc for _, acc in trained], marker="o", color=colour, label=f"{run.name}: teacher")
+    baseline = [acc for e, acc in run.knn if e < 0]
+    if baseline:
+        ax.axhline(baseline[0], color=colour, linestyle="--", label=f"{run.name}: random init")
+
+
+def _label_panels(axes, x_label: str) -> None:
+    """Titles, axis labels, grid and legend of the six panels (in :func:`curves_figure`'s order); a panel
+    with nothing logged yet says so."""
+    titles = (
+        ("DINO loss (cross-entropy)", "loss (nats)"),
+        ("teacher entropy (collapse: 0 or ln K)", "entropy (nats)"),
+        ("KL(teacher ‖ student) (0: nothing learned)", "KL (nats)"),
+        ("weighted k-NN on held-out images", "top-1 accuracy (%)"),
+        ("learning rate", "learning rate"),
+        ("teacher temperature", "temperature"),
     )
-    for ax, panel_title, y_label in panels:
+    for ax, (panel_title, y_label) in zip(axes, titles, strict=True):
         ax.set_title(panel_title)
         ax.set_xlabel(x_label)
         ax.set_ylabel(y_label)
@@ -133,10 +146,6 @@ def curves_figure(runs: list[RunCurves], title: str | None = None):
             ax.legend(fontsize="small")
         else:
             ax.text(0.5, 0.5, "not logged yet", ha="center", va="center", transform=ax.transAxes)
-    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    names = ", ".join(run.name for run in runs)
-    fig.suptitle(title or f"DINO training curves: {names}")
-    return fig
 
 
 def write_run_curves(run_dir: str | Path) -> Path:

@@ -12,11 +12,12 @@ import random
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dino.config import ConfigError, DINOConfig
+from dino.config import ConfigError, DataConfig, DINOConfig
 from dino.data.datasets import ImageFolderDataset, check_usable, collate_skipping_bad
 from dino.data.gpu_augment import BatchMultiCrop
 from dino.data.gpu_loader import DeviceMultiCropLoader, EncodedImageDataset, collate_encoded
@@ -129,7 +130,31 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
             f"data.in_memory: the augmentation runs in loader workers on {device} (data.augment_on="
             f"{d.augment_on}); set data.augment_on=device to augment the decoded images in batches"
         )
-    crops = MultiCropSpec.resolve(  # checked and stored as tuples
+    crops = _crop_spec(d)
+    transform = None if on_device else MultiCropAugmentation(crops)
+    reduction = transform.decode_reduction if transform is not None and d.reduced_decode else None
+    dataset = ImageFolderDataset(
+        root, transform=transform, min_valid_fraction=d.min_valid_fraction, decode_reduction=reduction
+    )
+    _check_dataset(cfg, dataset, root, world_size)
+    sampler = ResumableSampler(len(dataset), cfg.run.seed, rank, world_size)
+    iters_per_epoch = sampler.per_rank() // cfg.run.batch_size
+    workers = resolve_num_workers(d.num_workers)
+    if d.in_memory:
+        loader = _in_memory_loader(cfg, dataset, sampler, device, BatchMultiCrop(crops), rank, workers)
+        return TrainData(dataset, sampler, loader, iters_per_epoch)
+    files = _file_loader(cfg, dataset, sampler, device, on_device, rank, workers)
+    if on_device:
+        augment = BatchMultiCrop(crops)
+        device_loader = DeviceMultiCropLoader(files, augment, device, seed=cfg.run.seed, rank=rank)
+        return TrainData(dataset, sampler, device_loader, iters_per_epoch)
+    return TrainData(dataset, sampler, files, iters_per_epoch)
+
+
+def _crop_spec(d: DataConfig) -> MultiCropSpec:
+    """The multi-crop settings, checked, as both augmentations (per image in workers, batched on a device)
+    take them."""
+    return MultiCropSpec.resolve(
         global_crops_scale=d.global_crops_scale,
         local_crops_scale=d.local_crops_scale,
         local_crops_number=d.local_crops_number,
@@ -140,11 +165,11 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
         blur_probs=d.blur_probs,
         solarize_prob=d.solarize_prob,
     )
-    transform = None if on_device else MultiCropAugmentation(crops)
-    reduction = transform.decode_reduction if transform is not None and d.reduced_decode else None
-    dataset = ImageFolderDataset(
-        root, transform=transform, min_valid_fraction=d.min_valid_fraction, decode_reduction=reduction
-    )
+
+
+def _check_dataset(cfg: DINOConfig, dataset: ImageFolderDataset, root: str | Path, world_size: int) -> None:
+    """Refuse a dataset the run cannot use: unreadable, smaller than a global batch, or unlabelled where
+    the k-NN monitor takes its bank from it."""
     check_usable(dataset)
     batch, total = cfg.run.batch_size, cfg.run.batch_size * world_size
     if len(dataset) < total:
@@ -157,14 +182,22 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
             f"monitor.knn_train: the k-NN monitor's bank defaults to the training folder, but {root} has no "
             "class sub-folders; give a labelled folder (monitor.knn_train=DIR) or set monitor.knn_every=0"
         )
-    sampler = ResumableSampler(len(dataset), cfg.run.seed, rank, world_size)
-    workers = resolve_num_workers(d.num_workers)
-    if d.in_memory:
-        in_memory = _in_memory_loader(cfg, dataset, sampler, device, BatchMultiCrop(crops), rank, workers)
-        return TrainData(dataset, sampler, in_memory, sampler.per_rank() // batch)
-    loader = DataLoader(
+
+
+def _file_loader(
+    cfg: DINOConfig,
+    dataset: ImageFolderDataset,
+    sampler: ResumableSampler,
+    device: torch.device,
+    on_device: bool,
+    rank: int,
+    workers: int,
+) -> DataLoader:
+    """Batches read by ``workers`` processes: multi-crop views augmented there, or the files' bytes for the
+    device to decode and augment (``on_device``)."""
+    return DataLoader(
         SeededDataset(EncodedImageDataset(dataset) if on_device else dataset),
-        batch_size=batch,
+        batch_size=cfg.run.batch_size,
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda" and not on_device,
@@ -179,11 +212,6 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
         # (SeededDataset seeds every sample).
         generator=torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + rank),
     )
-    if on_device:
-        augment = BatchMultiCrop(crops)
-        device_loader = DeviceMultiCropLoader(loader, augment, device, seed=cfg.run.seed, rank=rank)
-        return TrainData(dataset, sampler, device_loader, sampler.per_rank() // batch)
-    return TrainData(dataset, sampler, loader, sampler.per_rank() // batch)
 
 
 def _in_memory_loader(

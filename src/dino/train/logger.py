@@ -183,20 +183,24 @@ class RunLogger:
         self._window_images = 0
         self._window_start = time.perf_counter()
         self.write(record)
+        self._show_step(record)
+        return record
+
+    def _show_step(self, record: dict[str, Any]) -> None:
+        """A log point on the console: the progress bar's loss, or one line."""
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{record['loss']:.4f}")  # the bar shows its own images/s
         elif self.enabled:
             log.info(
                 "epoch %d it %d  loss %.4f  entropy %.3f  kl %.4f  lr %.2e  %.1f img/s",
-                epoch,
-                iteration,
+                record["epoch"],
+                record["iteration"],
                 record["loss"],
                 record["teacher_entropy"],
                 record["kl"],
                 record["lr"],
                 record["images_per_s"],
             )
-        return record
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
         for key, values in self._window.items():  # steps since the last log point

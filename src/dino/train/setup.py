@@ -27,7 +27,7 @@ from dino.train.monitors import OnlineKNN
 from dino.train.optim import load_state_by_name
 
 if TYPE_CHECKING:
-    from dino.train.loop import TrainState  # the loop builds its runs from this module
+    from dino.train.resume import TrainState
 
 log = logging.getLogger(__name__)
 
