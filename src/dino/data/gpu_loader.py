@@ -125,9 +125,8 @@ class PackedBytes(Sequence[Tensor]):
     """Several files' bytes in one uint8 tensor, read as a sequence of per-file uint8 1-D tensors (views).
 
     A batch handed from a loader worker to the main process crosses in shared memory storage by storage,
-    each with a file-descriptor handshake: 64 files in separate tensors cost the receiving process 21 ms
-    of CPU per batch on a 2-core machine, one packed tensor 2.4 ms (``benchmarks/data_pipeline.py``,
-    ``bytes-only``). The receiver is the GPU data path's prefetch thread, which shares the interpreter
+    each with a file-descriptor handshake per tensor: one packed tensor instead of one per file saves the
+    receiving process most of that CPU time (measured by ``benchmarks/data_pipeline.py``, ``bytes-only``). The receiver is the GPU data path's prefetch thread, which shares the interpreter
     with the training loop.
     """
 

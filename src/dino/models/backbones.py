@@ -17,8 +17,7 @@ SMALL_STEM_SUFFIX = "_cifar"
 SMALL_STEM_RESNETS = tuple(name + SMALL_STEM_SUFFIX for name in RESNETS)
 # Narrower and shallower small-image ResNets for CPU budgets, in torchvision's layout (same state-dict
 # keys): ``resnet10_cifar`` (one basic block per stage), ``resnet{10,18,34}_w{W}_cifar`` with W channels
-# in the first stage (torchvision's 64 halved: a quarter of the FLOPs). A 32 px image costs resnet18_cifar
-# 0.56 GFLOPs, resnet10_w32_cifar 0.12.
+# in the first stage (torchvision's 64 halved: a quarter of the FLOPs).
 BASIC_BLOCK_LAYERS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 _NARROW = re.compile(r"^resnet(10|18|34)(?:_w([1-9][0-9]*))?_cifar$")
 

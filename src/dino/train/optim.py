@@ -77,7 +77,7 @@ def build_optimizer(
     """lr and weight decay are set by the schedules at every iteration, so both start at 0 here.
 
     ``fused`` (AdamW, SGD): one kernel for all parameters — by default wherever PyTorch has it (CUDA and
-    the CPU, where PyTorch's own default loops over the tensors: ~6x slower for ViT-S on 2 CPU cores, see
+    the CPU, where PyTorch's own default loops over the tensors: several times slower, measured by
     ``benchmarks/optimizer_step.py``) — which can also skip a step on a device-side flag
     (see :mod:`dino.train.guard`). ``fused=False``: PyTorch's default implementation.
     """

@@ -323,8 +323,8 @@ def build_knn_monitor(cfg: DINOConfig, train_dataset: ImageFolderDataset) -> Onl
     val = mon.knn_val if mon.knn_val is not None else str(sample_dataset("val"))
     crop = cfg.data.global_crop_size
     resize = mon.knn_resize or int(round(crop * 8 / 7))
-    # The training run's loader workers also decode the monitor's images (in the main process, a pass over
-    # CIFAR-10's 15,000 bank + held-out files took ~9 s of a 5 s epoch on an H200 host).
+    # The training run's loader workers also decode the monitor's images: in the main process, a pass over
+    # a CIFAR-sized bank can take longer than a GPU epoch.
     return OnlineKNN(
         bank,
         val,
