@@ -10,9 +10,10 @@ import copy
 
 import pytest
 import torch
-from dino.train.config import load_config
 
-from dino.train.setup import build_student_teacher, resolve_precision
+from dino.config import load_config
+from dino.devices import resolve_precision
+from dino.train.setup import build_student_teacher
 from dino.train.trainer import Optimisation, TrainingStep
 
 from .conftest import TINY_OVERRIDES
