@@ -14,6 +14,7 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from dino.cli.arguments import (
@@ -54,6 +55,7 @@ from dino.eval.video_segmentation import (
     segment_davis,
     sequence_frames,
 )
+from dino.models.vision_transformer import VisionTransformer
 from dino.output_paths import writable_file, writable_folder
 
 _QUIET_HELP = "no progress bars"
@@ -88,6 +90,16 @@ def _add_videoseg(sub: argparse._SubParsersAction) -> None:
         "paper's DAVIS numbers come from (mean 0.485 0.456 0.406, std 0.228 0.224 0.225: 0.228, not "
         "ImageNet's 0.229, in the first channel), unless --mean/--std or the run's config say otherwise.",
     )
+    _add_davis_arguments(p)
+    _add_propagation_arguments(p)
+    p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
+    add_normalization_arguments(p, fallback="the original DAVIS script's (see above)")
+    add_model_arguments(p)
+    p.set_defaults(func=run_videoseg, batch_size=8)
+
+
+def _add_davis_arguments(p: argparse.ArgumentParser) -> None:
+    """The DAVIS data to read, where the predictions go, and whether and how they are scored."""
     p.add_argument(
         "--data", required=True, help="DAVIS root (JPEGImages/<res>/<seq>, Annotations/<res>/<seq>)"
     )
@@ -116,6 +128,10 @@ def _add_videoseg(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="leave void pixels (255) out of J and F (the DAVIS scorer counts them as background)",
     )
+
+
+def _add_propagation_arguments(p: argparse.ArgumentParser) -> None:
+    """The label propagation's settings (:class:`PropagationSettings`)."""
     g = p.add_argument_group("propagation (defaults: the paper's protocol)")
     g.add_argument("--n-last-frames", type=int, default=7, help="previous frames in the context (default: 7)")
     g.add_argument("--topk", type=int, default=5, help="affinities kept per target patch (default: 5)")
@@ -127,13 +143,10 @@ def _add_videoseg(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--size-multiple", type=int, help="round the long side down to this (default: 64, or the patch size)"
     )
-    p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
-    add_normalization_arguments(p, fallback="the original DAVIS script's (see above)")
-    add_model_arguments(p)
-    p.set_defaults(func=run_videoseg, batch_size=8)
 
 
-def run_videoseg(args: argparse.Namespace) -> int:
+def _davis_sequences(args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """The DAVIS root and the sequences to evaluate, checked."""
     root = Path(args.data).expanduser()
     if not (root / "JPEGImages").is_dir() or not (root / "Annotations").is_dir():
         raise FileNotFoundError(f"{root} is not a DAVIS root: it needs JPEGImages/ and Annotations/ folders")
@@ -142,6 +155,22 @@ def run_videoseg(args: argparse.Namespace) -> int:
     sequences = args.sequences or list_sequences(root, args.resolution, args.split, args.year)
     if not sequences:
         raise ValueError(f"no sequence to evaluate in {root}; pass --sequences")
+    return root, sequences
+
+
+def _propagation_settings(args: argparse.Namespace) -> PropagationSettings:
+    return PropagationSettings(
+        n_last_frames=args.n_last_frames,
+        topk=args.topk,
+        neighborhood=args.neighborhood,
+        temperature=args.temperature,
+        short_side=args.short_side,
+        size_multiple=args.size_multiple,
+    )
+
+
+def run_videoseg(args: argparse.Namespace) -> int:
+    root, sequences = _davis_sequences(args)
     title = "DAVIS video object segmentation (J&F, fractions)"
     if args.score_only:
         evaluated = evaluate_results(
@@ -153,14 +182,7 @@ def run_videoseg(args: argparse.Namespace) -> int:
         sequence_frames(root, seq, args.resolution, args.max_frames)
     if not args.no_score:
         check_scorable(root, sequences, args.resolution, args.max_frames)
-    settings = PropagationSettings(
-        n_last_frames=args.n_last_frames,
-        topk=args.topk,
-        neighborhood=args.neighborhood,
-        temperature=args.temperature,
-        short_side=args.short_side,
-        size_multiple=args.size_multiple,
-    )
+    settings = _propagation_settings(args)
     norm = normalization_options(args, fallback=(DAVIS_MEAN, DAVIS_STD), protocol=True)
     loaded = model_from_args(args)
     model = require_vit(loaded.model, "video segmentation")
@@ -246,6 +268,53 @@ def _add_attention(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_attention, batch_size=8)
 
 
+def _run_attention_video(
+    args: argparse.Namespace, source: Path, output_dir: Path, image_size: int | None
+) -> int:
+    """``dino attention --video``: animate the attention over a video's frames."""
+    animation = Path(args.animation).expanduser() if args.animation else output_dir / "attention.gif"
+    check_animation_output(animation)
+    frames, native_fps = read_video_frames(source, args.max_images)
+    norm = normalization_options(args)
+    loaded = model_from_args(args)
+    model = require_vit(loaded.model, "attention maps")
+    n = attention_video(
+        model, frames, animation, device_from_args(args), args.fps or native_fps or 10.0, image_size,
+        args.head, args.batch_size, progress=not args.quiet, **norm,
+    )  # fmt: skip
+    write_results(
+        {"model": model_info(loaded), "frames": n, "animation": str(animation)},
+        args.output,
+        "Attention video",
+    )
+    return 0
+
+
+def _save_attention_maps(
+    args: argparse.Namespace,
+    model: VisionTransformer,
+    images: list[Path],
+    device: torch.device,
+    image_size: int | None,
+    output_dir: Path,
+    norm: dict[str, list[float]],
+) -> dict[str, object]:
+    """Save the pictures of every image that decodes; returns what was done."""
+    kept: list[Path] = []  # the images that decode; the others are skipped with a warning
+    stream = attention_over_images(
+        model, readable_images(images, kept), device, image_size, args.threshold, args.batch_size, **norm
+    )
+    for result in tqdm(stream, total=len(images), disable=args.quiet):
+        path = kept[result.index]
+        save_attention_pictures(result.image, result.attention, result.masks, output_dir / path.stem)
+    return {
+        "images": len(kept),
+        "skipped_undecodable": len(images) - len(kept),
+        "threshold": args.threshold,
+        "pictures": str(output_dir),
+    }
+
+
 def run_attention(args: argparse.Namespace) -> int:
     source = Path(args.input).expanduser()
     if not source.exists():
@@ -255,22 +324,7 @@ def run_attention(args: argparse.Namespace) -> int:
     image_size = args.image_size or None
     output_dir = Path(args.output_dir).expanduser()
     if args.video:
-        animation = Path(args.animation).expanduser() if args.animation else output_dir / "attention.gif"
-        check_animation_output(animation)
-        frames, native_fps = read_video_frames(source, args.max_images)
-        norm = normalization_options(args)
-        loaded = model_from_args(args)
-        model = require_vit(loaded.model, "attention maps")
-        n = attention_video(
-            model, frames, animation, device_from_args(args), args.fps or native_fps or 10.0, image_size,
-            args.head, args.batch_size, progress=not args.quiet, **norm,
-        )  # fmt: skip
-        write_results(
-            {"model": model_info(loaded), "frames": n, "animation": str(animation)},
-            args.output,
-            "Attention video",
-        )
-        return 0
+        return _run_attention_video(args, source, output_dir, image_size)
     images = list_images(source)[: args.max_images]
     if len(images) == 1:  # a single image that does not decode: say so before loading the model
         list(readable_images(images, []))
@@ -295,21 +349,7 @@ def run_attention(args: argparse.Namespace) -> int:
         results.update(scores)
         title = "Attention masks: Jaccard with the ground-truth masks (%)"
     else:
-        kept: list[Path] = []  # the images that decode; the others are skipped with a warning
-        stream = attention_over_images(
-            model, readable_images(images, kept), device, image_size, args.threshold, args.batch_size, **norm
-        )
-        for result in tqdm(stream, total=len(images), disable=args.quiet):
-            path = kept[result.index]
-            save_attention_pictures(result.image, result.attention, result.masks, output_dir / path.stem)
-        results.update(
-            {
-                "images": len(kept),
-                "skipped_undecodable": len(images) - len(kept),
-                "threshold": args.threshold,
-                "pictures": str(output_dir),
-            }
-        )
+        results.update(_save_attention_maps(args, model, images, device, image_size, output_dir, norm))
         title = "Attention maps"
     if mask_dir is None or not args.no_pictures:
         results["pictures"] = str(output_dir)

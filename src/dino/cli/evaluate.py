@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -466,13 +467,27 @@ def _linear_representation_name(args: argparse.Namespace, embed_dim: int, depth:
     return paper_linear_representation(embed_dim, depth)
 
 
-def run_linear(args: argparse.Namespace) -> int:
-    train_src, test_src = _sources(args)
-    _needs_model(args, (train_src, test_src))
-    if args.epochs < 1 or not 0 < args.val_fraction < 1 or min(args.lrs) <= 0:
-        raise ValueError("--epochs must be >= 1, --val-fraction in (0, 1) and every --lrs value positive")
-    cached = args.fast or is_feature_file(train_src)
-    provider = FeatureProvider(args)
+@dataclass
+class _LinearData:
+    """What the learning-rate sweep trains on and is scored against.
+
+    ``fit(indices, lrs)`` trains one head per lr on the training rows ``indices`` (``None``: every row) and
+    scores them on ``val`` and ``test``; ``described_by`` names the model and transform behind the features.
+    """
+
+    fit: Callable[[torch.Tensor | None, list[float]], SweepResult]
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    val: FeatureSet
+    test: FeatureSet
+    classes: list[str]
+    described_by: FeatureSet
+
+
+def _linear_representation(
+    args: argparse.Namespace, provider: FeatureProvider, train_src: str
+) -> tuple[str, FeatureSet | None]:
+    """The representation probed, and the training feature file when ``train_src`` is one (read once)."""
     stored: FeatureSet | None = None  # a training feature file, read once (memory-mapped for .pt)
     if is_feature_file(train_src):
         stored = provider.get(train_src, [], "linear train")
@@ -483,59 +498,105 @@ def run_linear(args: argparse.Namespace) -> int:
         rep = _linear_representation_name(args, loaded.embed_dim, num_blocks(loaded.model))
         check_representations(loaded.model, [rep])
     Representation.parse(rep)
+    return rep, stored
+
+
+def _cached_linear_data(
+    args: argparse.Namespace,
+    provider: FeatureProvider,
+    sources: tuple[str, str],
+    rep: str,
+    stored: FeatureSet | None,
+    device: torch.device,
+) -> _LinearData:
+    """Heads trained on features computed once, without augmentation (--fast or feature files)."""
+    # Only ``rep`` is kept, so the two subsets below copy it alone, not every stored representation.
+    train_all, test = _train_test(provider, sources, rep, "linear", stored)
+    train_idx, val_idx = stratified_split(train_all.labels, args.val_fraction, args.seed)
+    val = train_all.subset(val_idx)
+    classes = train_all.classes
+
+    def fit(indices: torch.Tensor | None, lrs: list[float]) -> SweepResult:
+        train = train_all if indices is None else train_all.subset(indices)  # None: every row
+        return sweep_on_cached(
+            train.get(rep), train.labels, val.get(rep), val.labels, test.get(rep), test.labels,
+            len(classes), lrs, args.epochs, args.batch_size, args.momentum, device, args.seed,
+        )  # fmt: skip
+
+    return _LinearData(fit, train_idx, val_idx, val, test, classes, described_by=train_all)
+
+
+def _augmented_linear_data(
+    args: argparse.Namespace,
+    provider: FeatureProvider,
+    sources: tuple[str, str],
+    rep: str,
+    device: torch.device,
+) -> _LinearData:
+    """Heads trained through the frozen model on augmented views of the --train images."""
+    train_src, test_src = sources
+    loaded, transform = provider.loaded, provider.transform
+    eval_ds = ImageFolderDataset(train_src, transform=transform, labelled=True)
+    labels = torch.from_numpy(eval_ds.samples.labels.copy())
+    train_idx, val_idx = stratified_split(labels, args.val_fraction, args.seed)
+    autocast = autocast_dtype_for(device, args.precision)
+    extract = dict(batch_size=args.batch_size, num_workers=args.num_workers, autocast_dtype=autocast)
+    val = extract_representations(
+        loaded.model, eval_ds, device, [rep], desc="linear val", indices=val_idx.tolist(), **extract
+    )
+    test = provider.get(test_src, [rep], "linear test").relabelled(eval_ds.classes)
+    check_same_model(val, test)
+    classes = eval_ds.classes
+    aug_ds = ImageFolderDataset(
+        train_src,
+        transform=train_transform(transform.crop_size, transform.mean, transform.std),
+        labelled=True,
+    )
+
+    def fit(indices: torch.Tensor | None, lrs: list[float]) -> SweepResult:
+        indices = torch.arange(len(aug_ds)) if indices is None else indices  # None: every image
+        return sweep_augmented(
+            loaded.model, aug_ds, indices, rep, Representation.parse(rep).dim(loaded.embed_dim),
+            val.get(rep), val.labels, test.get(rep), test.labels, len(classes), device, lrs,
+            args.epochs, args.batch_size, args.momentum, args.num_workers, autocast, args.seed,
+        )  # fmt: skip
+
+    # ``val`` describes the model and transform, like the train features in the cached mode
+    return _LinearData(fit, train_idx, val_idx, val, test, classes, described_by=val)
+
+
+def _sweep_and_refit(
+    args: argparse.Namespace, data: _LinearData
+) -> tuple[SweepResult, dict[str, float], dict[str, float], int]:
+    """The sweep, its chosen head's test accuracy, the reported test accuracy and how many images trained it."""
+    # The learning rate is chosen on the held-out share of --train; the reported head is then trained
+    # again with it on all of --train (as the paper's heads see the whole training set), unless --no-refit.
+    result = data.fit(data.train_idx, list(args.lrs))
+    sweep_test = {"top1": result.test_top1, "top5": result.test_top5}
+    if args.refit:
+        final = data.fit(None, [result.best_lr])  # the split's two parts are every training image
+        test_acc = {"top1": final.test_top1, "top5": final.test_top5}
+        n_train = len(data.train_idx) + len(data.val_idx)
+    else:
+        test_acc, n_train = sweep_test, int(data.train_idx.numel())
+    return result, sweep_test, test_acc, n_train
+
+
+def run_linear(args: argparse.Namespace) -> int:
+    train_src, test_src = _sources(args)
+    _needs_model(args, (train_src, test_src))
+    if args.epochs < 1 or not 0 < args.val_fraction < 1 or min(args.lrs) <= 0:
+        raise ValueError("--epochs must be >= 1, --val-fraction in (0, 1) and every --lrs value positive")
+    cached = args.fast or is_feature_file(train_src)
+    provider = FeatureProvider(args)
+    rep, stored = _linear_representation(args, provider, train_src)
     device = device_from_args(args)
     start = time.perf_counter()
     if cached:
-        # Only ``rep`` is kept, so the two subsets below copy it alone, not every stored representation.
-        train_all, test = _train_test(provider, (train_src, test_src), rep, "linear", stored)
-        train_idx, val_idx = stratified_split(train_all.labels, args.val_fraction, args.seed)
-        val = train_all.subset(val_idx)
-        classes = train_all.classes
-
-        def fit(indices: torch.Tensor | None, lrs: list[float]) -> SweepResult:
-            train = train_all if indices is None else train_all.subset(indices)  # None: every row
-            return sweep_on_cached(
-                train.get(rep), train.labels, val.get(rep), val.labels, test.get(rep), test.labels,
-                len(classes), lrs, args.epochs, args.batch_size, args.momentum, device, args.seed,
-            )  # fmt: skip
+        data = _cached_linear_data(args, provider, (train_src, test_src), rep, stored, device)
     else:
-        loaded, transform = provider.loaded, provider.transform
-        eval_ds = ImageFolderDataset(train_src, transform=transform, labelled=True)
-        labels = torch.from_numpy(eval_ds.samples.labels.copy())
-        train_idx, val_idx = stratified_split(labels, args.val_fraction, args.seed)
-        autocast = autocast_dtype_for(device, args.precision)
-        extract = dict(batch_size=args.batch_size, num_workers=args.num_workers, autocast_dtype=autocast)
-        val = extract_representations(
-            loaded.model, eval_ds, device, [rep], desc="linear val", indices=val_idx.tolist(), **extract
-        )
-        test = provider.get(test_src, [rep], "linear test").relabelled(eval_ds.classes)
-        check_same_model(val, test)
-        classes = eval_ds.classes
-        aug_ds = ImageFolderDataset(
-            train_src,
-            transform=train_transform(transform.crop_size, transform.mean, transform.std),
-            labelled=True,
-        )
-        train_all = val  # describes the model and transform, like the train features in the cached mode
-
-        def fit(indices: torch.Tensor | None, lrs: list[float]) -> SweepResult:
-            indices = torch.arange(len(aug_ds)) if indices is None else indices  # None: every image
-            return sweep_augmented(
-                loaded.model, aug_ds, indices, rep, Representation.parse(rep).dim(loaded.embed_dim),
-                val.get(rep), val.labels, test.get(rep), test.labels, len(classes), device, lrs,
-                args.epochs, args.batch_size, args.momentum, args.num_workers, autocast, args.seed,
-            )  # fmt: skip
-
-    # The learning rate is chosen on the held-out share of --train; the reported head is then trained
-    # again with it on all of --train (as the paper's heads see the whole training set), unless --no-refit.
-    result = fit(train_idx, list(args.lrs))
-    sweep_test = {"top1": result.test_top1, "top5": result.test_top5}
-    if args.refit:
-        final = fit(None, [result.best_lr])  # the split's two parts are every training image
-        test_acc, n_train = {"top1": final.test_top1, "top5": final.test_top5}, len(train_idx) + len(val_idx)
-    else:
-        test_acc, n_train = sweep_test, int(train_idx.numel())
-    n_val = len(val)
+        data = _augmented_linear_data(args, provider, (train_src, test_src), rep, device)
+    result, sweep_test, test_acc, n_train = _sweep_and_refit(args, data)
     if result.best_at_edge:
         log.warning(
             "the best learning rate %g is at the edge of the sweep %s; extend --lrs beyond it",
@@ -553,11 +614,11 @@ def run_linear(args: argparse.Namespace) -> int:
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "train_images": n_train,
-        "val_images": n_val,
-        "test_images": len(test),
-        "classes": len(classes),
+        "val_images": len(data.val),
+        "test_images": len(data.test),
+        "classes": len(data.classes),
         "seconds": time.perf_counter() - start,
-        **_common_results(provider, train_all),
+        **_common_results(provider, data.described_by),
     }
     write_results(results, args.output, f"linear probe on {test_src}")
     return 0

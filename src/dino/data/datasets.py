@@ -92,18 +92,7 @@ def load_rgb(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as img:
-                width, height = img.size
-                if max_pixels is not None and width * height > max_pixels:
-                    raise ImageDecodeError(
-                        f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                        f"{max_pixels} (possible decompression bomb)"
-                    )
-                if reduction is not None and img.format == "JPEG":
-                    factor = reduction(width, height)
-                    if factor >= 2:
-                        img.draft(img.mode, (math.ceil(width / factor), math.ceil(height / factor)))
-                img.load()
-                return to_rgb(ImageOps.exif_transpose(img) if exif_transpose else img)
+                return _decode_opened(img, max_pixels, reduction, exif_transpose)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -116,6 +105,28 @@ def load_rgb(
         raise ImageDecodeError(what) from exc
     except Exception as exc:  # PIL plugins raise many types (OSError, SyntaxError, struct.error, ...)
         raise ImageDecodeError(f"cannot decode ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode_opened(
+    img: Image.Image,
+    max_pixels: int | None,
+    reduction: Callable[[int, int], float] | None,
+    exif_transpose: bool,
+) -> Image.Image:
+    """The pixels of an opened image as :func:`load_rgb` returns them: size checked before decoding, a JPEG
+    drafted at the reduced size, orientation applied, converted to RGB."""
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{max_pixels} (possible decompression bomb)"
+        )
+    if reduction is not None and img.format == "JPEG":
+        factor = reduction(width, height)
+        if factor >= 2:
+            img.draft(img.mode, (math.ceil(width / factor), math.ceil(height / factor)))
+    img.load()
+    return to_rgb(ImageOps.exif_transpose(img) if exif_transpose else img)
 
 
 def _file_size(path: str | os.PathLike[str]) -> int | None:

@@ -105,6 +105,52 @@ def _too_large(needed: float, budget: int, device: torch.device, what: str) -> I
     )
 
 
+def _check_estimate(
+    paths: Sequence[Path], sample: Sequence[Path], pool: ThreadPoolExecutor, budget: int, device: torch.device
+) -> None:
+    """Refuse, before decoding anything, a dataset whose sample's mean image size says it will not fit."""
+    headers = list(pool.map(_jpeg_pixels, sample))
+    pixels = [_pil_pixels(path) if n is None else n for path, n in zip(sample, headers, strict=True)]
+    mean_pixels = float(np.mean(pixels)) if pixels else 0.0
+    estimate = 3 * mean_pixels * len(paths)
+    if estimate > budget:
+        raise _too_large(estimate, budget, device, f"the {len(paths)} images need about")
+
+
+def _decode_into_memory(
+    paths: Sequence[Path],
+    pool: ThreadPoolExecutor,
+    device: torch.device,
+    max_pixels: int | None,
+    budget: int,
+    chunk: int,
+) -> tuple[list[Tensor], Tensor, int]:
+    """The decodable images on ``device``, each path's slot among them (-1: unreadable) and their bytes,
+    decoded ``chunk`` files at a time; stops as soon as they outgrow ``budget``."""
+    kept: list[Tensor] = []
+    slot = torch.full((len(paths),), -1, dtype=torch.long)
+    used = 0
+    for start in range(0, len(paths), chunk):
+        names = paths[start : start + chunk]
+        encoded = pool.map(read_file_bytes, names)
+        readable = [(i, data) for i, data in enumerate(encoded) if data is not None]
+        decoded = decode_batch(
+            [data for _, data in readable],
+            device,
+            max_pixels,
+            [str(names[i]) for i, _ in readable],
+        )
+        failed = {readable[i][0] for i in decoded.failed}
+        positions = [i for i, _ in readable if i not in failed]
+        for i, image in zip(positions, decoded.images, strict=True):
+            slot[start + i] = len(kept)
+            kept.append(image)
+            used += image.numel()
+        if used > budget:
+            raise _too_large(used, budget, device, f"the first {start + len(names)} images take")
+    return kept, slot, used
+
+
 class DecodedImages:
     """Every image of ``dataset`` decoded once (RGB uint8, EXIF orientation applied) and kept on ``device``.
 
@@ -129,33 +175,8 @@ class DecodedImages:
         budget = memory_budget(self.device) if budget is None else int(budget)
         sample = random.Random(0).sample(paths, min(len(paths), _SAMPLE_FILES))
         with ThreadPoolExecutor(max(1, threads)) as pool:
-            headers = list(pool.map(_jpeg_pixels, sample))
-            pixels = [_pil_pixels(path) if n is None else n for path, n in zip(sample, headers, strict=True)]
-            mean_pixels = float(np.mean(pixels)) if pixels else 0.0
-            estimate = 3 * mean_pixels * len(paths)
-            if estimate > budget:
-                raise _too_large(estimate, budget, self.device, f"the {len(paths)} images need about")
-            kept: list[Tensor] = []
-            slot = torch.full((len(paths),), -1, dtype=torch.long)
-            used = 0
-            for start in range(0, len(paths), chunk):
-                names = paths[start : start + chunk]
-                encoded = pool.map(read_file_bytes, names)
-                readable = [(i, data) for i, data in enumerate(encoded) if data is not None]
-                decoded = decode_batch(
-                    [data for _, data in readable],
-                    self.device,
-                    max_pixels,
-                    [str(names[i]) for i, _ in readable],
-                )
-                failed = {readable[i][0] for i in decoded.failed}
-                positions = [i for i, _ in readable if i not in failed]
-                for i, image in zip(positions, decoded.images, strict=True):
-                    slot[start + i] = len(kept)
-                    kept.append(image)
-                    used += image.numel()
-                if used > budget:
-                    raise _too_large(used, budget, self.device, f"the first {start + len(names)} images take")
+            _check_estimate(paths, sample, pool, budget, self.device)
+            kept, slot, used = _decode_into_memory(paths, pool, self.device, max_pixels, budget, chunk)
         self.slot = slot
         self.labels = torch.from_numpy(dataset.samples.labels.copy())
         self.skipped = len(paths) - len(kept)

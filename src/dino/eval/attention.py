@@ -374,6 +374,70 @@ def attention_video(
     return len(rendered)
 
 
+def _pairs_with_masks(image_paths: Sequence[Path], mask_dir: Path) -> list[tuple[Path, Path]]:
+    """Each image with its ground-truth mask ``mask_dir/<stem>.png``; images without one are skipped."""
+    pairs = [(p, mask_dir / f"{p.stem}.png") for p in image_paths]
+    missing = [m.name for _, m in pairs if not m.is_file()]
+    if len(missing) == len(pairs):
+        raise FileNotFoundError(f"no ground-truth mask in {mask_dir} matches the images' names (<stem>.png)")
+    if missing:
+        log.warning(
+            "%d images have no ground-truth mask and are skipped (first: %s)", len(missing), missing[0]
+        )
+    return [(p, m) for p, m in pairs if m.is_file()]
+
+
+def _mask_labels(path: Path) -> np.ndarray:
+    """The class ids of a palette or grey ground-truth PNG."""
+    with Image.open(path) as img:
+        if img.mode not in ("P", "L"):
+            raise ValueError(f"{path} is a {img.mode} image; masks must be palette or grey PNGs of class ids")
+        return np.array(img)
+
+
+def _image_jaccards(
+    masks: np.ndarray, labels: np.ndarray
+) -> tuple[list[float], float | None, dict[str, object]]:
+    """Each head's foreground Jaccard, the per-object Jaccard (``None`` without objects) and the image's entry."""
+    scores = [jaccard(m, labels) for m in masks]
+    best = int(np.argmax(scores))
+    objects = object_jaccards(masks, labels)
+    entry: dict[str, object] = {
+        "objects": len(objects),
+        "best_heads": {str(obj): int(np.argmax(v)) for obj, v in objects.items()},
+        "foreground_best_head": best,
+        "foreground_jaccard_best_head": 100 * scores[best],
+        "foreground_jaccard_head_mean": 100 * float(np.mean(scores)),
+    }
+    per_object = None
+    if objects:
+        per_object = 100 * float(np.mean([v.max() for v in objects.values()]))
+        entry["jaccard"] = per_object
+    return scores, per_object, entry
+
+
+def _jaccard_summary(
+    per_head: list[list[float]], object_scores: list[float], per_image: dict[str, dict[str, object]]
+) -> dict[str, object]:
+    """The numbers over the images: the per-object Jaccard and the foreground ones, per head and overall."""
+    if len(object_scores) < len(per_image):
+        log.warning(
+            "%d of %d ground-truth masks have no object (only 0 and 255): left out of the per-object Jaccard",
+            len(per_image) - len(object_scores), len(per_image),
+        )  # fmt: skip
+    table = np.array(per_head)  # [images, heads]
+    head_means = table.mean(axis=0)
+    return {
+        "jaccard": float(np.mean(object_scores)) if object_scores else float("nan"),
+        "images_with_objects": len(object_scores),
+        "foreground_jaccard_best_head": float(100 * table.max(axis=1).mean()),
+        "foreground_jaccard_head_mean": float(100 * table.mean()),
+        "foreground_jaccard_best_single_head": float(100 * head_means.max()),
+        "foreground_best_single_head": int(head_means.argmax()),
+        "foreground_jaccard_per_head": [float(100 * v) for v in head_means],
+    }
+
+
 def attention_jaccard(
     model: VisionTransformer,
     image_paths: Sequence[Path],
@@ -398,24 +462,7 @@ def attention_jaccard(
     """
     from tqdm import tqdm
 
-    pairs = [(p, mask_dir / f"{p.stem}.png") for p in image_paths]
-    missing = [m.name for _, m in pairs if not m.is_file()]
-    if len(missing) == len(pairs):
-        raise FileNotFoundError(f"no ground-truth mask in {mask_dir} matches the images' names (<stem>.png)")
-    if missing:
-        log.warning(
-            "%d images have no ground-truth mask and are skipped (first: %s)", len(missing), missing[0]
-        )
-    pairs = [(p, m) for p, m in pairs if m.is_file()]
-
-    def labels_of(path: Path) -> np.ndarray:
-        with Image.open(path) as img:
-            if img.mode not in ("P", "L"):
-                raise ValueError(
-                    f"{path} is a {img.mode} image; masks must be palette or grey PNGs of class ids"
-                )
-            return np.array(img)
-
+    pairs = _pairs_with_masks(image_paths, mask_dir)
     per_image: dict[str, dict[str, object]] = {}
     per_head: list[list[float]] = []
     object_scores: list[float] = []
@@ -425,43 +472,20 @@ def attention_jaccard(
     results = attention_over_images(model, images, device, image_size, threshold, batch_size, mean, std)
     for result in tqdm(results, total=len(pairs), disable=not progress):
         path = kept[result.index]  # the stream numbers the images that decoded
-        labels = labels_of(mask_of[path])
+        labels = _mask_labels(mask_of[path])
         masks = upsample(result.masks, labels.shape[:2]).numpy()
-        scores = [jaccard(m, labels) for m in masks]
+        scores, per_object, entry = _image_jaccards(masks, labels)
         per_head.append(scores)
-        best = int(np.argmax(scores))
-        objects = object_jaccards(masks, labels)
-        entry: dict[str, object] = {
-            "objects": len(objects),
-            "best_heads": {str(obj): int(np.argmax(v)) for obj, v in objects.items()},
-            "foreground_best_head": best,
-            "foreground_jaccard_best_head": 100 * scores[best],
-            "foreground_jaccard_head_mean": 100 * float(np.mean(scores)),
-        }
-        if objects:
-            per_object = 100 * float(np.mean([v.max() for v in objects.values()]))
-            entry["jaccard"] = per_object
+        if per_object is not None:
             object_scores.append(per_object)
         per_image[path.name] = entry
         if pictures_dir is not None:
             save_attention_pictures(result.image, result.attention, result.masks, pictures_dir / path.stem)
-    if len(object_scores) < len(per_image):
-        log.warning(
-            "%d of %d ground-truth masks have no object (only 0 and 255): left out of the per-object Jaccard",
-            len(per_image) - len(object_scores), len(per_image),
-        )  # fmt: skip
-    table = np.array(per_head)  # [images, heads]
-    head_means = table.mean(axis=0)
+    summary = _jaccard_summary(per_head, object_scores, per_image)
     return {
         "images": len(per_image),
         "skipped_undecodable": len(pairs) - len(kept),
         "threshold": threshold,
-        "jaccard": float(np.mean(object_scores)) if object_scores else float("nan"),
-        "images_with_objects": len(object_scores),
-        "foreground_jaccard_best_head": float(100 * table.max(axis=1).mean()),
-        "foreground_jaccard_head_mean": float(100 * table.mean()),
-        "foreground_jaccard_best_single_head": float(100 * head_means.max()),
-        "foreground_best_single_head": int(head_means.argmax()),
-        "foreground_jaccard_per_head": [float(100 * v) for v in head_means],
+        **summary,
         "per_image": per_image,
     }

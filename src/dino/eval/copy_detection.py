@@ -234,6 +234,55 @@ def block_average_precisions(
     return aps
 
 
+def _whitened(
+    database: Tensor,
+    queries: dict[str, Tensor],
+    whitening_descriptors: Tensor,
+    dim: int | None,
+    kind: WhiteningKind,
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Any]]:
+    """The database and queries whitened with a PCA fitted on ``whitening_descriptors``, and what it kept."""
+    whitening = PCAWhitening.fit(whitening_descriptors, dim, kind=kind)
+    if whitening.projection.shape[0] < database.shape[1]:
+        log.info("whitening keeps %d of %d dimensions", whitening.projection.shape[0], database.shape[1])
+    database = whitening.apply(database)
+    queries = {name: whitening.apply(q) for name, q in queries.items()}
+    info = {
+        "kind": kind,
+        "images": len(whitening_descriptors),
+        "dim": int(whitening.projection.shape[0]),
+        "energy_kept": whitening.energy,
+    }
+    return database, queries, info
+
+
+def _block_scores(
+    blocks: dict[str, list[Path]],
+    queries: dict[str, Tensor],
+    database: Tensor,
+    positives: dict[str, list[list[int]]],
+    max_rank: int,
+) -> dict[str, Any]:
+    """mAP per query block (``strong``'s and the transformed blocks' mean apart) and each query's AP."""
+    database = F.normalize(database, dim=1)
+    block_map: dict[str, float] = {}
+    per_query: dict[str, dict[str, float]] = {}
+    for name in blocks:
+        aps = block_average_precisions(
+            F.normalize(queries[name], dim=1) @ database.T, positives[name], max_rank
+        )
+        block_map[name] = 100 * float(aps.mean())
+        per_query[name] = {p.name: 100 * float(ap) for p, ap in zip(blocks[name], aps, strict=True)}
+    results: dict[str, Any] = {"mAP": block_map}
+    if "strong" in block_map:
+        results["mAP_strong"] = block_map["strong"]
+    transformed = [v for k, v in block_map.items() if k != "original"]
+    if transformed:
+        results["mAP_mean_transformed_blocks"] = float(np.mean(transformed))
+    results["per_query"] = per_query
+    return results
+
+
 def evaluate_copydays(
     model: nn.Module,
     root: str | Path,
@@ -275,33 +324,11 @@ def evaluate_copydays(
         "descriptor_dim": int(database.shape[1]),
     }
     if whitening_images:
-        whitening = PCAWhitening.fit(embed(whitening_images, "whitening"), whiten_dim, kind=whitening_kind)
-        if whitening.projection.shape[0] < database.shape[1]:
-            log.info("whitening keeps %d of %d dimensions", whitening.projection.shape[0], database.shape[1])
-        database = whitening.apply(database)
-        queries = {name: whitening.apply(q) for name, q in queries.items()}
-        results["whitening"] = {
-            "kind": whitening_kind,
-            "images": len(whitening_images),
-            "dim": int(whitening.projection.shape[0]),
-            "energy_kept": whitening.energy,
-        }
-    database = F.normalize(database, dim=1)
-    block_map: dict[str, float] = {}
-    per_query: dict[str, dict[str, float]] = {}
-    for name in layout.blocks:
-        aps = block_average_precisions(
-            F.normalize(queries[name], dim=1) @ database.T, positives[name], max_rank
+        white = embed(whitening_images, "whitening")
+        database, queries, results["whitening"] = _whitened(
+            database, queries, white, whiten_dim, whitening_kind
         )
-        block_map[name] = 100 * float(aps.mean())
-        per_query[name] = {p.name: 100 * float(ap) for p, ap in zip(layout.blocks[name], aps, strict=True)}
-    results["mAP"] = block_map
-    if "strong" in block_map:
-        results["mAP_strong"] = block_map["strong"]
-    transformed = [v for k, v in block_map.items() if k != "original"]
-    if transformed:
-        results["mAP_mean_transformed_blocks"] = float(np.mean(transformed))
-    results["per_query"] = per_query
+    results.update(_block_scores(layout.blocks, queries, database, positives, max_rank))
     return results
 
 

@@ -393,6 +393,38 @@ def show_progress() -> bool:
 
 
 @torch.no_grad()
+def _representations_of_loader(
+    backbone: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    reps: Sequence[Representation],
+    gem_p: float,
+    autocast_dtype: torch.dtype | None,
+    desc: str,
+) -> tuple[dict[str, list[Tensor]], list[int]]:
+    """Each representation's float32 CPU batches over ``loader`` (the backbone in eval mode meanwhile) and
+    the dataset indices of the images that decoded, in order."""
+    from tqdm import tqdm
+
+    chunks: dict[str, list[Tensor]] = {rep.name: [] for rep in reps}
+    kept: list[int] = []
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        for images, batch_indices, _ in tqdm(loader, desc=desc, disable=not show_progress(), leave=False):
+            if len(batch_indices) == 0:
+                continue
+            images = images.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                out = compute_representations(backbone, images, reps, gem_p)
+            for name, value in out.items():
+                chunks[name].append(value.float().cpu())
+            kept.extend(batch_indices.tolist())
+    finally:
+        backbone.train(was_training)
+    return chunks, kept
+
+
 def extract_representations(
     backbone: nn.Module,
     dataset: Dataset,
@@ -425,24 +457,7 @@ def extract_representations(
         collate_fn=collate_skipping_bad,
         pin_memory=device.type == "cuda",
     )
-    from tqdm import tqdm
-
-    chunks: dict[str, list[Tensor]] = {rep.name: [] for rep in reps}
-    kept: list[int] = []
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        for images, batch_indices, _ in tqdm(loader, desc=desc, disable=not show_progress(), leave=False):
-            if len(batch_indices) == 0:
-                continue
-            images = images.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out = compute_representations(backbone, images, reps, gem_p)
-            for name, value in out.items():
-                chunks[name].append(value.float().cpu())
-            kept.extend(batch_indices.tolist())
-    finally:
-        backbone.train(was_training)
+    chunks, kept = _representations_of_loader(backbone, loader, device, reps, gem_p, autocast_dtype, desc)
     if not kept:
         raise ValueError("no image could be decoded for feature extraction; check the folder")
     return FeatureSet(

@@ -459,7 +459,11 @@ def evaluate_retrieval(
         multiscale,
         progress,
     )
-    rankings = rank_database(database, queries)
+    return _protocol_scores(rank_database(database, queries), truth, ks)
+
+
+def _protocol_scores(rankings: np.ndarray, truth: GroundTruth, ks: Sequence[int]) -> dict[str, Any]:
+    """mAP and mP@k of every protocol, and each query's AP under each, in percent."""
     results: dict[str, Any] = {}
     per_query: dict[str, dict[str, float | None]] = {name: {} for name in truth.qimlist}
     for protocol in PROTOCOLS:

@@ -154,6 +154,11 @@ def released_checkpoint_config(
 _BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
 
 
+_FRESH_OPTIMISER = (
+    "training goes on with a fresh optimiser state (its first updates differ from the original's)"
+)
+
+
 def released_optimizer_state(
     obj: dict[str, Any], student: dict[str, torch.Tensor], origin: str
 ) -> dict[str, Any] | None:
@@ -173,18 +178,14 @@ def released_optimizer_state(
         return None
     args = obj.get("args")
     fields = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
-    frozen = {"head.last_layer.weight_g"} if fields.get("norm_last_layer", True) else set()
-    trainable = [k for k in student if not k.endswith(_BUFFER_SUFFIXES) and k not in frozen]
-    no_decay = [k for k in trainable if k.endswith(".bias") or student[k].ndim == 1]
-    decay = [k for k in trainable if k not in set(no_decay)]
+    decay, no_decay = _released_parameter_groups(student, fields)
     groups = saved.get("param_groups")
     sizes = [len(g.get("params", ())) for g in groups] if isinstance(groups, list) else None
-    fresh = "training goes on with a fresh optimiser state (its first updates differ from the original's)"
     if not isinstance(groups, list) or sizes != [len(decay), len(no_decay)]:
         log.warning(
             "%s: the optimiser's parameter groups hold %s parameters, not the %d weights and the %d biases "
             "and 1-D parameters its student trains; %s",
-            origin, sizes, len(decay), len(no_decay), fresh,
+            origin, sizes, len(decay), len(no_decay), _FRESH_OPTIMISER,
         )  # fmt: skip
         return None
     state: dict[str, dict[str, Any]] = {}
@@ -193,27 +194,47 @@ def released_optimizer_state(
             entry = saved["state"].get(index)
             if entry is None:  # never updated (the last layer during its frozen first epochs)
                 continue
-            wrong = [
-                k
-                for k, v in entry.items()
-                if k != "step" and isinstance(v, torch.Tensor) and v.shape != student[name].shape
-            ]
-            if wrong:
-                log.warning(
-                    "%s: the optimiser's %s for parameter %d has shape %s, not that of %s %s; %s",
-                    origin, wrong[0], index, tuple(entry[wrong[0]].shape), name,
-                    tuple(student[name].shape), fresh,
-                )  # fmt: skip
+            converted = _parameter_state(entry, index, name, student[name], origin)
+            if converted is None:
                 return None
-            # Old PyTorch (the released files) kept Adam's step count as a Python number; PyTorch's
-            # fused AdamW needs a float32 tensor.
-            state[name] = {
-                k: torch.tensor(float(v), dtype=torch.float32)
-                if k == "step" and not torch.is_tensor(v)
-                else v
-                for k, v in entry.items()
-            }
+            state[name] = converted
     return {"name": str(fields.get("optimizer", "adamw")), "state": state}
+
+
+def _released_parameter_groups(
+    student: dict[str, torch.Tensor], fields: Mapping[str, Any]
+) -> tuple[list[str], list[str]]:
+    """The names of the original's two parameter groups, in its order: the weights that get weight decay,
+    then the biases and 1-D parameters that do not."""
+    frozen = {"head.last_layer.weight_g"} if fields.get("norm_last_layer", True) else set()
+    trainable = [k for k in student if not k.endswith(_BUFFER_SUFFIXES) and k not in frozen]
+    no_decay = [k for k in trainable if k.endswith(".bias") or student[k].ndim == 1]
+    decay = [k for k in trainable if k not in set(no_decay)]
+    return decay, no_decay
+
+
+def _parameter_state(
+    entry: dict[str, Any], index: int, name: str, parameter: torch.Tensor, origin: str
+) -> dict[str, Any] | None:
+    """One parameter's saved optimiser state, ready for ours; None (with a warning) when its shapes differ."""
+    wrong = [
+        k
+        for k, v in entry.items()
+        if k != "step" and isinstance(v, torch.Tensor) and v.shape != parameter.shape
+    ]
+    if wrong:
+        log.warning(
+            "%s: the optimiser's %s for parameter %d has shape %s, not that of %s %s; %s",
+            origin, wrong[0], index, tuple(entry[wrong[0]].shape), name,
+            tuple(parameter.shape), _FRESH_OPTIMISER,
+        )  # fmt: skip
+        return None
+    # Old PyTorch (the released files) kept Adam's step count as a Python number; PyTorch's
+    # fused AdamW needs a float32 tensor.
+    return {
+        k: torch.tensor(float(v), dtype=torch.float32) if k == "step" and not torch.is_tensor(v) else v
+        for k, v in entry.items()
+    }
 
 
 def config_from_released_args(args: Any, model_state: dict[str, torch.Tensor]) -> dict[str, Any] | None:

@@ -68,6 +68,33 @@ def load_strict(
     if not (missing or unexpected or wrong):
         model.load_state_dict(state, strict=True)
         return
+    hints = _mismatch_hints(state, expected, missing, unexpected, wrong, which)
+    parts = [
+        f"missing {short_list(missing)}" if missing else "",
+        f"unexpected {short_list(unexpected)}" if unexpected else "",
+        "shape mismatch "
+        + short_list(
+            [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong]
+        )
+        if wrong
+        else "",
+    ]
+    raise WeightsError(
+        f"weights in {origin} do not match the model: "
+        + "; ".join(p for p in parts if p)
+        + (f". Likely cause: {'; or '.join(hints)}" if hints else "")
+    )
+
+
+def _mismatch_hints(
+    state: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    missing: list[str],
+    unexpected: list[str],
+    wrong: list[str],
+    which: Which | None,
+) -> list[str]:
+    """The likely causes of a state dict not matching the model, most telling first."""
     hints = []
     found, wanted = infer_architecture_or_none(state), infer_architecture_or_none(expected)
     if found and wanted and found[:2] + found[3:] != wanted[:2] + wanted[3:]:
@@ -96,21 +123,7 @@ def load_strict(
         hints.append("the file is incomplete or for another architecture")
     if which == "student":
         hints.append("you picked the student; the released backbones and evaluations use the teacher")
-    parts = [
-        f"missing {short_list(missing)}" if missing else "",
-        f"unexpected {short_list(unexpected)}" if unexpected else "",
-        "shape mismatch "
-        + short_list(
-            [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong]
-        )
-        if wrong
-        else "",
-    ]
-    raise WeightsError(
-        f"weights in {origin} do not match the model: "
-        + "; ".join(p for p in parts if p)
-        + (f". Likely cause: {'; or '.join(hints)}" if hints else "")
-    )
+    return hints
 
 
 def _stems_first(keys: Iterable[str]) -> list[str]:
@@ -178,6 +191,24 @@ def read_backbone_weights(
     path = resolve_weights(spec, weights_dir, download)
     if path.is_dir():
         path = _run_weights(path, which)
+    state, declared, from_full, labelled = _read_state(path, which)
+    if which == "student" and not from_full and labelled != "student":
+        raise WeightsError(_no_student_message(path))
+    if str(spec) in RELEASES and declared is None:
+        release = RELEASES[str(spec)]
+        declared = (release.arch, release.patch_size, 0, 0)
+    arch_, patch, img, depth = _resolve_architecture(state, declared, arch, patch_size)
+    details = [str(path)] if str(spec) != str(path) else []
+    details += [which] if from_full else []
+    source = f"{spec} ({', '.join(details)})" if details else str(spec)
+    return BackboneWeights(state, arch_, patch, img or 224, depth, source, which if from_full else labelled)
+
+
+def _read_state(
+    path: Path, which: Which
+) -> tuple[dict[str, torch.Tensor], tuple[str, int, int, int] | None, bool, Which | None]:
+    """The backbone's state dict in ``path``; the architecture the file declares (``None``: it does not say);
+    whether the file is a full checkpoint (teacher and student); which backbone an export says it holds."""
     declared: tuple[str, int, int, int] | None = None
     from_full = False
     labelled: Which | None = None  # the backbone a single-backbone export of ours says it holds
@@ -194,11 +225,17 @@ def read_backbone_weights(
         from_full = isinstance(obj, dict) and ("teacher" in obj or "student" in obj)
         if isinstance(obj, dict) and isinstance(obj.get("config"), dict):  # one of our training checkpoints
             declared = _declared_by_config(obj["config"])
-    if which == "student" and not from_full and labelled != "student":
-        raise WeightsError(_no_student_message(path))
-    if str(spec) in RELEASES and declared is None:
-        release = RELEASES[str(spec)]
-        declared = (release.arch, release.patch_size, 0, 0)
+    return state, declared, from_full, labelled
+
+
+def _resolve_architecture(
+    state: dict[str, torch.Tensor],
+    declared: tuple[str, int, int, int] | None,
+    arch: str | None,
+    patch_size: int | None,
+) -> tuple[str, int, int, int]:
+    """Architecture, patch size, image size (0: unknown) and depth from ``arch``/``patch_size``, what the
+    file or release declared and the tensor shapes, in that order."""
     inferred = infer_architecture_or_none(state)
     pos_embed_grid(state)  # a position-embedding layout we cannot use is refused whatever declared the arch
     base = declared or inferred
@@ -215,10 +252,7 @@ def read_backbone_weights(
     patch = patch_size or patch
     if not arch_.startswith("vit_"):
         patch, depth = 0, 0
-    details = [str(path)] if str(spec) != str(path) else []
-    details += [which] if from_full else []
-    source = f"{spec} ({', '.join(details)})" if details else str(spec)
-    return BackboneWeights(state, arch_, patch, img or 224, depth, source, which if from_full else labelled)
+    return arch_, patch, img, depth
 
 
 def _run_weights(run_dir: Path, which: Which) -> Path:

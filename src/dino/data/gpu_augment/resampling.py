@@ -232,10 +232,8 @@ class CropRun(NamedTuple):
         return cls(size, views, start, length, flips, gain)
 
 
-def render_crop_runs(
-    images: Sequence[Tensor] | Tensor, runs: Sequence[CropRun], max_pixels_per_chunk: int
-) -> list[Tensor]:
-    """The work of :func:`resized_crop_runs` for runs given as :class:`CropRun`."""
+def _image_shapes(images: Sequence[Tensor] | Tensor) -> list[tuple[int, int]]:
+    """Each image's (height, width), the images checked to be RGB and at least one."""
     if isinstance(images, Tensor):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"a batch of images must have shape [B, 3, H, W], got {tuple(images.shape)}")
@@ -247,6 +245,46 @@ def render_crop_runs(
         shapes = [(img.shape[-2], img.shape[-1]) for img in images]
     if not shapes:
         raise ValueError("resized_crops needs at least one image")
+    return shapes
+
+
+def _render_run(
+    run: CropRun, batch: Tensor, index: Tensor | None, total: int, device: torch.device
+) -> Tensor:
+    """One run's crops of the chunk ``batch`` ([n, 3, H, W], the samples ``index`` of ``total``; ``None``:
+    all of them, in order), view-major [G, n, 3, s, s]."""
+    n, _, height, width = batch.shape
+    pixels = batch.to(torch.float32).reshape(n, 3 * height, width)
+    matrix_width = max(height, width)
+    # Per run of G same-size views, one set of resampling matrices for both directions ([2, n·G, s,
+    # max(H, W)], the 1/255 folded into the horizontal ones), then two batched matrix products whose
+    # operands and results are all plain (strided) views, no copies: horizontally, [n, G·s, W]
+    # weights times the transposed [n, 3H, W] pixels give [n, G·s, 3H]; read per (sample, view) as
+    # [s·3, H], that times the transposed [s, H] vertical weights gives the crops as [n, G, s
+    # (column), 3, s (row)].
+    size, views = run.size, run.views
+    fields: tuple[Tensor, ...] = (run.start, run.length, run.flip, run.gain)
+    if index is not None:  # this chunk's samples (all their views)
+        fields = tuple(t.view(2, total, views)[:, index].reshape(2, -1) for t in fields)
+    start, length, flip, gain = (t.reshape(-1) for t in fields)
+    taps = max(_taps(width, size), _taps(height, size))
+    matrices = _resampling_rows(start, length, matrix_width, size, flip, taps, gain)
+    matrices = matrices.view(2, n * views, size, matrix_width)
+    across = matrices[0].view(n, views * size, matrix_width)[..., :width]
+    columns = torch.matmul(across, pixels.transpose(1, 2))
+    columns = columns.clamp_(0.0, 1.0).view(n * views, size * 3, height)
+    down = matrices[1][..., :height]
+    crops = torch.matmul(columns, down.transpose(1, 2)).view(n, views, size, 3, size)
+    # Into view-major [G, n, 3, s, s] while clamping: one pass that writes a contiguous tensor.
+    clamped = torch.empty(views, n, 3, size, size, device=device, dtype=torch.float32)
+    return torch.clamp(crops.permute(1, 0, 3, 4, 2), 0.0, 1.0, out=clamped)
+
+
+def render_crop_runs(
+    images: Sequence[Tensor] | Tensor, runs: Sequence[CropRun], max_pixels_per_chunk: int
+) -> list[Tensor]:
+    """The work of :func:`resized_crop_runs` for runs given as :class:`CropRun`."""
+    shapes = _image_shapes(images)
     device = device_of(images)
     total = len(shapes)
     outputs: list[list[Tensor]] = [[] for _ in runs]
@@ -258,33 +296,8 @@ def render_crop_runs(
             batch = images if index is None else images[index]
         else:
             batch = _as_padded_batch(images, chunk)
-        n, _, height, width = batch.shape
-        pixels = batch.to(torch.float32).reshape(n, 3 * height, width)
-        matrix_width = max(height, width)
-
-        # Per run of G same-size views, one set of resampling matrices for both directions ([2, n·G, s,
-        # max(H, W)], the 1/255 folded into the horizontal ones), then two batched matrix products whose
-        # operands and results are all plain (strided) views, no copies: horizontally, [n, G·s, W]
-        # weights times the transposed [n, 3H, W] pixels give [n, G·s, 3H]; read per (sample, view) as
-        # [s·3, H], that times the transposed [s, H] vertical weights gives the crops as [n, G, s
-        # (column), 3, s (row)].
         for r, run in enumerate(runs):
-            size, views = run.size, run.views
-            fields: tuple[Tensor, ...] = (run.start, run.length, run.flip, run.gain)
-            if index is not None:  # this chunk's samples (all their views)
-                fields = tuple(t.view(2, total, views)[:, index].reshape(2, -1) for t in fields)
-            start, length, flip, gain = (t.reshape(-1) for t in fields)
-            taps = max(_taps(width, size), _taps(height, size))
-            matrices = _resampling_rows(start, length, matrix_width, size, flip, taps, gain)
-            matrices = matrices.view(2, n * views, size, matrix_width)
-            across = matrices[0].view(n, views * size, matrix_width)[..., :width]
-            columns = torch.matmul(across, pixels.transpose(1, 2))
-            columns = columns.clamp_(0.0, 1.0).view(n * views, size * 3, height)
-            down = matrices[1][..., :height]
-            crops = torch.matmul(columns, down.transpose(1, 2)).view(n, views, size, 3, size)
-            # Into view-major [G, n, 3, s, s] while clamping: one pass that writes a contiguous tensor.
-            clamped = torch.empty(views, n, 3, size, size, device=device, dtype=torch.float32)
-            outputs[r].append(torch.clamp(crops.permute(1, 0, 3, 4, 2), 0.0, 1.0, out=clamped))
+            outputs[r].append(_render_run(run, batch, index, total, device))
         order.extend(chunk)
     if order == list(range(len(order))):
         return [torch.cat(parts, dim=1) if len(parts) > 1 else parts[0] for parts in outputs]
