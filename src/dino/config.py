@@ -44,7 +44,7 @@ class ModelConfig:
     depth: int = 0  # ViT blocks; 0 = the size's standard depth (12, or 24 for large)
     drop_path_rate: float = 0.1  # stochastic depth on the student only
     pretrained: str | None = None  # backbone weights to start from (a fresh head is trained on top)
-    activation_checkpointing: bool = False  # ViT: recompute blocks in the backward (less memory, one more forward)
+    activation_checkpointing: bool = False  # ViT: recompute blocks in the backward (memory for compute)
 
 
 @dataclass
