@@ -11,6 +11,7 @@ import torch
 
 from dino.checkpoint import CheckpointManager, set_aside
 from dino.hub import load_training_checkpoint
+from dino.train.logger import counted
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,15 @@ def resume_point(checkpoint: dict, iters_per_epoch: int, global_batch: int) -> T
     if step and saved_batch is not None and int(saved_batch) != global_batch:
         samples = step * int(saved_batch)
         log.warning(
-            "the checkpoint is %d steps of %d images into epoch %d; with %d images a step now, the epoch "
-            "goes on from step %d",
-            step, saved_batch, epoch, global_batch, samples // global_batch,
+            "the checkpoint is %s of %s into epoch %d; with %s a step now, the epoch goes on from step %d",
+            counted(step, "step"), counted(int(saved_batch), "image"), epoch, counted(global_batch, "image"),
+            samples // global_batch,
         )  # fmt: skip
         step = samples // global_batch
     if step > iters_per_epoch:
         log.warning(
-            "the checkpoint is %d steps into epoch %d but the data gives %d per epoch now; "
-            "finishing that epoch",
-            step, epoch, iters_per_epoch,
+            "the checkpoint is %s into epoch %d but the data gives %d per epoch now; finishing that epoch",
+            counted(step, "step"), epoch, iters_per_epoch,
         )  # fmt: skip
         step = iters_per_epoch
     return TrainState(epoch=epoch, iteration=epoch * iters_per_epoch + step, step_in_epoch=step)
