@@ -12,7 +12,7 @@ directory). :class:`Trainer` is the run: its setup (``__init__``: models, data, 
 schedules, resume), the epochs (:meth:`Trainer.train_one_epoch`), the checkpoint policy (when to save:
 iterations, minutes, epochs, stop requests) and the epoch end (:meth:`Trainer.end_epoch`).
 
-Helpers own the details: :mod:`dino.train.setup` builds the models and chooses the precision,
+Helpers own the details: :mod:`dino.train.setup` builds the models, :mod:`dino.devices` picks the precision,
 :mod:`dino.checkpoint` saves, :mod:`dino.train.resume` finds where a run continues,
 :mod:`dino.train.logger` logs, :mod:`dino.train.monitors` watches for collapse and runs the online k-NN.
 """
