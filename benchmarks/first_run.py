@@ -36,6 +36,7 @@ from dino.data.datasets import ImageFolderDataset
 from dino.data.transforms import EvalTransform
 from dino.eval.features import extract_features
 from dino.eval.knn import knn_accuracy
+from dino.train.setup import build_student_teacher, save_backbone
 
 
 def cifar_heldout(scratch: Path, per_class: int) -> Path | None:
@@ -106,7 +107,7 @@ def run_variant(config: str, name: str, overrides: list[str], seed: int, out: Pa
         "run_dir": str(run_dir),
         "wall_s": wall,
         "train_s": train_s,
-        "images_seen": done["iterations"] * load_config(config, overrides).run.batch_size,
+        "images_seen": done["iterations"] * start_rec["global_batch_size"],
         "epochs": done["epochs"],
         "images": start_rec["images"],
         "epoch_losses": [r.get("loss") for r in records if r["type"] == "epoch"],
@@ -195,8 +196,6 @@ def main() -> None:
 def _random_init(run_dir: Path, sets: dict, bank) -> dict:
     """The run's own initial network: the first checkpoint would be after training, so the network is
     rebuilt from the run's config and seed the way ``dino train`` builds it."""
-    from dino.train.setup import build_student_teacher, save_backbone
-
     cfg = load_config(run_dir / "config.yaml")
     _, teacher = build_student_teacher(cfg, torch.device("cpu"))
     path = run_dir / "random_init_backbone.pth"
