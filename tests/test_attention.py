@@ -159,6 +159,7 @@ def test_attention_command_jaccard_on_voc_fixtures(tmp_path: Path, tiny_vit_file
         "overlay-head2.png",
         "mask-overlay-head1.png",
         "attn-mean.png",
+        "summary.png",
     } <= pictures
 
 

@@ -89,3 +89,74 @@ def test_a_short_run_draws_its_curves_and_prints_the_knn_line(small_folder, tmp_
     assert [e for e, _ in runs.knn] == [-1, 0, 1] and runs.out_dim == 128 and runs.images_per_iter == 16
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == f"k-NN top-1 {runs.knn[-1][1]:.2f} % (random init {runs.knn[0][1]:.2f} %)"
+
+
+def test_dino_plot_overlays_two_runs_with_one_legend_entry_each(tmp_path, capsys):
+    a, b = _write_log(tmp_path / "a"), _write_log(tmp_path / "b", batch=64)
+    # images/s and the schedules, as the logger writes them, so that every panel has a line per run
+    for run, speed in ((a, 100.0), (b, 250.0)):
+        lines = run.joinpath("log.jsonl").read_text().splitlines()[:-1]  # without the torn line
+        records = [json.loads(line) for line in lines]
+        for r in records:
+            if r["type"] == "iter":
+                r.update(images_per_s=speed, weight_decay=0.04, momentum=0.996)
+        run.joinpath("log.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = tmp_path / "both.png"
+    assert main(["plot", str(a), str(b), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "2 run(s)" in capsys.readouterr().out
+    fig = curves_figure([RunCurves.read(a), RunCurves.read(b)])
+    by_title = {ax.get_title(): ax for ax in fig.axes}
+    for title in (
+        "DINO loss (cross-entropy)",
+        "training speed",
+        "weight decay",
+        "teacher momentum (EMA rate)",
+    ):
+        legend = [t.get_text() for t in by_title[title].get_legend().get_texts()]
+        assert legend == ["a", "b"], title
+    speed = by_title["training speed"]
+    assert [set(line.get_ydata()) for line in speed.get_lines()] == [{100.0}, {250.0}]
+    assert speed.get_ylabel() == "images / s"
+
+
+@pytest.mark.slow
+def test_dino_plot_of_two_short_runs(small_folder, tmp_path, capsys):
+    base = ["train", "--data", str(small_folder), *TINY_OVERRIDES, "run.epochs=1"]
+    assert main([*base, "--output", str(tmp_path / "lr_low"), "optim.lr=0.001"]) == 0
+    assert main([*base, "--output", str(tmp_path / "lr_high"), "optim.lr=0.01"]) == 0
+    out = tmp_path / "compare.png"
+    assert main(["plot", str(tmp_path / "lr_low"), str(tmp_path / "lr_high"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = [RunCurves.read(tmp_path / "lr_low"), RunCurves.read(tmp_path / "lr_high")]
+    fig = curves_figure(runs)  # the figure dino plot drew
+    loss = next(ax for ax in fig.axes if ax.get_title() == "DINO loss (cross-entropy)")
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["lr_low", "lr_high"]
+    low, high = (line.get_ydata() for line in loss.get_lines())
+    assert list(low) == [r["loss"] for r in runs[0].iters] and len(low) == len(high) == 3  # 48 images / 16
+
+
+def test_dino_plot_refuses_what_it_cannot_draw(tmp_path, capsys):
+    a = _write_log(tmp_path / "a")
+    assert main(["plot", str(a), "--out", str(tmp_path / "x.jpg")]) == 2
+    assert "ending in .png" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "log.jsonl" in capsys.readouterr().err
+    same = _write_log(tmp_path / "other" / "a")
+    assert main(["plot", str(a), str(same), "--out", str(tmp_path / "x.png")]) == 2
+    assert "--name" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "plot",
+                str(a),
+                str(same),
+                "--name",
+                "first",
+                "--name",
+                "second",
+                "--out",
+                str(tmp_path / "x.png"),
+            ]
+        )
+        == 0
+    )

@@ -143,10 +143,36 @@ def test_timm_names_for_the_released_architectures():
     def args(arch: str, patch: int, img: int = 224, depth: int = 12) -> tuple:
         return timm_model_args(hub.BackboneWeights({}, arch, patch, img, depth, "test"))
 
-    assert args("vit_small", 16) == ("vit_small_patch16_224", {"num_classes": 0})
-    assert args("vit_small", 8) == ("vit_small_patch8_224", {"num_classes": 0})
-    assert args("vit_base", 8, img=480) == ("vit_base_patch8_224", {"num_classes": 0, "img_size": 480})
+    # timm's own names for the released DINO models (their configuration has no classifier)
+    assert args("vit_small", 16) == ("vit_small_patch16_224.dino", {})
+    assert args("vit_small", 8) == ("vit_small_patch8_224.dino", {})
+    assert args("vit_base", 16) == ("vit_base_patch16_224.dino", {})
+    assert args("vit_base", 8, img=480) == ("vit_base_patch8_224.dino", {"img_size": 480})
+    assert args("vit_small", 16, depth=6) == ("vit_small_patch16_224", {"num_classes": 0, "depth": 6})
     assert args("resnet50", 0, depth=0) == ("resnet50", {"num_classes": 0})
+
+
+@pytest.mark.slow
+# ViT-B builds take 25 s here under load: the two ViT-S shapes run, the ViT-B names are checked above
+@pytest.mark.parametrize(("arch", "patch"), [("vit_small", 16), ("vit_small", 8)])
+def test_exports_of_the_released_shapes_load_into_timms_dino_models_by_name(arch, patch, tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ours = hub.build_untrained(arch, patch).model
+    torch.save(ours.state_dict(), tmp_path / "backbone.pth")
+    exported = export_backbone(tmp_path / "backbone.pth", "timm", tmp_path / "t.pth")
+    name = f"{arch}_patch{patch}_224.dino"  # as timm lists them: timm.list_pretrained("*.dino")
+    assert name in timm.list_pretrained(name)
+    model = timm.create_model(name, pretrained=False)  # no download; no classifier by its configuration
+    model.load_state_dict(torch.load(exported.path, weights_only=True), strict=True)
+    assert f"timm.create_model({name!r}, pretrained=False).load_state_dict(" in exported.load_hint
+    if (arch, patch) == (
+        "vit_small",
+        16,
+    ):  # the same features (the others: the same tensors, loaded strictly)
+        images = torch.randn(2, 3, 224, 224)
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(images), ours(images), rtol=1e-5, atol=1e-5)
 
 
 def test_resnet_exports_load_into_torchvision_and_timm(tmp_path):
@@ -343,3 +369,17 @@ def test_narrow_small_image_resnets_export_and_their_load_hint_builds_them(tmp_p
     assert torch.equal(features(scope["m"].eval(), 16), features(model, 16))
     with pytest.raises(WeightsError, match="no timm ResNet builds"):
         export_backbone(tmp_path / "rn.pth", "timm")
+
+
+def test_vit_giant_is_recognised_exported_for_the_original_code_and_refused_for_timm(tmp_path):
+    """ViT-g/14's dimensions read back from a file's shapes; its plain-MLP layout has no timm counterpart."""
+    from dino.hub.state import infer_architecture
+    from dino.models.vision_transformer import vit
+
+    state = vit("giant", 14, img_size=28, depth=1).state_dict()
+    assert infer_architecture(state) == ("vit_giant", 14, 28, 1)
+    torch.save(state, tmp_path / "giant.pth")
+    exported = export_backbone(tmp_path / "giant.pth", "dino", output=tmp_path / "out.pth")
+    assert "embed_dim=1536, depth=1, num_heads=24" in exported.load_hint
+    with pytest.raises(WeightsError, match="export it as pth or safetensors"):
+        export_backbone(tmp_path / "giant.pth", "timm", output=tmp_path / "out_timm.pth")

@@ -37,7 +37,7 @@ def test_variants(mode):
     student, teacher = pair()
     rule = TeacherUpdater(mode)
     start = student[0].weight.detach().clone()
-    rule.before_step(student)
+    rule.before_step(teacher, student)
     with torch.no_grad():
         student[0].weight.add_(1.0)  # the optimiser step
     rule.after_step(teacher, student, momentum=0.996)

@@ -40,7 +40,30 @@ def test_sizes(size, monkeypatch):
     model = vit(size, patch_size=16, depth=1)
     assert model.embed_dim == dim and model.blocks[0].attn.num_heads == heads
     monkeypatch.setattr(torch.nn.init, "trunc_normal_", lambda tensor, *args, **kwargs: tensor)  # speed
-    assert len(vit(size, patch_size=16).blocks) == depth  # the size's own depth by default
+    with torch.device("meta"):  # no memory: ViT-g has 1.1 billion parameters
+        assert len(vit(size, patch_size=16).blocks) == depth  # the size's own depth by default
+
+
+@pytest.mark.parametrize(
+    ("size", "patch", "millions"),
+    [("large", 16, 303.3), ("giant", 14, 1134.6)],
+)
+def test_large_and_giant_have_their_parameter_counts(size, patch, millions):
+    """ViT-L/16 and ViT-g/14 (DINOv2's widths, depths and heads; a GELU MLP of ratio 4) at 224 px: the
+    parameters add up as counted by hand — patch embedding 3·p²·D + D, [CLS] D, position embeddings
+    (N + 1)·D, per block 12·D² + 13·D (qkv, projection, the MLP's two layers, two LayerNorms), final
+    norm 2·D. ViT-L/16: timm's vit_large_patch16_224 without classifier has 303.3 M; ViT-g/14: DINOv2 gives
+    1.1 B for its own (whose SwiGLU MLP of hidden width 4096 has as many weights as this 4·D GELU one)."""
+    dim, depth, heads = VIT_SIZES[size]
+    with torch.device("meta"):
+        model = vit(size, patch_size=patch)
+    n = (224 // patch) ** 2
+    by_hand = (
+        3 * patch * patch * dim + dim + dim + (n + 1) * dim + depth * (12 * dim * dim + 13 * dim) + 2 * dim
+    )
+    assert sum(p.numel() for p in model.parameters()) == by_hand
+    assert by_hand / 1e6 == pytest.approx(millions, abs=0.1)
+    assert model.blocks[0].attn.num_heads == heads and dim // heads == 64
 
 
 def test_fused_attention_equals_explicit_softmax():

@@ -6,6 +6,11 @@ kill at any moment leaves every previous checkpoint readable; on resume, an unre
 reported and the previous good one is used (the rolling ones first, then the kept ``epoch-N.pth``). A write
 that does not fit on the disk stops with one error saying so; the previous checkpoint stays the newest.
 
+A sharded run (``run.strategy=fsdp``) writes ``torch.distributed.checkpoint`` directories instead
+(``last-<iteration>.dcp/``: every process's shards, DCP's ``.metadata`` and ``extra.pth`` with the plain
+data), first under a temporary name, renamed once complete; they are found, passed over when unreadable and
+rolled like the files, and :func:`load_checkpoint` reads them consolidated, so readers need not know.
+
 Training writes these files; :mod:`dino.hub` reads them (and writes its exports with :func:`atomic_save`),
 so this module sits below both.
 """
@@ -18,6 +23,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -27,8 +33,12 @@ import torch
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "dino-checkpoint"
-_ROLLING = re.compile(r"^last-(\d{9,})\.pth$")  # zero-padded to 9 digits, more past 999,999,999
-_KEEPER = re.compile(r"^epoch-(\d{4,})\.pth$")
+# Zero-padded to 9 digits, more past 999,999,999; .pth: a file, .dcp: a sharded checkpoint's directory.
+_ROLLING = re.compile(r"^last-(\d{9,})\.(?:pth|dcp)$")
+_KEEPER = re.compile(r"^epoch-(\d{4,})\.(?:pth|dcp)$")
+SHARDED_SUFFIX = ".dcp"
+SHARDED_EXTRA = "extra.pth"  # a sharded checkpoint's plain data (epoch, config, center, random streams…)
+_DCP_METADATA = ".metadata"  # written last by torch.distributed.checkpoint's file system writer
 
 
 class CheckpointError(RuntimeError):
@@ -84,8 +94,14 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load one of our checkpoints safely (no code is executed); raise CheckpointError if unreadable."""
+def load_checkpoint(
+    path: Path, map_location: str | torch.device = "cpu", *, consolidate: bool = True
+) -> dict[str, Any]:
+    """Load one of our checkpoints safely (no code is executed); raise CheckpointError if unreadable. A
+    sharded one (a directory) is read whole, or with ``consolidate=False`` checked and described only
+    (see :func:`load_sharded_checkpoint`)."""
+    if Path(path).is_dir():
+        return load_sharded_checkpoint(Path(path), map_location, consolidate=consolidate)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
@@ -97,6 +113,75 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return obj
 
 
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """``path`` is a sharded checkpoint's directory (``torch.distributed.checkpoint`` with our data)."""
+    path = Path(path)
+    return path.is_dir() and (path / SHARDED_EXTRA).is_file()
+
+
+def load_sharded_checkpoint(
+    path: Path, map_location: str | torch.device = "cpu", *, consolidate: bool = True
+) -> dict[str, Any]:
+    """A sharded checkpoint directory in the layout of our other checkpoints: its plain data, ``student``
+    and ``teacher`` (``backbone.*`` / ``head.*``) and ``optimizer_by_name`` (the optimiser's per-parameter
+    state keyed by parameter name), plus ``sharded_path``. ``consolidate``: the full tensors, read in this
+    process alone (no process group needed: export, evaluation, a run on one process); otherwise the
+    shards' files are checked to be all there and complete, and the tensors are shape-only (``meta``) for a
+    sharded run to read its own slices with :func:`dino.train.sharding.load_into_sharded`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    extra = load_checkpoint(path / SHARDED_EXTRA, map_location)
+    try:
+        reader = dcp.FileSystemReader(str(path))
+        metadata = reader.read_metadata()
+        tensors = {
+            key: meta
+            for key, meta in metadata.state_dict_metadata.items()
+            if isinstance(meta, TensorStorageMetadata)
+        }
+        _check_shard_files(path, metadata)
+        device = map_location if consolidate else "meta"
+        flat = {
+            key: torch.empty(meta.size, dtype=meta.properties.dtype, device=device)
+            for key, meta in tensors.items()
+        }
+        if consolidate:
+            with warnings.catch_warnings():  # that no process group is used is the point here
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(flat, storage_reader=reader, no_dist=True)
+    except CheckpointError:
+        raise
+    except Exception as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"cannot read sharded checkpoint {path} ({type(err).__name__}: {detail})"
+        ) from err
+    # DCP stores nested dicts under dotted keys and keeps each key's path: rebuild the nesting.
+    paths = metadata.planner_data or {}
+    nested: dict[str, Any] = {"student": {}, "teacher": {}, "optimizer_by_name": {}}
+    for key, tensor in flat.items():
+        parts = paths.get(key, tuple(key.split(".", 1)))
+        if parts[0] in ("student", "teacher") and len(parts) == 2:
+            nested[parts[0]][parts[1]] = tensor
+        elif parts[:2] == ("optimizer", "state") and len(parts) == 4:
+            nested["optimizer_by_name"].setdefault(parts[2], {})[parts[3]] = tensor
+    return {**extra, **nested, "sharded_path": str(path)}
+
+
+def _check_shard_files(path: Path, metadata: Any) -> None:
+    """Every file the metadata names exists and holds the bytes it points to (a truncated or missing shard
+    is found here, where the fallback to an older checkpoint can still take over)."""
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in needed.items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size < size:
+            raise CheckpointError(f"sharded checkpoint {path} is incomplete: {name} is missing or truncated")
+
+
 class CheckpointManager:
     """Owns ``<run>/checkpoints``: ``last-<iteration>.pth`` (rolling, ``keep_last`` kept) and
     ``epoch-<epoch>.pth`` (periodic, kept)."""
@@ -106,10 +191,11 @@ class CheckpointManager:
         self.keep_last = keep_last
 
     def remove_stale_temporaries(self) -> None:
-        """Partial files left by a process killed while writing (never read, safe to delete)."""
+        """Partial files (and sharded directories) left by a process killed while writing (never read,
+        safe to delete)."""
         if self.directory.is_dir():
             for leftover in self.directory.glob(".*.tmp-*"):
-                leftover.unlink(missing_ok=True)
+                _remove(leftover)
 
     def _numbered(self, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
         """(number, path) of the files whose name matches ``pattern``, in increasing order."""
@@ -141,9 +227,71 @@ class CheckpointManager:
                 raise
             # The cause is known and named below: torch's two chained tracebacks would only bury it.
             raise DiskFullError(self._disk_full_message(target, needed)) from None
-        for old in self.rolling()[self.keep_last :]:
-            old.unlink(missing_ok=True)
+        self._drop_old_rolling()
         return path
+
+    def _drop_old_rolling(self) -> None:
+        for old in self.rolling()[self.keep_last :]:
+            _remove(old)
+
+    def save_sharded(
+        self,
+        shards: dict[str, Any],
+        extra: dict[str, Any] | None,
+        iteration: int,
+        epoch_keeper: int | None = None,
+    ) -> Path:
+        """Write ``last-<iteration>.dcp/`` (and ``epoch-<epoch_keeper>.dcp/``) from every process (a
+        collective): ``shards`` (each process's state dicts of sharded tensors) with
+        ``torch.distributed.checkpoint``, ``extra`` (the plain data, given on the first process only, None
+        elsewhere) as ``extra.pth``; in a single process (no process group) it is written alone. All of it
+        goes into a temporary directory first, renamed once every process has written its part: a kill at
+        any moment leaves the previous checkpoints as they were. A failure raises on every process."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        main = extra is not None  # the first process (rank 0)
+        together = dist.is_available() and dist.is_initialized()
+        path = self.directory / f"last-{iteration:09d}{SHARDED_SUFFIX}"
+        tmp = path.with_name(f".{path.name}.tmp-sharded")  # one name for all processes (not a pid)
+        if main:
+            _remove(tmp)
+            tmp.mkdir(parents=True)
+        if together:
+            dist.barrier()
+        with warnings.catch_warnings():  # a single process: writing without a process group is meant
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            # Raises on every process if one failed to write.
+            dcp.save(shards, checkpoint_id=str(tmp), no_dist=not together)
+        error: BaseException | None = None
+        if extra is not None:  # main
+            try:
+                atomic_save({"format": CHECKPOINT_FORMAT, **extra}, tmp / SHARDED_EXTRA)
+                _replace_directory(tmp, path)
+                if epoch_keeper is not None:
+                    self._keep_directory(path, self.directory / f"epoch-{epoch_keeper:04d}{SHARDED_SUFFIX}")
+                self._drop_old_rolling()
+            except OSError as err:
+                _remove(tmp)
+                full = err.errno in _NO_SPACE
+                error = DiskFullError(self._disk_full_message(path, _tensor_bytes(shards))) if full else err
+        # The first process tells the others how it went (they would otherwise wait for it in vain).
+        failed = [error is not None]
+        if together:
+            dist.broadcast_object_list(failed, src=0)
+        if error is not None:
+            raise error
+        if failed[0]:
+            raise CheckpointError(f"the first process could not complete {path}: see its error above")
+        return path
+
+    def _keep_directory(self, path: Path, keeper: Path) -> None:
+        """A kept copy of the sharded checkpoint ``path``: hard links to its files (copies where the file
+        system has none), under a temporary name first."""
+        tmp = keeper.with_name(f".{keeper.name}.tmp-sharded")
+        _remove(tmp)
+        shutil.copytree(path, tmp, copy_function=_link_or_copy)
+        _replace_directory(tmp, keeper)
 
     def _keep(self, path: Path, keeper: Path) -> None:
         tmp = _temporary(keeper)
@@ -182,15 +330,18 @@ class CheckpointManager:
             p for e, p in self._numbered(_KEEPER) if e > epoch
         ]
 
-    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
+    def load_latest(
+        self, map_location: str | torch.device = "cpu", *, consolidate: bool = True
+    ) -> tuple[dict[str, Any], Path] | None:
         """Newest readable checkpoint: the rolling ones newest first, then the kept ``epoch-N.pth`` ones
-        newest first; unreadable ones are reported and passed over. None when there is no checkpoint;
+        newest first; unreadable ones are reported and passed over (``consolidate``: see
+        :func:`load_sharded_checkpoint`). None when there is no checkpoint;
         CheckpointError when there are some and none can be read (a silent fresh start would throw the
         run away)."""
         candidates = self.rolling() + self.keepers()
         for path in candidates:
             try:
-                return load_checkpoint(path, map_location), path
+                return load_checkpoint(path, map_location, consolidate=consolidate), path
             except CheckpointError as err:
                 log.warning("%s; falling back to the previous checkpoint", err)
         if candidates:
@@ -201,6 +352,36 @@ class CheckpointManager:
                 "replaced-<time>/ without deleting them"
             )
         return None
+
+
+def _remove(path: Path) -> None:
+    """A checkpoint file or a sharded checkpoint's directory, gone."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _replace_directory(tmp: Path, path: Path) -> None:
+    """Give the complete directory ``tmp`` the name ``path``, on disk. A directory of that name already
+    there (the same iteration saved again) is moved aside first and removed after."""
+    _fsync_dir(tmp)  # the files' contents were synced by their writers (DCP's sync_files, atomic_save)
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.tmp-replaced")
+        _remove(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        _remove(old)
 
 
 def _out_of_space(err: BaseException, directory: Path, needed: int) -> bool:

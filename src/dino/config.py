@@ -17,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from dino.devices import DEVICE_NAMES, PrecisionName, is_device_name
-from dino.loss import TeacherNorm
+from dino.loss import LossKind, TeacherNorm
 from dino.models.backbones import available_archs, is_resnet
+from dino.models.head import HeadActivation
 from dino.models.vision_transformer import VIT_SIZES
 from dino.teacher import TeacherMode
 
@@ -29,6 +30,7 @@ AugmentOn = Literal["auto", "workers", "device"]
 ProgressBar = Literal["auto", "always", "never"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 COMPILE_MODES: tuple[CompileMode, ...] = get_args(CompileMode)
+Strategy = Literal["ddp", "fsdp"]  # issue 22: how the student (and teacher) are spread over processes
 
 CONFIG_VERSION = 1
 
@@ -56,6 +58,14 @@ class HeadConfig:
     use_bn: bool = False
     norm_last_layer: bool = True
     freeze_last_layer: int = 1  # epochs during which the last layer gets no updates
+    # The appendix's head studies: the L2-normalised bottleneck (off: the MLP's output goes to the last
+    # layer as it is) and the MLP's activation.
+    l2_bottleneck: bool = True
+    activation: HeadActivation = "gelu"
+    # A predictor MLP on the student only (BYOL-style, the paper's "Pred." column): bottleneck -> hidden ->
+    # bottleneck between the student's MLP and its L2 normalisation; the teacher has none.
+    predictor: bool = False
+    predictor_hidden_dim: int = 0  # 0: head.hidden_dim
 
 
 @dataclass
@@ -66,6 +76,10 @@ class LossConfig:
     warmup_teacher_temp_epochs: int = 30
     center_momentum: float = 0.9
     teacher_norm: TeacherNorm = "centering"  # centering | sinkhorn | batch_softmax | none (paper ablations)
+    # cross_entropy: DINO's loss; mse: squared distance between L2-normalised outputs, no temperatures and no
+    # sharpening (BYOL's loss, the paper's "MSE" rows); with teacher_norm=centering the teacher output is
+    # centred first (rows 2 and 9 of the paper's BYOL table), with none it is used as it is.
+    kind: LossKind = "cross_entropy"
 
 
 @dataclass
@@ -135,6 +149,9 @@ class RunConfig:
     checkpoint_every_iters: int = 0  # mid-epoch checkpoints; 0 = only at epoch ends
     checkpoint_every_minutes: float = 0.0  # mid-epoch checkpoints by wall time; 0 disables
     max_bad_steps: int = 5  # consecutive non-finite losses tolerated (skipped) before stopping
+    # A time budget: the run ends (checkpoint, teacher backbone) at the first epoch end after this many
+    # minutes of training, counted across resumes; the schedules stay those of run.epochs. 0: no limit.
+    max_minutes: float = 0.0
     progress_bar: ProgressBar = "auto"  # auto (on a terminal) | always | never
     compile: bool = False  # torch.compile the student's and teacher's backbones
     # torch.compile mode, used with run.compile=true (ignored without, so that run.compile=false alone turns
@@ -146,6 +163,10 @@ class RunConfig:
     # How long a process waits in a collective for the others (torch's NCCL default is 10 minutes): the
     # k-NN monitor runs on the first process only while the others wait, for as long as its bank takes.
     dist_timeout_minutes: float = 60.0
+    # Several processes: ddp (a full copy of the models on each) | fsdp (FSDP2: the student and the teacher
+    # sharded per ViT block and head; torch.distributed.checkpoint checkpoints, resumable on any number of
+    # processes). One process trains the same way with either.
+    strategy: Strategy = "ddp"
 
 
 @dataclass
@@ -156,7 +177,20 @@ class MonitorConfig:
     knn_val: str | None = None  # labelled folder of held-out images
     knn_k: int = 20
     knn_temperature: float = 0.07
+    knn_student: bool = False  # also score the student at each k-NN point (teacher vs student, paper Fig. 6)
     knn_resize: int = 0  # eval resize (shorter side); 0 = global_crop_size * 8 / 7
+
+
+@dataclass
+class LogConfig:
+    """Where a run's records go besides ``log.jsonl`` (main process only): TensorBoard, Weights & Biases."""
+
+    tensorboard: bool = False  # event files under RUN/tensorboard/ (pip install 'dino[tensorboard]')
+    wandb: bool = False  # a W&B run (pip install 'dino[wandb]'); WANDB_MODE=offline works without network
+    wandb_project: str | None = None  # needed with log.wandb=true
+    wandb_entity: str | None = None  # team or user; None: W&B's default entity
+    wandb_name: str | None = None  # display name; None: the run directory's name
+    images: int = 8  # augmented crops shown at the start, and attention maps at each k-NN point; 0: none
 
 
 @dataclass
@@ -170,25 +204,42 @@ class DINOConfig:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def packaged_yaml_names(folder: str = "") -> list[str]:
+    """The YAML files shipped in ``dino/configs/<folder>``, by name (presets, fine-tuning presets, studies)."""
+    root = files("dino.configs")
+    if folder:
+        root = root / folder
+    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_packaged_yaml(
+    name_or_path: str | Path, folder: str = "", what: str = "config", shipped: str = "preset"
+) -> Path:
+    """A YAML file's path, or the shipped ``dino/configs/<folder>/<name>.yaml``; a ConfigError naming the
+    shipped ones otherwise."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    root = files("dino.configs")
+    packaged = (root / folder if folder else root) / f"{name_or_path}.yaml"
+    if packaged.is_file():
+        return Path(str(packaged))
+    raise ConfigError(
+        f"{what} {str(name_or_path)!r} is neither a YAML file nor a {shipped}; the {shipped.split()[-1]} files: "
+        f"{', '.join(packaged_yaml_names(folder))}"
+    )
 
 
 def preset_names() -> list[str]:
-    return sorted(
-        p.name.removesuffix(".yaml") for p in files("dino.configs").iterdir() if p.name.endswith(".yaml")
-    )
+    return packaged_yaml_names()
 
 
 def resolve_preset(name_or_path: str) -> Path:
     """A preset name (``vit_small_100ep``) or a YAML path."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    packaged = files("dino.configs") / f"{name_or_path}.yaml"
-    if packaged.is_file():
-        return Path(str(packaged))
-    raise ConfigError(
-        f"config {name_or_path!r} is neither a YAML file nor a preset; presets: {', '.join(preset_names())}"
-    )
+    return resolve_packaged_yaml(name_or_path, what="config")
 
 
 def load_config(
@@ -198,18 +249,33 @@ def load_config(
 ) -> DINOConfig:
     """Defaults ← ``base`` ← preset/YAML ← ``key=value`` overrides, validated. ``base`` (plain data): the
     settings of a checkpoint to continue from, which the preset and the overrides may still change."""
-    merged = OmegaConf.structured(DINOConfig)
+    path = resolve_preset(str(config)) if config is not None else None
+    cfg = merge_typed_config(DINOConfig, path, overrides, base)
+    validate(cfg)
+    return cfg
+
+
+def merge_typed_config(
+    schema: type[Any],
+    path: Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Any:
+    """An instance of the dataclass ``schema``: its defaults ← ``base`` ← the YAML file ``path`` ←
+    ``key=value`` overrides, each merged by OmegaConf against the typed fields (a wrong type, a value
+    outside a ``Literal`` or an unknown key is a :class:`ConfigError` naming the key and the source). Not
+    validated: the caller checks ranges. Shared by every command that reads a typed configuration."""
+    merged = OmegaConf.structured(schema)
     sources: list[tuple[str, Any]] = []
     if base is not None:
         sources.append(("the checkpoint", OmegaConf.create(base)))
-    if config is not None:
-        path = resolve_preset(str(config))
+    if path is not None:
         try:
             loaded = OmegaConf.load(path)
         except Exception as err:
             raise ConfigError(f"cannot read config {path}: {err}") from err
         if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"config {path} must be a mapping of sections (model:, head:, …)")
+            raise ConfigError(f"config {path} must be a mapping of sections (model:, run:, …)")
         _check_version(loaded.get("version", CONFIG_VERSION), str(path))
         sources.append((str(path), loaded))
     if overrides:
@@ -227,11 +293,10 @@ def load_config(
                 raise ConfigError(f"{key}: {_first_line(err)} (from {origin})") from err
             raise ConfigError(
                 f"invalid config key or value {key!r} from {origin}: {_first_line(err)}; "
-                f"valid sections: {', '.join(f.name for f in fields(DINOConfig))}"
+                f"valid sections: {', '.join(f.name for f in fields(schema))}"
             ) from err
     cfg = OmegaConf.to_object(merged)
-    assert isinstance(cfg, DINOConfig)
-    validate(cfg)
+    assert isinstance(cfg, schema)
     return cfg
 
 
@@ -289,6 +354,8 @@ def validate(cfg: DINOConfig) -> None:
     _validate_run(cfg.run)
     _validate_run_options(cfg.run)
     _validate_monitor(cfg.monitor, cfg.data)
+    _validate_log(cfg.log)
+    _validate_strategy(cfg)
 
 
 def _validate_model(m: ModelConfig) -> None:
@@ -313,6 +380,11 @@ def _validate_model(m: ModelConfig) -> None:
 
 def _validate_head(h: HeadConfig) -> None:
     _require(h.out_dim >= 2, "head.out_dim", f"K must be at least 2, got {h.out_dim}")
+    _require(
+        h.predictor_hidden_dim >= 0,
+        "head.predictor_hidden_dim",
+        f"must be >= 0 (0 = head.hidden_dim), got {h.predictor_hidden_dim}",
+    )
     for key in ("hidden_dim", "bottleneck_dim", "nlayers"):
         _require(getattr(h, key) >= 1, f"head.{key}", f"must be a positive integer, got {getattr(h, key)}")
     _require(
@@ -321,8 +393,22 @@ def _validate_head(h: HeadConfig) -> None:
 
 
 def _validate_loss(lo: LossConfig) -> None:
-    for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
-        _require(getattr(lo, key) > 0, f"loss.{key}", f"must be > 0, got {getattr(lo, key)}")
+    _require(lo.student_temp > 0, "loss.student_temp", f"must be > 0, got {lo.student_temp}")
+    # tau_t = 0 is the sharpening table's first column: one-hot targets (the argmax), fixed for the run.
+    argmax = lo.teacher_temp == 0 and lo.warmup_teacher_temp == 0
+    for key in ("teacher_temp", "warmup_teacher_temp"):
+        _require(
+            getattr(lo, key) > 0 or argmax,
+            f"loss.{key}",
+            f"must be > 0, got {getattr(lo, key)} (0 is allowed for both loss.teacher_temp and "
+            "loss.warmup_teacher_temp together: one-hot teacher targets)",
+        )
+    _require(
+        lo.kind == "cross_entropy" or lo.teacher_norm in ("centering", "none"),
+        "loss.teacher_norm",
+        f"{lo.teacher_norm} makes the teacher output a distribution, which loss.kind=mse does not compare: "
+        "use centering or none with mse",
+    )
     _require(lo.warmup_teacher_temp_epochs >= 0, "loss.warmup_teacher_temp_epochs", "must be >= 0")
     _require(
         0.0 <= lo.center_momentum < 1.0,
@@ -390,17 +476,24 @@ def _validate_loading(d: DataConfig) -> None:
         d.num_workers >= -1, "data.num_workers", f"must be >= 0 (or -1 for automatic), got {d.num_workers}"
     )
     _require(0.0 <= d.min_valid_fraction <= 1.0, "data.min_valid_fraction", "must be in [0, 1]")
-    if d.path is not None:
+    if d.path is not None and str(d.path).endswith(".tar"):  # WebDataset shards (dino.data.shards)
+        from dino.data.shards import shard_pattern_problem
+
+        problem = shard_pattern_problem(str(d.path))
+        _require(problem is None, "data.path", problem or "")
+    elif d.path is not None:
         _require(
             Path(d.path).expanduser().is_dir(),
             "data.path",
-            f"{d.path!r} is not an existing folder; pass --data DIR with your images",
+            f"{d.path!r} is not an existing folder; pass --data DIR with your images "
+            "(or WebDataset shards: a path ending in .tar, e.g. 'OUT/shard-{000000..000099}.tar')",
         )
 
 
 def _validate_run(r: RunConfig) -> None:
     _require(r.epochs >= 1, "run.epochs", f"must be >= 1, got {r.epochs}")
     _require(r.batch_size >= 1, "run.batch_size", f"must be >= 1, got {r.batch_size}")
+    _require(r.max_minutes >= 0, "run.max_minutes", f"must be >= 0 (0: no time limit), got {r.max_minutes}")
     _require(is_device_name(r.device), "run.device", f"must be {DEVICE_NAMES}, got {r.device!r}")
     _require(
         not (r.precision == "fp16" and r.device == "cpu"),
@@ -453,6 +546,15 @@ def _validate_monitor(mon: MonitorConfig, d: DataConfig) -> None:
                 )
 
 
+def _validate_log(lg: LogConfig) -> None:
+    _require(
+        not lg.wandb or bool(lg.wandb_project),
+        "log.wandb_project",
+        "name the W&B project to log into (log.wandb_project=NAME) with log.wandb=true",
+    )
+    _require(lg.images >= 0, "log.images", f"must be >= 0 (0: no images), got {lg.images}")
+
+
 def as_flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """``{"model.arch": ..., ...}`` for logging."""
     out: dict[str, Any] = {}
@@ -464,3 +566,27 @@ def as_flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def _validate_strategy(cfg: DINOConfig) -> None:
+    """``run.strategy=fsdp`` combines with what has been tested with it (ViTs, fp32 / bf16, eager)."""
+    if cfg.run.strategy != "fsdp":
+        return
+    arch = cfg.model.arch
+    _require(
+        arch.startswith("vit_"),
+        "run.strategy",
+        f"fsdp shards the vit_* backbones (per transformer block), not {arch!r}: use run.strategy=ddp",
+    )
+    _require(
+        cfg.run.precision != "fp16",
+        "run.strategy",
+        "fsdp trains in bf16 (parameters) with fp32 reductions, or fp32: set run.precision=bf16 or fp32",
+    )
+    _require(not cfg.run.compile, "run.strategy", "fsdp runs eager: set run.compile=false")
+    _require(
+        not cfg.monitor.knn_every,
+        "run.strategy",
+        "with fsdp the teacher is sharded and the online k-NN monitor (first process only) cannot run it: "
+        "set monitor.knn_every=0 and evaluate the checkpoints with `dino knn --weights RUN`",
+    )

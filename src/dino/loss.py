@@ -7,7 +7,10 @@ For teacher outputs g_t(x) on the global views and student outputs g_s(x') on al
 
 and the center c follows an EMA (rate ``center_momentum``) of the batch mean of teacher outputs,
 averaged over all processes. The paper's ablations of the teacher normalisation (no centering,
-softmax over the batch, Sinkhorn-Knopp) are available through ``teacher_norm``.
+softmax over the batch, Sinkhorn-Knopp) are available through ``teacher_norm``; tau_t = 0 gives one-hot
+targets (the argmax, the sharpening table's first column); ``kind="mse"`` replaces the cross-entropy by
+the squared distance between L2-normalised outputs (BYOL's loss, the paper's "MSE" rows): no temperature,
+no sharpening, the teacher centred first only with ``teacher_norm="centering"``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 TeacherNorm = Literal["centering", "sinkhorn", "batch_softmax", "none"]
+LossKind = Literal["cross_entropy", "mse"]
 
 
 def _all_reduce_mean(x: Tensor) -> Tensor:
@@ -66,12 +70,18 @@ class DINOLoss(nn.Module):
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
         teacher_norm: TeacherNorm = "centering",
+        kind: LossKind = "cross_entropy",
     ) -> None:
         super().__init__()
         if teacher_norm not in ("centering", "sinkhorn", "batch_softmax", "none"):
             raise ValueError(
                 f"teacher_norm must be centering, sinkhorn, batch_softmax or none, got {teacher_norm!r}"
             )
+        if kind not in ("cross_entropy", "mse"):
+            raise ValueError(f"loss kind must be cross_entropy or mse, got {kind!r}")
+        if kind == "mse" and teacher_norm not in ("centering", "none"):
+            raise ValueError(f"the mse loss takes teacher_norm centering or none, not {teacher_norm!r}")
+        self.kind = kind
         self.out_dim = out_dim
         self.student_temp = student_temp
         self.center_momentum = center_momentum
@@ -81,6 +91,13 @@ class DINOLoss(nn.Module):
     def teacher_probs(self, teacher_output: Tensor, teacher_temp: float) -> Tensor:
         """Target distribution P_t from raw teacher logits (no gradient)."""
         logits = teacher_output.detach().float()
+        if teacher_temp == 0:  # the limit of tau_t -> 0: all the mass on the largest (centred) logit
+            if self.teacher_norm not in ("centering", "none"):
+                raise ValueError(
+                    f"teacher temperature 0 (argmax) needs centering or none, not {self.teacher_norm}"
+                )
+            shifted = logits - self.center if self.teacher_norm == "centering" else logits
+            return F.one_hot(shifted.argmax(dim=-1), self.out_dim).to(logits.dtype)
         if self.teacher_norm == "centering":
             return F.softmax((logits - self.center) / teacher_temp, dim=-1)
         if self.teacher_norm == "sinkhorn":
@@ -118,6 +135,25 @@ class DINOLoss(nn.Module):
                 f"{batch} ({n_global} view(s) in teacher_output {tuple(teacher_output.shape)}) and the same K"
             )
         n_views = student_output.shape[0] // batch
+        if n_global * n_views - min(n_global, n_views) == 0:
+            raise ValueError("the DINO loss needs at least two views (no pair of distinct views was given)")
+        if self.kind == "mse":
+            with torch.no_grad():  # the entropy and KL of the same outputs as softmaxes: diagnostics only
+                _, stats = self._cross_entropy(
+                    student_output, teacher_output, teacher_temp, n_global, n_views
+                )
+            loss = self._mse(student_output, teacher_output, n_global, n_views)
+        else:
+            loss, stats = self._cross_entropy(student_output, teacher_output, teacher_temp, n_global, n_views)
+        if update_center:
+            self.update_center(teacher_output)
+        return loss, stats
+
+    def _cross_entropy(
+        self, student_output: Tensor, teacher_output: Tensor, teacher_temp: float, n_global: int, n_views: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The mean over pairs of -P_t . log P_s, with the teacher entropy and KL over the same pairs."""
+        batch = teacher_output.shape[0] // n_global
         log_p = F.log_softmax(student_output.float() / self.student_temp, dim=-1).view(n_views, batch, -1)
         p_t = self.teacher_probs(teacher_output, teacher_temp).view(n_global, batch, -1)
         # Teacher view t is paired with every student view s != t. Summing the student log-probabilities
@@ -125,8 +161,6 @@ class DINOLoss(nn.Module):
         # product: -sum_{s != t} p_t . log p_s = -p_t . (sum_s log p_s - log p_t).
         paired = min(n_global, n_views)  # teacher views that have a student view of their own to skip
         n_pairs = n_global * n_views - paired
-        if n_pairs == 0:
-            raise ValueError("the DINO loss needs at least two views (no pair of distinct views was given)")
         summed = log_p.sum(dim=0, keepdim=True)
         others = summed - log_p[:paired]
         if n_global > paired:
@@ -139,14 +173,33 @@ class DINOLoss(nn.Module):
             pairs_of[:paired] -= 1
             kl = cross_entropy.detach().sum() - (pairs_of * entropies).sum()
             entropy = entropies.mean()
-        if update_center:
-            self.update_center(teacher_output)
         return total / n_pairs, {"teacher_entropy": entropy, "kl": kl / n_pairs}
+
+    def _mse(self, student_output: Tensor, teacher_output: Tensor, n_global: int, n_views: int) -> Tensor:
+        """The mean over the same pairs of ||s/|s| - t/|t|||^2 = 2 - 2 cos(s, t), the teacher centred first
+        with ``teacher_norm="centering"``."""
+        batch = teacher_output.shape[0] // n_global
+        target = teacher_output.detach().float()
+        if self.teacher_norm == "centering":
+            target = target - self.center
+        t = F.normalize(target, dim=-1).view(n_global, batch, -1)
+        s = F.normalize(student_output.float(), dim=-1).view(n_views, batch, -1)
+        paired = min(n_global, n_views)
+        n_pairs = n_global * n_views - paired
+        summed = s.sum(dim=0, keepdim=True)
+        others = summed - s[:paired]
+        if n_global > paired:
+            others = torch.cat([others, summed.expand(n_global - paired, -1, -1)])
+        cosines = (t * others).sum(dim=-1).mean(dim=-1).sum()  # summed over the pairs, mean over the batch
+        return 2.0 - 2.0 * cosines / n_pairs
 
     @torch.no_grad()
     def update_center(self, teacher_output: Tensor, skip: Tensor | None = None) -> None:
         """c ← m·c + (1 − m)·mean(teacher outputs over the global batch); left as it is where the 0-dim
-        ``skip`` flag (on the device, so no host synchronisation) is set."""
+        ``skip`` flag (on the device, so no host synchronisation) is set. The mse loss without centering
+        has no center: it stays at zero."""
+        if self.kind == "mse" and self.teacher_norm != "centering":
+            return
         batch_center = _all_reduce_mean(teacher_output.detach().float().mean(dim=0, keepdim=True))
         updated = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
         self.center.copy_(updated if skip is None else torch.where(skip.bool(), self.center, updated))

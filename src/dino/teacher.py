@@ -13,14 +13,36 @@ from typing import Literal, get_args
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 TeacherMode = Literal["momentum", "student", "previous_iter", "previous_epoch"]
 TEACHER_MODES: tuple[TeacherMode, ...] = get_args(TeacherMode)
 
 
+def shared_parameters(
+    teacher: nn.Module, student: nn.Module
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The teacher's parameters and the student's of the same names, in the same order. The student may
+    have parameters of its own (a predictor) that the teacher has no counterpart for: they are left out.
+
+    The common case (the same parameter lists) pairs them by position without building names."""
+    t_params: list[torch.Tensor] = list(teacher.parameters())
+    s_params: list[torch.Tensor] = list(student.parameters())
+    if len(t_params) == len(s_params):
+        return t_params, s_params
+    by_name = dict(student.named_parameters())
+    t_named = list(teacher.named_parameters())
+    missing = [name for name, _ in t_named if name not in by_name]
+    if missing:
+        raise ValueError(f"the student has no parameters named like the teacher's {missing[:3]}")
+    return [p for _, p in t_named], [by_name[name] for name, _ in t_named]
+
+
 def init_teacher(teacher: nn.Module, student: nn.Module) -> nn.Module:
-    """Copy the student's weights (and buffers) into ``teacher`` and freeze it."""
-    teacher.load_state_dict(student.state_dict())
+    """Copy the student's weights (and buffers) into ``teacher`` and freeze it; student-only modules (a
+    predictor) are left out."""
+    teacher_keys = teacher.state_dict().keys()
+    teacher.load_state_dict({k: v for k, v in student.state_dict().items() if k in teacher_keys})
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
@@ -39,10 +61,9 @@ def ema_update(
     ``skip``: a 0-dim 0/1 tensor on the device; where it is 1 the teacher is left as it is, decided
     without a host synchronisation.
     """
-    t_params: list[torch.Tensor] = list(teacher.parameters())
-    s_params = [p.detach() for p in student.parameters()]
-    if len(t_params) != len(s_params):
-        raise ValueError("teacher and student have different parameter lists")
+    t_params, s_params = shared_parameters(teacher, student)
+    t_params = _local_shards(t_params)
+    s_params = _local_shards([p.detach() for p in s_params])
     if skip is None:
         torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
         return
@@ -51,6 +72,12 @@ def ema_update(
     steps = torch._foreach_sub(s_params, t_params)
     torch._foreach_mul_(steps, (1.0 - momentum) * (1.0 - skip.float()))
     torch._foreach_add_(t_params, steps)
+
+
+def _local_shards(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each parameter's slice on this process when the models are sharded (FSDP2 ``DTensor``): the teacher
+    is sharded as the student is, so the EMA is elementwise on the local slices, with no communication."""
+    return [p.to_local() if isinstance(p, DTensor) else p for p in params]
 
 
 @torch.no_grad()
@@ -68,9 +95,9 @@ class TeacherUpdater:
         self.mode = mode
         self._snapshot: list[torch.Tensor] | None = None
 
-    def before_step(self, student: nn.Module) -> None:
+    def before_step(self, teacher: nn.Module, student: nn.Module) -> None:
         if self.mode == "previous_iter":
-            self._snapshot = [p.detach().clone() for p in student.parameters()]
+            self._snapshot = [p.detach().clone() for p in shared_parameters(teacher, student)[1]]
 
     @torch.no_grad()
     def after_step(
@@ -82,7 +109,7 @@ class TeacherUpdater:
         elif self.mode == "student":
             copy_weights(teacher, student)
         elif self.mode == "previous_iter" and self._snapshot is not None:
-            torch._foreach_copy_(list(teacher.parameters()), self._snapshot)
+            torch._foreach_copy_(shared_parameters(teacher, student)[0], self._snapshot)
             self._snapshot = None
 
     def end_of_epoch(self, teacher: nn.Module, student: nn.Module) -> None:

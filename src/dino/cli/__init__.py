@@ -18,14 +18,15 @@ from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from dino.checkpoint import CheckpointError
-from dino.cli import dense, evaluate, export, train
+from dino.cli import data, dense, evaluate, export, finetune, plot, slurm, study, train
+from dino.cli.processes import command_processes
 from dino.config import ConfigError
 from dino.data.datasets import ImageDecodeError, SkippedImageWarning
 from dino.data.in_memory import InMemoryTooLarge
 from dino.train.guard import TrainingDiverged
 
 # The command families, in the order ``dino --help`` lists them; a new family adds its module here.
-COMMAND_FAMILIES = (train, evaluate, export, dense)
+COMMAND_FAMILIES = (train, data, evaluate, export, dense, finetune, study, plot, slurm)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _capture_warnings()
     try:
-        return int(args.func(args) or 0)
+        with command_processes(args):
+            return int(args.func(args) or 0)
     except _REPORTED_ERRORS as err:
         if args.verbose:
             traceback.print_exc()

@@ -54,8 +54,15 @@ def device_name(value: str) -> str:
 
 
 def device_from_args(args: argparse.Namespace) -> torch.device:
-    """The device ``--device`` names, on this machine (:func:`dino.devices.resolve_device`)."""
-    return resolve_device(getattr(args, "device", "auto"), setting="--device")
+    """The device ``--device`` names, on this machine (:func:`dino.devices.resolve_device`); under torchrun,
+    this process's GPU (``LOCAL_RANK``)."""
+    local_rank, world_size = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return resolve_device(getattr(args, "device", "auto"), local_rank, world_size, setting="--device")
+
+
+MANY, ONE = "many", "one"
+"""A command's ``processes`` default: ``MANY`` runs under torchrun with its feature extraction split across
+the processes (:func:`dino.cli.processes.command_processes`); ``ONE`` refuses a torchrun launch."""
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +92,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="seed of the --random-init weights, so that repeated runs and cached features agree (default 0)",
     )
     g.add_argument(
-        "--arch", help="architecture (vit_tiny/small/base/large, resnet50, ...); default: from the weights"
+        "--arch",
+        help="architecture (vit_tiny/small/base/large/giant, resnet50, ...); default: from the weights",
     )
     g.add_argument("--patch-size", type=int, help="ViT patch size; default: from the weights")
     g.add_argument(

@@ -18,6 +18,8 @@ import torch
 from tqdm import tqdm
 
 from dino.cli.arguments import (
+    MANY,
+    ONE,
     add_model_arguments,
     add_normalization_arguments,
     device_from_args,
@@ -95,7 +97,7 @@ def _add_videoseg(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
     add_normalization_arguments(p, fallback="the original DAVIS script's (see above)")
     add_model_arguments(p)
-    p.set_defaults(func=run_videoseg, batch_size=8)
+    p.set_defaults(func=run_videoseg, batch_size=8, processes=ONE)
 
 
 def _add_davis_arguments(p: argparse.ArgumentParser) -> None:
@@ -265,7 +267,7 @@ def _add_attention(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
     add_normalization_arguments(p)
     add_model_arguments(p)
-    p.set_defaults(func=run_attention, batch_size=8)
+    p.set_defaults(func=run_attention, batch_size=8, processes=ONE)
 
 
 def _run_attention_video(
@@ -405,7 +407,7 @@ def _add_retrieval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
     add_normalization_arguments(p)
     add_model_arguments(p)
-    p.set_defaults(func=run_retrieval, batch_size=16)
+    p.set_defaults(func=run_retrieval, batch_size=16, processes=MANY)
 
 
 def run_retrieval(args: argparse.Namespace) -> int:
@@ -491,7 +493,7 @@ def _add_copydetect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
     add_normalization_arguments(p)
     add_model_arguments(p)
-    p.set_defaults(func=run_copydetect, batch_size=32)
+    p.set_defaults(func=run_copydetect, batch_size=32, processes=MANY)
 
 
 def run_copydetect(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from dino.cli.arguments import (
+    MANY,
     add_image_arguments,
     add_model_arguments,
     add_precision_argument,
@@ -57,6 +58,7 @@ from dino.eval.linear import (
     train_transform,
 )
 from dino.eval.lowshot import DEFAULT_FRACTIONS, DEFAULT_L2, lowshot_evaluate
+from dino.eval.sharding import is_main_process
 from dino.hub import LoadedBackbone
 from dino.output_paths import writable_file
 
@@ -232,7 +234,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     add_precision_argument(p)
     add_image_arguments(p)
-    p.set_defaults(func=run_extract)
+    p.set_defaults(func=run_extract, processes=MANY)
 
 
 def run_extract(args: argparse.Namespace) -> int:
@@ -257,7 +259,8 @@ def run_extract(args: argparse.Namespace) -> int:
         desc="extract",
         precision=args.precision,
     )
-    features.save(out)
+    if is_main_process():
+        features.save(out)
     results = {
         "file": str(out),
         "images": len(features),
@@ -302,7 +305,7 @@ def _add_knn(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     add_precision_argument(p)
     add_image_arguments(p)
-    p.set_defaults(func=run_knn)
+    p.set_defaults(func=run_knn, processes=MANY)
 
 
 def run_knn(args: argparse.Namespace) -> int:
@@ -371,7 +374,7 @@ def _add_lowshot(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     add_precision_argument(p)
     add_image_arguments(p)
-    p.set_defaults(func=run_lowshot)
+    p.set_defaults(func=run_lowshot, processes=MANY)
 
 
 def run_lowshot(args: argparse.Namespace) -> int:
@@ -456,7 +459,7 @@ def _add_linear(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     add_precision_argument(p)
     add_image_arguments(p)
-    p.set_defaults(func=run_linear)
+    p.set_defaults(func=run_linear, processes=MANY)
 
 
 def _linear_representation_name(args: argparse.Namespace, embed_dim: int, depth: int) -> str:

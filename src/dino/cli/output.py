@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from dino.eval.sharding import is_main_process
+
 
 def write_results(
     results: Mapping[str, Any], path: str | Path | None, title: str, detail: str | None = None
@@ -21,6 +23,8 @@ def write_results(
     as null so that the file stays valid JSON. ``detail`` names a bulky entry (per-image or per-query
     numbers) kept out of the table, in the JSON file only.
     """
+    if not is_main_process():  # under torchrun, the first process reports for all
+        return
     rows = list(_flatten({k: v for k, v in results.items() if k != detail}))
     width = max([len("metric")] + [len(k) for k, _ in rows])
     lines = [f"## {title}", "", f"| {'metric':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from dino.config import ConfigError, load_config, preset_names
+from dino.config import ConfigError, DINOConfig, load_config, preset_names
 from dino.hub import released_checkpoint_config
 from dino.output_paths import OutputPathError, writable_folder
 from dino.train import loop as training_loop  # looked up at each call: replacing loop.train takes effect
@@ -43,6 +43,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    cfg, resume = train_config(args)
+    run_dir = training_loop.train(cfg, resume=resume)
+    print(f"run directory: {run_dir}")
+    summary = knn_summary(run_dir)
+    if summary is not None:
+        print(summary)
+    return 0
+
+
+def train_config(args: argparse.Namespace) -> tuple[DINOConfig, str | bool]:
+    """The validated configuration of a ``dino train`` command line and what it resumes from (a path, or
+    whether to continue the run directory's own run); refuses an output folder it cannot write to."""
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.path={args.data}")
@@ -63,13 +75,8 @@ def run_train(args: argparse.Namespace) -> int:
         writable_folder(cfg.run.output_dir)
     except OutputPathError as err:
         raise ConfigError(f"run.output_dir: {err}") from err
-    resume = args.resume if args.resume else not args.no_resume
-    run_dir = training_loop.train(cfg, resume=resume)
-    print(f"run directory: {run_dir}")
-    summary = knn_summary(run_dir)
-    if summary is not None:
-        print(summary)
-    return 0
+    resume: str | bool = args.resume if args.resume else not args.no_resume
+    return cfg, resume
 
 
 def _add_presets(sub: argparse._SubParsersAction) -> None:

@@ -8,6 +8,7 @@ with a clear :class:`DatasetError`, when most of a folder cannot be decoded at a
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -15,7 +16,7 @@ import random
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ class SkippedImageWarning(UserWarning):
 
 
 def load_rgb(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | BinaryIO,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     reduction: Callable[[int, int], float] | None = None,
     *,
@@ -129,7 +130,9 @@ def _decode_opened(
     return to_rgb(ImageOps.exif_transpose(img) if exif_transpose else img)
 
 
-def _file_size(path: str | os.PathLike[str]) -> int | None:
+def _file_size(path: str | os.PathLike[str] | BinaryIO) -> int | None:
+    if not isinstance(path, str | os.PathLike):  # bytes in memory (a WebDataset shard's sample)
+        return len(path.getbuffer()) if isinstance(path, io.BytesIO) else None
     try:
         return os.path.getsize(path)
     except OSError:

@@ -187,7 +187,62 @@ def save_attention_pictures(
         for filename, array in pictures.items():
             Image.fromarray(array).save(out_dir / filename)
             written.append(out_dir / filename)
+    written.append(save_attention_summary(pixels, heat, big_masks, out_dir / "summary.png", out_dir.name))
     return written
+
+
+def save_attention_summary(
+    pixels: np.ndarray, heat: np.ndarray, masks: np.ndarray, path: Path, name: str
+) -> Path:
+    """One titled figure of an image's attention, readable on its own: the image, the mean over heads and
+    each head's heat map (each with a colour bar), and each head's mass mask over the image.
+
+    The ``attn-*``/``overlay-*``/``mask-*`` files beside it are the bare maps at the image's resolution, for
+    other programs; this one is for people. ``heat`` and ``masks`` are [heads, H, W] at the image's size."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    heads = heat.shape[0]
+    cols = heads + 2
+    fig = Figure(figsize=(3.2 * cols, 6.0), layout="constrained")
+    axes = fig.subplots(2, cols, squeeze=False)
+    axes[0, 0].imshow(pixels)
+    axes[0, 0].set_title("image")
+    maps = [("mean of heads", heat.mean(axis=0)), *((f"head {h}", heat[h]) for h in range(heads))]
+    for ax, (label, values) in zip(axes[0, 1:], maps, strict=True):
+        shown = ax.imshow(values, cmap="inferno")
+        ax.set_title(label)
+        fig.colorbar(shown, ax=ax, shrink=0.8, label="attention weight")
+    for h in range(heads):
+        ax = axes[1, h + 2]
+        ax.imshow(mask_overlay(pixels, masks[h]))
+        ax.set_title(f"head {h}: mask")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[1, :2]:
+        ax.axis("off")
+    axes[1, 1].legend(
+        handles=[
+            Patch(color=(1.0, 0.25, 0.25), label="mask: the head's top patches\nholding its attention mass"),
+            Patch(color=(0.3, 0.3, 0.3), label="darkened: the rest"),
+        ],
+        loc="center",
+        fontsize="small",
+        title="bottom row",
+    )
+    fig.suptitle(
+        f"last-block [CLS] attention to the patches: {name} ({pixels.shape[1]}×{pixels.shape[0]} px)"
+    )
+    canvas = FigureCanvasAgg(fig)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        canvas.print_png(str(tmp))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 # --- Folders, batches and videos -------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dino.eval.features import DEFAULT_GEM_P, gem_pool, resnet_feature_map
 from dino.eval.images import ImageFileDataset
 from dino.eval.retrieval import average_precision
+from dino.eval.sharding import gather_rows, my_share
 from dino.models.vision_transformer import VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -155,16 +156,20 @@ def descriptors(
     std: Sequence[float] = IMAGENET_STD,
     exif_transpose: bool = False,
 ) -> Tensor:
-    """Raw (unnormalised) copy-detection descriptors of ``paths``, [N, D] on the CPU."""
+    """Raw (unnormalised) copy-detection descriptors of ``paths``, [N, D] on the CPU.
+
+    Under torchrun every process calls this: each computes its block of ``paths`` and gets every row, in
+    order (:mod:`dino.eval.sharding`).
+    """
     from tqdm import tqdm
 
-    images = SquareImages(paths, imsize, mean, std, exif_transpose)
+    images = SquareImages(my_share(list(paths)), imsize, mean, std, exif_transpose)
     loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers)
     out = [
         copy_descriptor(model, batch.to(device)).cpu()
         for batch in tqdm(loader, desc=desc, disable=not progress)
     ]
-    return torch.cat(out)
+    return gather_rows(torch.cat(out) if out else torch.empty(0))
 
 
 # --- Whitening -------------------------------------------------------------------------------------------

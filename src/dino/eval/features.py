@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from dino.data.datasets import collate_skipping_bad
+from dino.eval.sharding import gather_rows, my_share
 
 FEATURE_FILE_FORMAT = "dino-features"
 FEATURE_FILE_VERSION = 1
@@ -442,6 +443,10 @@ def extract_representations(
 
     The dataset needs ``samples`` ((path, label) pairs) and ``classes``, as :class:`ImageFolderDataset` has.
     Undecodable files are skipped (and absent from ``paths``); features are float32 on the CPU.
+
+    Under torchrun (``torch.distributed`` initialised, several processes) every process must call this with
+    the same arguments: each extracts its block of the images and every process gets all the rows, in
+    dataset order (:mod:`dino.eval.sharding`).
     """
     reps = check_representations(backbone, representations)
     samples = getattr(dataset, "samples", None)
@@ -449,19 +454,24 @@ def extract_representations(
         raise TypeError(
             "extract_representations needs a dataset with .samples (path, label), e.g. ImageFolderDataset"
         )
+    positions = list(range(len(samples))) if indices is None else list(indices)
     loader = DataLoader(
-        _Indexed(dataset, range(len(samples)) if indices is None else indices),
+        _Indexed(dataset, my_share(positions)),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
         collate_fn=collate_skipping_bad,
         pin_memory=device.type == "cuda",
     )
-    chunks, kept = _representations_of_loader(backbone, loader, device, reps, gem_p, autocast_dtype, desc)
+    chunks, mine = _representations_of_loader(backbone, loader, device, reps, gem_p, autocast_dtype, desc)
+    features = {
+        name: gather_rows(torch.cat(parts) if parts else torch.empty(0)) for name, parts in chunks.items()
+    }
+    kept = gather_rows(torch.tensor(mine, dtype=torch.long)).tolist()
     if not kept:
         raise ValueError("no image could be decoded for feature extraction; check the folder")
     return FeatureSet(
-        {name: torch.cat(parts) for name, parts in chunks.items()},
+        features,
         torch.tensor([int(samples[i][1]) for i in kept], dtype=torch.long),
         [str(samples[i][0]) for i in kept],
         list(getattr(dataset, "classes", [])),

@@ -40,10 +40,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dino.eval.images import ImageFileDataset
+from dino.eval.sharding import gather_rows, process_block
 
 PROTOCOLS = ("easy", "medium", "hard")
 MULTISCALE_FACTORS = (1.0, 1 / math.sqrt(2), 0.5)
@@ -330,12 +331,18 @@ def global_features(
     multiscale: bool = False,
     progress: bool = False,
 ) -> Tensor:
-    """L2-normalised global descriptors [N, D] of every image (optionally averaged over 3 scales), on the CPU."""
+    """L2-normalised global descriptors [N, D] of every image (optionally averaged over 3 scales), on the CPU.
+
+    Under torchrun every process calls this: each embeds its block of the images and gets every row, in
+    order (:mod:`dino.eval.sharding`).
+    """
     from tqdm import tqdm
 
-    loader = DataLoader(dataset, batch_size=1, num_workers=num_workers, collate_fn=_unbatched)
+    block = process_block(len(dataset))
+    mine = Subset(dataset, block)
+    loader = DataLoader(mine, batch_size=1, num_workers=num_workers, collate_fn=_unbatched)
     features: Tensor | None = None
-    bar = tqdm(total=len(dataset), desc="images", disable=not progress, leave=False)
+    bar = tqdm(total=len(mine), desc="images", disable=not progress, leave=False)
     for indices, images in batches_by_size(loader, batch_size):
         images = images.to(device)
         out = None
@@ -350,13 +357,14 @@ def global_features(
         assert out is not None
         out = F.normalize(out, dim=1).cpu()
         if features is None:
-            features = torch.zeros(len(dataset), out.shape[1])
-        features[torch.tensor(indices)] = out
+            features = torch.zeros(len(mine), out.shape[1])
+        features[torch.tensor(indices) - block.start] = out
         bar.update(len(indices))
     bar.close()
-    if features is None:
+    gathered = gather_rows(features if features is not None else torch.empty(0))
+    if len(dataset) == 0 or gathered.shape[0] != len(dataset):
         raise ValueError("no image to embed")
-    return features
+    return gathered
 
 
 # --- The protocol ----------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def require_vit(model: torch.nn.Module, protocol: str) -> VisionTransformer:
     if not isinstance(model, VisionTransformer):
         raise ValueError(
             f"{protocol} needs a Vision Transformer (it reads patch tokens / attention), but the model is a "
-            f"{type(model).__name__}; pass ViT weights (vit_tiny/small/base/large)"
+            f"{type(model).__name__}; pass ViT weights (vit_tiny/small/base/large/giant)"
         )
     return model
 

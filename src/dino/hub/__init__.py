@@ -12,9 +12,13 @@ errors that name the mismatch and its likely cause. The modules:
 - :mod:`~dino.hub.loading`: the public loader :func:`load`, and :func:`build_untrained` for baselines;
 - :mod:`~dino.hub.checkpoints`: training checkpoints, ours and the released full ones, and the image
   settings a run was trained with;
-- :mod:`~dino.hub.export`: a backbone out to the released layout, safetensors or timm.
+- :mod:`~dino.hub.export`: a backbone out to the released layout, safetensors or timm;
+- :mod:`~dino.hub.graph_export`: a backbone out as a graph (ONNX, ``torch.export``), checked against PyTorch;
+- :mod:`~dino.hub.torchhub`: the ``torch.hub`` entries of ``hubconf.py`` and ``dino.load`` (the backbone as
+  an ``nn.Module`` with its architecture as attributes).
 
-Everything is importable from ``dino.hub`` itself.
+Everything but the last two is importable from ``dino.hub`` itself (they import on use: the exporters
+and torch.hub are not needed to load weights).
 """
 
 from dino.hub.checkpoints import (

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from dino.checkpoint import CHECKPOINT_FORMAT, CheckpointManager
+from dino.checkpoint import CHECKPOINT_FORMAT, SHARDED_EXTRA, CheckpointManager, is_sharded_checkpoint
 from dino.config import ConfigError, config_from_dict, config_to_dict
 from dino.hub.errors import WeightsError, short_list
 from dino.hub.files import is_safetensors, read_weights_file
@@ -75,7 +75,7 @@ def load_training_checkpoint(
     matches its student; it has no ``optimizer``, ``rng``, ``iteration`` or ``step_in_epoch``.
     """
     resolved = resolve_weights(path, weights_dir, download, full=True)
-    if resolved.is_dir():
+    if resolved.is_dir() and not is_sharded_checkpoint(resolved):
         found = CheckpointManager(resolved).load_latest(map_location=map_location)
         if found is None:
             raise WeightsError(
@@ -310,6 +310,8 @@ def training_image_settings(weights: str | Path | None) -> TrainingImageSettings
         data = raw.get("data") if isinstance(raw, dict) else None
     elif path.is_file():
         data = _checkpoint_data_config(path)
+    elif is_sharded_checkpoint(path):
+        data = _checkpoint_data_config(path / SHARDED_EXTRA)
     if not isinstance(data, Mapping):
         return TrainingImageSettings()
     crop = data.get("global_crop_size")

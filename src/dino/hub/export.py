@@ -4,7 +4,11 @@
   (or torchvision's ResNet without ``fc``) and everything built for it load it with ``strict=True``;
 - ``safetensors``: the same tensors in a file that cannot carry code, with the architecture in its metadata;
 - ``timm``: a state dict that loads strictly into the matching ``timm`` model created with
-  ``num_classes=0`` (class-token pooling, LayerNorm eps 1e-6: the DINO ViT is timm's plain ViT).
+  ``num_classes=0`` (class-token pooling, LayerNorm eps 1e-6: the DINO ViT is timm's plain ViT); the
+  released shapes map to timm's own DINO names (``vit_small_patch16_224.dino``, ``vit_small_patch8_224.dino``,
+  ``vit_base_patch16_224.dino``, ``vit_base_patch8_224.dino``), whose configuration has no classifier, so
+  ``timm.create_model(name, pretrained=False)`` alone takes the export. timm has no DINO ResNet-50 name:
+  ``resnet50`` with ``num_classes=0``.
 
 Every export is read back and compared tensor by tensor before it is reported as written.
 """
@@ -19,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from dino.checkpoint import atomic_save
+from dino.checkpoint import atomic_save, is_sharded_checkpoint
 from dino.hub.errors import WeightsError, Which
 from dino.hub.files import SAFETENSORS_FORMAT, SAFETENSORS_FORMAT_VERSION
 from dino.hub.releases import resolve_weights
@@ -29,7 +33,13 @@ from dino.models.vision_transformer import VIT_SIZES
 
 ExportFormat = Literal["dino", "safetensors", "timm"]
 EXPORT_FORMATS: tuple[str, ...] = ("dino", "safetensors", "timm")
-_SUFFIXES = {"dino": ".pth", "safetensors": ".safetensors", "timm": "_timm.pth"}
+_SUFFIXES = {
+    "dino": ".pth",
+    "safetensors": ".safetensors",
+    "timm": "_timm.pth",
+    "onnx": ".onnx",
+    "pt2": ".pt2",
+}
 # timm model names for the DINO ViTs; other patch sizes use the /16 name with a patch_size override.
 _TIMM_VITS = frozenset(
     {
@@ -41,6 +51,10 @@ _TIMM_VITS = frozenset(
         ("vit_large", 16),
     }
 )
+
+
+# The released DINO ViTs, which timm names ``<arch>_patch<p>_224.dino`` (timm 0.9 and later).
+_DINO_RELEASED_VITS = frozenset({("vit_small", 16), ("vit_small", 8), ("vit_base", 16), ("vit_base", 8)})
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,16 @@ def timm_model_args(weights: BackboneWeights) -> tuple[str, dict[str, Any]]:
         )
     if not arch.startswith("vit_"):
         return arch, {"num_classes": 0}
+    if arch == "vit_giant":
+        raise WeightsError(
+            "vit_giant has DINOv2's ViT-g/14 dimensions with a plain MLP, a layout no timm ViT builds "
+            "(timm's ViT-g is 1408 wide, its DINOv2 one has a SwiGLU MLP); export it as pth or safetensors"
+        )
+    standard_depth = not weights.depth or weights.depth == VIT_SIZES[arch.removeprefix("vit_")][1]
+    if (arch, weights.patch_size) in _DINO_RELEASED_VITS and standard_depth:
+        # timm's own name for the released DINO model: its configuration has no classifier already
+        name = f"{arch}_patch{weights.patch_size}_224.dino"
+        return name, ({"img_size": weights.img_size} if weights.img_size != 224 else {})
     name_patch = weights.patch_size if (arch, weights.patch_size) in _TIMM_VITS else 16
     kwargs: dict[str, Any] = {"num_classes": 0}
     if name_patch != weights.patch_size:
@@ -117,12 +141,37 @@ def to_timm_state_dict(weights: BackboneWeights) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def default_output(source: Path, fmt: ExportFormat, which: Which) -> Path:
-    """``<run>/export/<which>_backbone<suffix>`` for a run, ``<file stem>_<which><suffix>`` beside a file."""
+def default_output(source: Path, fmt: str, which: Which) -> Path:
+    """``<run>/export/<which>_backbone<suffix>`` for a run, ``<file stem>_<which><suffix>`` beside a file (or
+    a sharded checkpoint's directory)."""
     suffix = _SUFFIXES[fmt]
-    if source.is_dir():
+    if source.is_dir() and not is_sharded_checkpoint(source):
         return source / "export" / f"{which}_backbone{suffix}"
     return source.with_name(f"{source.stem}_{which}{suffix}")
+
+
+def export_target(
+    source: str | Path,
+    fmt: str,
+    output: str | Path | None,
+    which: Which,
+    weights_dir: str | Path | None,
+    download: bool,
+    overwrite: bool,
+) -> Path:
+    """The file an export of ``source`` as ``fmt`` goes to: ``output`` (a file, or an existing folder to
+    put the default name in) or :func:`default_output`; refused when it is the source itself, or exists
+    and ``overwrite`` is off."""
+    resolved = resolve_weights(source, weights_dir, download)
+    target = default_output(resolved, fmt, which)
+    if output is not None:
+        chosen = Path(output).expanduser()
+        target = chosen / target.name if chosen.is_dir() else chosen
+    if target.exists() and target.resolve() == resolved.resolve():
+        raise WeightsError(f"the output {target} is the source itself; choose another --output")
+    if target.exists() and not overwrite:
+        raise WeightsError(f"{target} exists; pass --force to replace it or choose another --output")
+    return target
 
 
 def export_backbone(
@@ -147,15 +196,7 @@ def export_backbone(
     """
     if fmt not in EXPORT_FORMATS:
         raise WeightsError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    resolved = resolve_weights(source, weights_dir, download)
-    target = default_output(resolved, fmt, which)
-    if output is not None:
-        chosen = Path(output).expanduser()
-        target = chosen / target.name if chosen.is_dir() else chosen
-    if target.exists() and target.resolve() == resolved.resolve():
-        raise WeightsError(f"the output {target} is the source itself; choose another --output")
-    if target.exists() and not overwrite:
-        raise WeightsError(f"{target} exists; pass --force to replace it or choose another --output")
+    target = export_target(source, fmt, output, which, weights_dir, download, overwrite)
     weights = read_backbone_weights(source, which, weights_dir=weights_dir)
     if img_size is not None:
         weights = weights.resampled(img_size)
@@ -219,7 +260,7 @@ def _verify_timm(state: dict[str, torch.Tensor], weights: BackboneWeights) -> No
 def _load_hint(path: Path, fmt: str, weights: BackboneWeights) -> str:
     if fmt == "timm":
         name, kwargs = timm_model_args(weights)
-        args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+        args = "".join(f", {k}={v!r}" for k, v in kwargs.items())  # none for timm's own DINO names
         return f"timm.create_model({name!r}, pretrained=False{args}).load_state_dict(torch.load({str(path)!r}), strict=True)"
     if fmt == "safetensors":
         return (
@@ -248,10 +289,15 @@ def _load_hint(path: Path, fmt: str, weights: BackboneWeights) -> str:
         )
     dim, depth, heads = VIT_SIZES[weights.arch.removeprefix("vit_")]
     img = f", img_size=[{weights.img_size}]" if weights.img_size != 224 else ""
-    if weights.depth and weights.depth != depth:
+    # The original code builds vit_tiny / vit_small / vit_base by name; the others by their dimensions.
+    if (weights.depth and weights.depth != depth) or weights.arch not in (
+        "vit_tiny",
+        "vit_small",
+        "vit_base",
+    ):
         build = (
             f"vision_transformer.VisionTransformer(patch_size={weights.patch_size}, embed_dim={dim}, "
-            f"depth={weights.depth}, num_heads={heads}, mlp_ratio=4, qkv_bias=True, "
+            f"depth={weights.depth or depth}, num_heads={heads}, mlp_ratio=4, qkv_bias=True, "
             f"norm_layer=partial(nn.LayerNorm, eps=1e-6){img})"
         )
     else:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from dino.checkpoint import CheckpointError, is_sharded_checkpoint, load_checkpoint
 from dino.hub.errors import WeightsError
 
 SAFETENSORS_FORMAT = "dino-backbone"  # metadata "format" of our safetensors exports
@@ -64,6 +65,11 @@ def read_weights_file(
     from the file rather than reading them (for a quick look at a large file; needs torch's zip format,
     read whole otherwise)."""
     path = Path(path).expanduser()
+    if is_sharded_checkpoint(path):  # a sharded run's checkpoint directory: read whole, in this process
+        try:
+            return load_checkpoint(path, map_location)
+        except CheckpointError as err:
+            raise WeightsError(str(err)) from err
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
     try:

@@ -10,7 +10,7 @@ from torch import nn
 
 from dino.hub.errors import WeightsError, Which
 from dino.hub.state import check_img_size_applies
-from dino.hub.weights import load_strict, read_backbone_weights
+from dino.hub.weights import BackboneWeights, load_strict, read_backbone_weights
 from dino.models.backbones import RESNETS, build_backbone, convnet_image_size
 from dino.models.vision_transformer import VisionTransformer
 
@@ -56,10 +56,18 @@ def load(
     )
     if img_size is not None:
         weights = weights.resampled(img_size)
+    loaded = backbone_from_weights(weights, random_init)
+    loaded.model.to(device)
+    return loaded
+
+
+def backbone_from_weights(weights: BackboneWeights, random_init: bool = False) -> LoadedBackbone:
+    """The backbone ``weights`` belong to, in eval mode on the CPU, with them loaded strictly (or left
+    untrained with ``random_init``)."""
     model, dim = build_backbone(weights.arch, weights.patch_size or 16, weights.img_size, 0.0, weights.depth)
     if not random_init:
         load_strict(model, weights.state, weights.source, which=weights.which)
-    model.eval().to(device)
+    model.eval()
     source = "random init" if random_init else weights.source
     return LoadedBackbone(
         model, weights.arch, weights.patch_size, dim, source, weights.depth, weights.img_size

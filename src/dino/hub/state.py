@@ -83,7 +83,7 @@ def released_model_state(obj: Any, name: str, origin: str) -> dict[str, torch.Te
 # --- Architecture ---------------------------------------------------------------------------------------
 
 
-_HEADS_BY_DIM = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
+_HEADS_BY_DIM = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1536: "giant"}
 _RESNET_BLOCKS: dict[tuple[int, ...], str] = {
     (2, 2, 2, 2, False): "resnet18",
     (3, 4, 6, 3, False): "resnet34",
@@ -99,7 +99,7 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, int, int, i
         dim = int(state["cls_token"].shape[-1])
         if dim not in _HEADS_BY_DIM:
             raise WeightsError(
-                f"ViT width {dim} is not one of {sorted(_HEADS_BY_DIM)} (tiny/small/base/large)"
+                f"ViT width {dim} is not one of {sorted(_HEADS_BY_DIM)} (tiny/small/base/large/giant)"
             )
         patch = int(state["patch_embed.proj.weight"].shape[-1])
         grid = pos_embed_grid(state) or 224 // patch

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dino.checkpoint import CheckpointManager
+from dino.checkpoint import CheckpointManager, is_sharded_checkpoint
 from dino.hub.errors import WeightsError, Which, short_list
 from dino.hub.files import (
     SAFETENSORS_FORMAT,
@@ -108,7 +108,7 @@ def _mismatch_hints(
             or "the file's position embeddings are for another image size: pass img_size=… to resample"
         )
     elif wrong:
-        hints.append("the architecture differs (tiny/small/base/large, patch size or ResNet depth)")
+        hints.append("the architecture differs (tiny/small/base/large/giant, patch size or ResNet depth)")
     if any(k.startswith(_FULL_CHECKPOINT_PREFIXES) for k in unexpected):
         hints.append(
             "the file is a full training checkpoint (backbone + DINO head): load it with dino.hub.load, "
@@ -189,7 +189,7 @@ def read_backbone_weights(
     refused for it unless it is one of our safetensors exports of a student.
     """
     path = resolve_weights(spec, weights_dir, download)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):
         path = _run_weights(path, which)
     state, declared, from_full, labelled = _read_state(path, which)
     if which == "student" and not from_full and labelled != "student":

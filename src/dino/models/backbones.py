@@ -1,4 +1,4 @@
-"""Backbone registry: ``vit_{tiny,small,base,large}``, torchvision ResNets (also with a small-image stem),
+"""Backbone registry: ``vit_{tiny,small,base,large,giant}``, torchvision ResNets (also with a small-image stem),
 and optionally timm models."""
 
 from __future__ import annotations

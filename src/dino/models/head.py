@@ -1,8 +1,13 @@
-"""DINO projection head: MLP → bottleneck → L2 normalisation → weight-normalised linear layer to K."""
+"""DINO projection head: MLP → bottleneck → L2 normalisation → weight-normalised linear layer to K.
+
+The appendix's head studies are options: GELU or ReLU in the MLP, the L2-normalised bottleneck on or off,
+and a predictor MLP on the student only (BYOL-style), between its MLP and the normalisation.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +49,36 @@ class WeightNormLinear(nn.Module):
         return f"in_dim={in_dim}, out_dim={out_dim}, fix_norm={self.fix_norm}"
 
 
+HeadActivation = Literal["gelu", "relu"]
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+def mlp(dims: list[int], use_bn: bool, activation: HeadActivation) -> nn.Module:
+    """Linear layers through ``dims`` with (BN and) the activation between them, none after the last;
+    truncated-normal weights (std 0.02) and zero biases. One layer is returned bare."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"head activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        layers.append(nn.Linear(d_in, d_out))
+        if i < len(dims) - 2:
+            if use_bn:
+                layers.append(nn.BatchNorm1d(d_out))
+            layers.append(_ACTIVATIONS[activation]())
+    for module in layers:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+    return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
+
+
 class DINOHead(nn.Module):
-    """``nlayers``-layer MLP (GELU, optional BN) to a bottleneck, L2-normalised, then to ``out_dim``."""
+    """``nlayers``-layer MLP (GELU, optional BN) to a bottleneck, L2-normalised, then to ``out_dim``.
+
+    ``predictor_hidden_dim`` > 0 adds a predictor (bottleneck → hidden → bottleneck, BN as the MLP) after
+    the MLP: the student's head in the paper's predictor ablation. ``l2_bottleneck=False`` passes the
+    bottleneck to the last layer without normalising it.
+    """
 
     def __init__(
         self,
@@ -56,26 +89,27 @@ class DINOHead(nn.Module):
         nlayers: int = 3,
         use_bn: bool = False,
         norm_last_layer: bool = True,
+        activation: HeadActivation = "gelu",
+        l2_bottleneck: bool = True,
+        predictor_hidden_dim: int = 0,
     ) -> None:
         super().__init__()
         if nlayers < 1:
             raise ValueError(f"head nlayers must be >= 1, got {nlayers}")
-        layers: list[nn.Module] = []
-        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
-        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
-            layers.append(nn.Linear(d_in, d_out))
-            if i < nlayers - 1:
-                if use_bn:
-                    layers.append(nn.BatchNorm1d(d_out))
-                layers.append(nn.GELU())
         # Without BN the linear layers sit at mlp.0 / mlp.2 / mlp.4, as in the released checkpoints.
-        self.mlp = layers[0] if nlayers == 1 else nn.Sequential(*layers)
-        for module in self.mlp.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
+        self.mlp = mlp([in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim], use_bn, activation)
+        self.predictor = (
+            mlp([bottleneck_dim, predictor_hidden_dim, bottleneck_dim], use_bn, activation)
+            if predictor_hidden_dim > 0
+            else None
+        )
+        self.l2_bottleneck = l2_bottleneck
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fix_norm=norm_last_layer)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.normalize(self.mlp(x), dim=-1, p=2)
+        x = self.mlp(x)
+        if self.predictor is not None:
+            x = self.predictor(x)
+        if self.l2_bottleneck:
+            x = F.normalize(x, dim=-1, p=2)
         return self.last_layer(x)

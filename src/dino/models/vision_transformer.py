@@ -23,6 +23,9 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {
     "small": (384, 12, 6),
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
+    # DINOv2's largest ViT-g/14 in width, depth and heads (1.1 B parameters), with the plain GELU MLP of the
+    # other sizes: DINOv2's own has a SwiGLU MLP and layer scale, so its weights do not load into this one.
+    "giant": (1536, 40, 24),
 }
 
 
@@ -216,7 +219,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # numbers, also under meta
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=rate) for rate in rates
         )
@@ -343,7 +346,7 @@ def _init_weights(module: nn.Module) -> None:
 def vit(
     size: str, patch_size: int = 16, img_size: int = 224, drop_path_rate: float = 0.0, depth: int = 0
 ) -> VisionTransformer:
-    """Build ``vit_{tiny,small,base,large}`` with any patch size (and optionally fewer or more blocks)."""
+    """Build ``vit_{tiny,small,base,large,giant}`` with any patch size (and optionally fewer or more blocks)."""
     if size not in VIT_SIZES:
         raise ValueError(f"unknown ViT size {size!r}; choose one of {sorted(VIT_SIZES)}")
     embed_dim, standard_depth, num_heads = VIT_SIZES[size]

@@ -1,9 +1,10 @@
 """The picture of a run: training curves read from ``log.jsonl``, one run or several overlaid.
 
-Six panels, each readable on its own: the loss; the teacher's entropy between its two collapse limits
+Nine panels, each readable on its own: the loss; the teacher's entropy between its two collapse limits
 (0: one dimension dominates, ln K: uniform output); KL(teacher‖student), which falls to 0 when nothing is
 learned; the online k-NN accuracy against the network's own accuracy at random initialisation; the
-learning rate; the teacher temperature. The x axis is the number of images seen, so runs with different
+schedules (learning rate, weight decay, teacher temperature, teacher momentum); the training speed in
+images per second. The x axis is the number of images seen, so runs with different
 batch sizes line up. Drawn with matplotlib's Agg renderer (no display needed).
 """
 
@@ -27,6 +28,7 @@ class RunCurves:
     iters: list[dict[str, Any]] = field(default_factory=list)
     epochs: list[dict[str, Any]] = field(default_factory=list)
     knn: list[tuple[int, float]] = field(default_factory=list)  # (epoch, top-1); epoch -1: random init
+    knn_student: list[tuple[int, float]] = field(default_factory=list)  # the student's (monitor.knn_student)
 
     @classmethod
     def read(cls, run_dir: str | Path, name: str | None = None) -> RunCurves:
@@ -51,6 +53,8 @@ class RunCurves:
                 curves.epochs.append(record)
             elif kind == "knn" and record.get("knn_top1") is not None:
                 curves.knn.append((int(record["epoch"]), float(record["knn_top1"])))
+                if record.get("knn_student_top1") is not None:
+                    curves.knn_student.append((int(record["epoch"]), float(record["knn_student_top1"])))
         return curves
 
     def images_seen(self, iteration: float) -> float:
@@ -68,7 +72,11 @@ def _finite(points: list[tuple[float, Any]]) -> tuple[list[float], list[float]]:
 
 def plot_runs(runs: list[RunCurves], out: str | Path, title: str | None = None) -> Path:
     """Draw ``runs`` into one PNG at ``out`` (written atomically: a reader never sees half a file)."""
-    fig = curves_figure(runs, title)
+    return save_figure(curves_figure(runs, title), out)
+
+
+def save_figure(fig: Any, out: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG at ``out`` atomically (a temporary file, then a rename)."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
@@ -80,14 +88,14 @@ def plot_runs(runs: list[RunCurves], out: str | Path, title: str | None = None) 
 
 
 def curves_figure(runs: list[RunCurves], title: str | None = None):
-    """The matplotlib figure of :func:`plot_runs` (2 × 3 panels). A bare ``Figure``, not pyplot's: no
+    """The matplotlib figure of :func:`plot_runs` (3 × 3 panels). A bare ``Figure``, not pyplot's: no
     global state, no window, nothing to close; it renders with Agg."""
     from matplotlib import rcParams
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(15, 8.5), layout="constrained")
-    axes = fig.subplots(2, 3)
-    loss_ax, entropy_ax, kl_ax, knn_ax, lr_ax, temp_ax = axes.flat
+    fig = Figure(figsize=(15, 12), layout="constrained")
+    axes = fig.subplots(3, 3)
+    loss_ax, entropy_ax, kl_ax, knn_ax, lr_ax, wd_ax, temp_ax, momentum_ax, speed_ax = axes.flat
     colours = rcParams["axes.prop_cycle"].by_key()["color"]
     x_label = runs[0].x_label if runs else "iteration"
     ln_k_drawn: set[float] = set()
@@ -105,7 +113,10 @@ def curves_figure(runs: list[RunCurves], title: str | None = None):
             entropy_ax.axhline(ln_k, color=colour, linestyle=":", label=f"ln K = {ln_k:.2f} (uniform)")
         kl_ax.plot(*series("kl"), color=colour, label=run.name)
         lr_ax.plot(*series("lr"), color=colour, label=run.name)
+        wd_ax.plot(*series("weight_decay"), color=colour, label=run.name)
         temp_ax.plot(*series("teacher_temp"), color=colour, label=run.name)
+        momentum_ax.plot(*series("momentum"), color=colour, label=run.name)
+        speed_ax.plot(*series("images_per_s"), color=colour, label=run.name)
         _plot_knn(knn_ax, run, colour)
     entropy_ax.axhline(0.0, color="black", linestyle=":", label="0 (one dimension)")
     _label_panels(axes.flat, x_label)
@@ -116,18 +127,21 @@ def curves_figure(runs: list[RunCurves], title: str | None = None):
 
 
 def _plot_knn(ax, run: RunCurves, colour: str) -> None:
-    """The teacher's k-NN accuracy at epoch ends, and the random initialisation's as a dashed line."""
-    trained = sorted((e, acc) for e, acc in run.knn if e >= 0)
-    if trained:
-        xs = [run.images_seen((e + 1) * run.iters_per_epoch) for e, _ in trained]
-        ax.plot(xs, [acc for _, acc in trained], marker="o", color=colour, label=f"{run.name}: teacher")
+    """The teacher's k-NN accuracy at epoch ends (the student's too where it was scored), and the random
+    initialisation's as a dashed line."""
+    for points, who, style in ((run.knn, "teacher", "-"), (run.knn_student, "student", "--")):
+        trained = sorted((e, acc) for e, acc in points if e >= 0)
+        if trained:
+            xs = [run.images_seen((e + 1) * run.iters_per_epoch) for e, _ in trained]
+            accs = [acc for _, acc in trained]
+            ax.plot(xs, accs, marker="o", linestyle=style, color=colour, label=f"{run.name}: {who}")
     baseline = [acc for e, acc in run.knn if e < 0]
     if baseline:
         ax.axhline(baseline[0], color=colour, linestyle="--", label=f"{run.name}: random init")
 
 
 def _label_panels(axes, x_label: str) -> None:
-    """Titles, axis labels, grid and legend of the six panels (in :func:`curves_figure`'s order); a panel
+    """Titles, axis labels, grid and legend of the nine panels (in :func:`curves_figure`'s order); a panel
     with nothing logged yet says so."""
     titles = (
         ("DINO loss (cross-entropy)", "loss (nats)"),
@@ -135,7 +149,10 @@ def _label_panels(axes, x_label: str) -> None:
         ("KL(teacher ‖ student) (0: nothing learned)", "KL (nats)"),
         ("weighted k-NN on held-out images", "top-1 accuracy (%)"),
         ("learning rate", "learning rate"),
+        ("weight decay", "weight decay"),
         ("teacher temperature", "temperature"),
+        ("teacher momentum (EMA rate)", "momentum"),
+        ("training speed", "images / s"),
     )
     for ax, (panel_title, y_label) in zip(axes, titles, strict=True):
         ax.set_title(panel_title)

@@ -10,26 +10,60 @@ from __future__ import annotations
 import os
 import random
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dino.config import ConfigError, DataConfig, DINOConfig
-from dino.data.datasets import ImageFolderDataset, check_usable, collate_skipping_bad
+from dino.data.datasets import (
+    DEFAULT_MAX_PIXELS,
+    DatasetError,
+    ImageFolderDataset,
+    check_usable,
+    collate_skipping_bad,
+)
 from dino.data.gpu_augment import BatchMultiCrop
 from dino.data.gpu_loader import DeviceMultiCropLoader, EncodedImageDataset, collate_encoded
 from dino.data.in_memory import DecodedImages, InMemoryMultiCropLoader, InMemoryTooLarge
 from dino.data.multicrop_spec import MultiCropSpec
 from dino.data.sample import sample_dataset
+from dino.data.shards import (
+    ShardSample,
+    ShardSet,
+    ShardStream,
+    check_shards_usable,
+    decode_sample,
+    is_shard_pattern,
+)
 from dino.data.transforms import MultiCropAugmentation
 from dino.train.signals import STOP_SIGNALS
 
 
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's, Python's and NumPy's random streams seeded with ``seed`` inside, as they were outside (timm's
+    RandAugment, used by fine-tuning, draws from NumPy's)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(state)
+            np.random.set_state(np_state)
+
+
 class SeededDataset(Dataset):
-    """Wraps a dataset so that item ``(index, seed)`` is transformed under its own random seed."""
+    """Wraps a dataset so that item ``(index, seed)`` is transformed under its own random seed (torch's,
+    Python's and NumPy's streams: timm's RandAugment draws from NumPy's)."""
 
     def __init__(self, dataset: ImageFolderDataset | EncodedImageDataset) -> None:
         self.dataset = dataset
@@ -39,14 +73,27 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            state = random.getstate()
-            random.seed(seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(state)
+        with seeded(seed):
+            return self.dataset[index]
+
+
+class ShardItems:
+    """A shard sample as the loader item a folder's sample would give: the multi-crop views made under the
+    sample's seed (``transform``), or the image's bytes for the device to decode (``transform`` None)."""
+
+    def __init__(
+        self, transform: MultiCropAugmentation | None, reduction: Callable[[int, int], float] | None
+    ) -> None:
+        self.transform, self.reduction = transform, reduction
+
+    def __call__(self, sample: ShardSample | None, seed: int) -> Any:
+        if self.transform is None:
+            if sample is None or not sample.image:
+                return decode_sample(sample, None, None)  # None, with its warning
+            return torch.frombuffer(bytearray(sample.image), dtype=torch.uint8), sample.label, sample.name
+        with seeded(seed):
+            decoded = decode_sample(sample, DEFAULT_MAX_PIXELS, self.reduction)
+            return None if decoded is None else (self.transform(decoded[0]), decoded[1])
 
 
 class ResumableSampler(Sampler[tuple[int, int]]):
@@ -81,7 +128,7 @@ class ResumableSampler(Sampler[tuple[int, int]]):
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave SIGTERM/SIGUSR1 and Ctrl-C to the main process, which saves a checkpoint before
+    """Workers leave SIGTERM/SIGUSR1/SIGUSR2 and Ctrl-C to the main process, which saves a checkpoint before
     stopping (a terminal sends Ctrl-C to the workers too, and one that died of it would fail the next
     batch)."""
     for sig in STOP_SIGNALS:
@@ -90,8 +137,8 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 @dataclass
 class TrainData:
-    dataset: ImageFolderDataset
-    sampler: ResumableSampler
+    dataset: ImageFolderDataset | ShardSet
+    sampler: ResumableSampler | ShardStream  # the stream of shards is its own sampler
     # All yield (crops, labels, number of unreadable files); the in-memory loader is a DeviceMultiCropLoader.
     loader: DataLoader | DeviceMultiCropLoader
     iters_per_epoch: int
@@ -124,6 +171,8 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
     """
     d = cfg.data
     root = d.path if d.path is not None else sample_dataset("train")
+    if is_shard_pattern(root):
+        return _shard_train_data(cfg, str(root), rank, world_size, device)
     on_device = augment_on_device(cfg, device)
     if d.in_memory and not on_device:  # before the folder is scanned and sampled for decodability
         raise ConfigError(
@@ -149,6 +198,57 @@ def build_train_data(cfg: DINOConfig, rank: int, world_size: int, device: torch.
         device_loader = DeviceMultiCropLoader(files, augment, device, seed=cfg.run.seed, rank=rank)
         return TrainData(dataset, sampler, device_loader, iters_per_epoch)
     return TrainData(dataset, sampler, files, iters_per_epoch)
+
+
+def _shard_train_data(
+    cfg: DINOConfig, pattern: str, rank: int, world_size: int, device: torch.device
+) -> TrainData:
+    """WebDataset shards (:mod:`dino.data.shards`) as training data: checked (present, counted, decodable,
+    large enough), then split across processes and loader workers in an order that resumes exactly."""
+    d = cfg.data
+    if d.in_memory:
+        raise ConfigError(
+            "data.in_memory decodes an image folder; with WebDataset shards set data.in_memory=false"
+        )
+    try:
+        shards = ShardSet.open(pattern)
+    except DatasetError as err:
+        raise ConfigError(f"data.path: {err}") from err
+    batch, total = cfg.run.batch_size, cfg.run.batch_size * world_size
+    if len(shards) < total:
+        raise ConfigError(
+            f"run.batch_size: {batch} per process × {world_size} process(es) = {total} is larger than the dataset "
+            f"({len(shards)} samples in {pattern}); lower run.batch_size"
+        )
+    if cfg.monitor.knn_every and cfg.monitor.knn_train is None:
+        raise ConfigError(
+            "monitor.knn_train: the k-NN monitor reads its bank from an image folder, and the training data are "
+            "shards; give a labelled folder (monitor.knn_train=DIR) or set monitor.knn_every=0"
+        )
+    check_shards_usable(shards, d.min_valid_fraction)
+    on_device = augment_on_device(cfg, device)
+    crops = _crop_spec(d)
+    transform = None if on_device else MultiCropAugmentation(crops)
+    reduction = transform.decode_reduction if transform is not None and d.reduced_decode else None
+    stream = ShardStream(shards, batch, ShardItems(transform, reduction), cfg.run.seed, rank, world_size)
+    workers = resolve_num_workers(d.num_workers)
+    files = DataLoader(
+        stream,
+        batch_size=batch,
+        num_workers=workers,
+        pin_memory=device.type == "cuda" and not on_device,
+        drop_last=True,
+        collate_fn=collate_encoded if on_device else collate_skipping_bad,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_ignore_stop_signals,
+        # Not the process's stream (see _file_loader): the workers' base seed is drawn from this one.
+        generator=torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + rank),
+    )
+    loader: DataLoader | DeviceMultiCropLoader = files
+    if on_device:
+        loader = DeviceMultiCropLoader(files, BatchMultiCrop(crops), device, seed=cfg.run.seed, rank=rank)
+    return TrainData(shards, stream, loader, stream.iters_per_epoch())
 
 
 def _crop_spec(d: DataConfig) -> MultiCropSpec:

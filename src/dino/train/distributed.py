@@ -40,9 +40,19 @@ def init_distributed(device_name: str = "auto", timeout_minutes: float = 60.0) -
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend, rank=rank, world_size=world_size, timeout=timedelta(minutes=timeout_minutes)
-        )
+        timeout = timedelta(minutes=timeout_minutes)
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart == 0:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
+        else:
+            # torchrun restarted the group (--max-restarts): its store, kept across restarts, still holds
+            # the addresses the previous group's processes published, which a new process can read before
+            # its peer has replaced them (gloo then connects to a dead port). A namespace per restart.
+            store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+            dist.init_process_group(
+                backend=backend, store=dist.PrefixStore(f"dino-restart-{restart}/", store), rank=rank,
+                world_size=world_size, timeout=timeout,
+            )  # fmt: skip
     return DistEnv(rank, world_size, local_rank, device)
 
 

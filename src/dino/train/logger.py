@@ -1,9 +1,9 @@
-"""Run logging: JSON lines (per N iterations, per epoch, events), a progress bar on terminals, plain
-log lines elsewhere. Only the main process writes."""
+"""Run logging: records (per N iterations, per epoch, events) to the run's sinks (``log.jsonl``, and
+TensorBoard or W&B on request: :mod:`dino.train.sinks`), a progress bar on terminals, plain log lines
+elsewhere. Only the main process writes."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import resource
@@ -12,7 +12,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+
+from dino.train.sinks import JsonLinesSink, Sink
 
 if TYPE_CHECKING:
     from dino.config import DINOConfig
@@ -48,10 +51,19 @@ class _Mean:
 
 
 class RunLogger:
-    def __init__(self, path: Path, enabled: bool = True, progress: str = "auto") -> None:
+    """The run's one write path: every record goes to ``path`` (JSON lines) and to each of ``sinks``.
+
+    ``sinks`` (TensorBoard, W&B: :func:`dino.train.sinks.build_sinks`) get the records with the number of
+    iterations done as their step; one that fails is turned off with a warning, the run goes on."""
+
+    def __init__(
+        self, path: Path, enabled: bool = True, progress: str = "auto", sinks: list[Sink] | None = None
+    ) -> None:
         self.enabled = enabled
         self.path = path
-        self._file = open(path, "a", buffering=1) if enabled else None  # noqa: SIM115
+        self._jsonl = JsonLinesSink(path) if enabled else None
+        self._sinks: list[Sink] = list(sinks or []) if enabled else []
+        self.steps_done = 0  # iterations done: the step sinks plot against
         self.use_bar = enabled and (progress == "always" or (progress == "auto" and sys.stderr.isatty()))
         self._bar = None
         self._device = torch.device("cpu")
@@ -64,9 +76,46 @@ class RunLogger:
         self.bad_files = 0
         self.bad_steps = 0
 
+    @classmethod
+    def for_run(cls, run_dir: Path, settings: Any, is_main: bool, progress: str) -> RunLogger:
+        """``run_dir/log.jsonl`` on the main process, with the sinks ``settings.log`` asks for (TensorBoard,
+        W&B); silent elsewhere. ``settings``: a run's config with a ``log`` section."""
+        from dino.train.sinks import build_sinks
+
+        sinks = build_sinks(settings, run_dir) if is_main else None
+        return cls(run_dir / "log.jsonl", enabled=is_main, progress=progress, sinks=sinks)
+
     def write(self, record: dict[str, Any]) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(record, default=float) + "\n")
+        if self._jsonl is not None:
+            self._jsonl.write(record, self.steps_done)
+        for sink in list(self._sinks):
+            self._to_sink(sink, "write", record, self.steps_done)
+
+    def images(self, tag: str, pictures: np.ndarray, caption: str) -> None:
+        """Pictures ([N, H, W, 3] uint8) for the sinks that show them, at the current step."""
+        for sink in list(self._sinks):
+            self._to_sink(sink, "images", tag, pictures, self.steps_done, caption)
+
+    @property
+    def shows_images(self) -> bool:
+        """Whether a sink would show pictures (computing them is then worth it)."""
+        return bool(self._sinks)
+
+    def _to_sink(self, sink: Sink, method: str, *args: Any) -> None:
+        try:
+            getattr(sink, method)(*args)
+        except Exception as err:  # a full disk, a service gone: watching never stops training
+            log.warning(
+                "%s failed (%s: %s) and is turned off for this run",
+                type(sink).__name__,
+                type(err).__name__,
+                err,
+            )
+            self._sinks.remove(sink)
+            try:
+                sink.close()
+            except Exception:  # noqa: S110 - already reported; closing is best effort
+                pass
 
     def event(self, kind: str, /, **fields: Any) -> None:
         """A record of type ``kind`` (positional-only: an event may have a field named ``kind``)."""
@@ -89,11 +138,9 @@ class RunLogger:
     ) -> None:
         """``resumed_from``: the checkpoint a continued run starts from (``checkpoint``, ``epoch``,
         ``iteration``), so that each ``start`` of a log written by several launches says where it is."""
-        self._device = env.device
-        self.event(
-            "start",
-            device=str(env.device),
-            world_size=env.world_size,
+        self.steps_done = int(resumed_from["iteration"]) if resumed_from else 0
+        self.begin(
+            env,
             images=n_images,
             iters_per_epoch=iters_per_epoch,
             arch=cfg.model.arch,
@@ -113,6 +160,12 @@ class RunLogger:
                 counted(iters_per_epoch, "iteration"),
                 counted(cfg.run.epochs, "epoch"),
             )
+
+    def begin(self, env: DistEnv, /, **fields: Any) -> None:
+        """The ``start`` record of any run on ``env`` (its device and processes, and ``fields``); peak
+        memory is read on that device from here on."""
+        self._device = env.device
+        self.event("start", device=str(env.device), world_size=env.world_size, **fields)
 
     def start_epoch(self, epoch: int, iters: int, done: int, images_per_step: int) -> None:
         """An epoch of ``iters`` steps of ``images_per_step`` images (all processes), ``done`` of them
@@ -159,6 +212,7 @@ class RunLogger:
         """Accumulate one step; every ``log_every`` steps read the values (one host sync) and log them."""
         self._window_images += images
         self._epoch_images += images
+        self.steps_done = iteration + 1
         pending = {"loss": loss.detach(), **{k: v.detach() for k, v in stats.items()}}
         for key, value in pending.items():
             self._window.setdefault(key, []).append(value)
@@ -192,12 +246,10 @@ class RunLogger:
             self._bar.set_postfix(loss=f"{record['loss']:.4f}")  # the bar shows its own images/s
         elif self.enabled:
             log.info(
-                "epoch %d it %d  loss %.4f  entropy %.3f  kl %.4f  lr %.2e  %.1f img/s",
+                "epoch %d it %d  %s  lr %.2e  %.1f img/s",
                 record["epoch"],
                 record["iteration"],
-                record["loss"],
-                record["teacher_entropy"],
-                record["kl"],
+                _diagnostics(record),
                 record["lr"],
                 record["images_per_s"],
             )
@@ -227,11 +279,9 @@ class RunLogger:
         self.write(summary)
         if self.enabled:
             log.info(
-                "epoch %d done: loss %.4f  entropy %.3f  kl %.4f  %.1f img/s  %s skipped",
+                "epoch %d done: %s  %.1f img/s  %s skipped",
                 epoch,
-                summary.get("loss", float("nan")),
-                summary.get("teacher_entropy", float("nan")),
-                summary.get("kl", float("nan")),
+                _diagnostics({"loss": float("nan"), **summary}),
                 summary["images_per_s"],
                 counted(self.bad_files, "unreadable file"),
             )
@@ -262,6 +312,20 @@ class RunLogger:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        for sink in self._sinks:
+            try:
+                sink.close()
+            except Exception as err:  # the JSON lines are safe; report and go on closing
+                log.warning("could not close %s: %s", type(sink).__name__, err)
+        self._sinks = []
+
+
+# What a console line shows of a record: the loss, and DINO's collapse diagnostics where the run logs them.
+_SHOWN = (("loss", "loss", ".4f"), ("teacher_entropy", "entropy", ".3f"), ("kl", "kl", ".4f"))
+
+
+def _diagnostics(record: dict[str, Any]) -> str:
+    return "  ".join(f"{label} {record[key]:{fmt}}" for key, label, fmt in _SHOWN if key in record)

@@ -126,6 +126,21 @@ def load_state_by_name(
     return unused
 
 
+def optimizer_state_by_name(
+    state_dict: Mapping[str, Any], parameter_names: list[str]
+) -> dict[str, dict[str, Any]]:
+    """The per-parameter entries of a PyTorch optimiser ``state_dict`` (keyed by position) keyed by
+    parameter name instead; ``parameter_names``: the names of the optimiser's parameters, in the order of
+    its parameter groups (the order the positions count)."""
+    positions = [i for group in state_dict["param_groups"] for i in group["params"]]
+    if len(positions) != len(parameter_names):
+        raise ValueError(
+            f"the optimiser state holds {len(positions)} parameters, the optimiser {len(parameter_names)}"
+        )
+    name_of = dict(zip(positions, parameter_names, strict=True))
+    return {name_of[i]: dict(entry) for i, entry in state_dict["state"].items()}
+
+
 def fused_supported(model: nn.Module) -> bool:
     try:  # a private helper of PyTorch: fall back to the devices it has listed since 2.4
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices

@@ -4,12 +4,13 @@ files of the run it replaces, moved out of the way."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dino.checkpoint import CheckpointManager, set_aside
+from dino.checkpoint import CheckpointManager, is_sharded_checkpoint, load_checkpoint, set_aside
 from dino.hub import load_training_checkpoint
 from dino.train.logger import counted
 
@@ -21,17 +22,22 @@ class TrainState:
     epoch: int = 0
     iteration: int = 0  # global index of the next optimiser step
     step_in_epoch: int = 0  # batches of the current epoch already done
+    train_seconds: float = 0.0  # wall time spent training so far, across resumes (run.max_minutes)
 
 
 def find_checkpoint(
-    resume: str | Path | bool, checkpoints: CheckpointManager, device: torch.device
+    resume: str | Path | bool, checkpoints: CheckpointManager, device: torch.device, consolidate: bool = True
 ) -> tuple[dict, Path] | None:
     """The checkpoint ``resume`` names and its path: the newest of the run directory (True), none (False),
-    or the file given (ours, or a released full checkpoint of the original code)."""
+    or the file given (ours, or a released full checkpoint of the original code). ``consolidate=False``
+    (a sharded run): a sharded checkpoint is checked and described, not read (see
+    :func:`dino.checkpoint.load_sharded_checkpoint`)."""
     if resume is False:
         return None
     if resume is True:
-        return checkpoints.load_latest(map_location=device)
+        return checkpoints.load_latest(map_location=device, consolidate=consolidate)
+    if is_sharded_checkpoint(resume):
+        return load_checkpoint(Path(resume), device, consolidate=consolidate), Path(resume)
     return load_training_checkpoint(resume, map_location=device), Path(resume)
 
 
@@ -61,31 +67,40 @@ def resume_point(checkpoint: dict, iters_per_epoch: int, global_batch: int) -> T
             counted(step, "step"), epoch, iters_per_epoch,
         )  # fmt: skip
         step = iters_per_epoch
-    return TrainState(epoch=epoch, iteration=epoch * iters_per_epoch + step, step_in_epoch=step)
+    return TrainState(
+        epoch=epoch,
+        iteration=epoch * iters_per_epoch + step,
+        step_in_epoch=step,
+        train_seconds=float(checkpoint.get("train_seconds", 0.0)),
+    )
 
 
 RUN_OUTPUTS = (
     "checkpoints", "log.jsonl", "config.yaml", "teacher_backbone.pth", "curves.png",
-    "profile.json", "profile.txt", "profile_trace.json",
+    "profile.json", "profile.txt", "profile_trace.json", "tensorboard", "wandb", "wandb_run_id",
 )  # fmt: skip
 
 
 def set_aside_replaced_files(
-    run_dir: Path, checkpoints: CheckpointManager, restored: tuple[dict, Path] | None, iteration: int
+    run_dir: Path,
+    checkpoints: CheckpointManager,
+    restored: tuple[dict, Path] | None,
+    iteration: int,
+    outputs: Sequence[str] = RUN_OUTPUTS,
 ) -> Path | None:
     """Move out of the way (into ``run_dir/replaced-<time>/``) what the run would otherwise overwrite
     or take for its own: when it continues (at ``iteration``) from one of this directory's checkpoints,
     the rolling checkpoints numbered above where it goes on — later points, or, after a change of batch
     size, the same points numbered for the old length — and the periodic ones of later epochs (the
     rolling window keeps the highest numbers and resuming takes the newest, so the run would lose its
-    own files to them); when it starts afresh or from a checkpoint elsewhere, the previous run's files.
-    Nothing is deleted."""
+    own files to them); when it starts afresh or from a checkpoint elsewhere, the previous run's files
+    (``outputs``: what a run of its kind writes). Nothing is deleted."""
     if restored is not None and _is_in(restored[1], run_dir):
         checkpoint = restored[0]
         saved = int(checkpoint.get("iteration", 0))
         later = checkpoints.newer_than(min(saved, iteration), int(checkpoint["epoch"]))
         return set_aside(run_dir, [p.relative_to(run_dir) for p in later])
-    return set_aside(run_dir, RUN_OUTPUTS)
+    return set_aside(run_dir, outputs)
 
 
 def _is_in(path: Path, run_dir: Path) -> bool:

@@ -15,6 +15,7 @@ from dino.checkpoint import atomic_save
 from dino.config import COMPILE_MODES, ConfigError, DINOConfig, config_to_dict
 from dino.data.datasets import ImageFolderDataset
 from dino.data.sample import sample_dataset
+from dino.data.shards import ShardSet
 from dino.hub import WeightsError, describe_architecture, infer_architecture, load_backbone_weights
 from dino.loss import DINOLoss
 from dino.models.backbones import build_backbone
@@ -37,11 +38,15 @@ def _backbone(cfg: DINOConfig, drop_path_rate: float) -> tuple[nn.Module, int]:
     return build_backbone(m.arch, m.patch_size, cfg.data.global_crop_size, drop_path_rate, m.depth)
 
 
-def _head(cfg: DINOConfig, embed_dim: int) -> DINOHead:
+def _head(cfg: DINOConfig, embed_dim: int, student: bool) -> DINOHead:
+    """The head; the student's with the predictor when ``head.predictor`` is on (the teacher never has
+    one)."""
     h = cfg.head
+    predictor_hidden = (h.predictor_hidden_dim or h.hidden_dim) if h.predictor and student else 0
     return DINOHead(
-        embed_dim, h.out_dim, h.hidden_dim, h.bottleneck_dim, h.nlayers, h.use_bn, h.norm_last_layer
-    )
+        embed_dim, h.out_dim, h.hidden_dim, h.bottleneck_dim, h.nlayers, h.use_bn, h.norm_last_layer,
+        activation=h.activation, l2_bottleneck=h.l2_bottleneck, predictor_hidden_dim=predictor_hidden,
+    )  # fmt: skip
 
 
 def build_student_teacher(cfg: DINOConfig, device: torch.device) -> tuple[MultiCropWrapper, MultiCropWrapper]:
@@ -63,9 +68,9 @@ def _build_student_teacher(
         load_backbone_weights(student_backbone, cfg.model.pretrained)
         log.info("student backbone initialised from %s", cfg.model.pretrained)
     teacher_backbone, _ = _backbone(cfg, 0.0)
-    student = MultiCropWrapper(student_backbone, _head(cfg, dim))
+    student = MultiCropWrapper(student_backbone, _head(cfg, dim, student=True))
     # The teacher's head never trains, so its last-layer norm is fixed like the student's.
-    teacher = MultiCropWrapper(teacher_backbone, _head(cfg, dim))
+    teacher = MultiCropWrapper(teacher_backbone, _head(cfg, dim, student=False))
     # BatchNorm statistics over the global batch (as the original): SyncBatchNorm runs on GPUs only, so a
     # multi-process CPU run normalises each process's own batch.
     if _has_batch_norm(student) and torch.distributed.is_initialized() and device.type == "cuda":
@@ -297,11 +302,27 @@ def run_state_dict(
         "student": model_state_dict(student),
         "teacher": model_state_dict(teacher),
         "optimizer": optimizer.state_dict(),
+        **run_extras(cfg, dino_loss, scaler, state, global_batch_size, rng),
+    }
+
+
+def run_extras(
+    cfg: DINOConfig,
+    dino_loss: DINOLoss,
+    scaler: torch.amp.GradScaler,
+    state: TrainState,
+    global_batch_size: int,
+    rng: dict[str, Any] | list[dict[str, Any]],
+) -> dict[str, Any]:
+    """What a checkpoint holds besides the models and the optimiser (see :func:`run_state_dict`): all a
+    sharded checkpoint keeps beside its shards."""
+    return {
         "dino_loss": dino_loss.state_dict(),
         "fp16_scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "epoch": state.epoch,
         "iteration": state.iteration,
         "step_in_epoch": state.step_in_epoch,
+        "train_seconds": state.train_seconds,
         "global_batch_size": global_batch_size,
         "rng": rng,
         "config": config_to_dict(cfg),
@@ -314,7 +335,7 @@ def save_backbone(backbone: nn.Module, path: Path) -> None:
     atomic_save(state, path)
 
 
-def build_knn_monitor(cfg: DINOConfig, train_dataset: ImageFolderDataset) -> OnlineKNN | None:
+def build_knn_monitor(cfg: DINOConfig, train_dataset: ImageFolderDataset | ShardSet) -> OnlineKNN | None:
     mon = cfg.monitor
     if not mon.knn_every:
         return None

@@ -1,4 +1,5 @@
-"""Stop requests: SIGTERM / SIGUSR1 (what SLURM and most schedulers send) and a first Ctrl-C (SIGINT)
+"""Stop requests: SIGTERM / SIGUSR1 (what SLURM and most schedulers send), SIGUSR2 (submitit's warning
+before a job's time limit or preemption) and a first Ctrl-C (SIGINT)
 request a save-and-stop; a second Ctrl-C stops at once."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 PREEMPTION_SIGNALS = tuple(
-    s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s
+    s for s in (getattr(signal, f"SIG{name}", None) for name in ("TERM", "USR1", "USR2")) if s
 )
 STOP_SIGNALS = (*PREEMPTION_SIGNALS, signal.SIGINT)  # every signal the guard takes over
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # the shell's code for a command stopped by Ctrl-C

@@ -9,8 +9,9 @@
 
 :class:`TrainingStep` is that loop's body, runnable on its own (a unit test runs it on a tiny model, no run
 directory). :class:`Trainer` is the run: its setup (``__init__``: models, data, loss, optimiser,
-schedules, resume), the epochs (:meth:`Trainer.train_one_epoch`), the checkpoint policy (when to save:
-iterations, minutes, epochs, stop requests) and the epoch end (:meth:`Trainer.end_epoch`).
+schedules, resume), the epochs (:meth:`Trainer.train_one_epoch`) and the epoch end
+(:meth:`Trainer.end_epoch`); when to save (iterations, minutes, epochs, stop requests) is
+:class:`~dino.train.policy.CheckpointPolicy`'s, shared with ``dino finetune``.
 
 Helpers own the details: :mod:`dino.train.setup` builds the models, :mod:`dino.devices` picks the precision,
 :mod:`dino.checkpoint` saves, :mod:`dino.train.resume` finds where a run continues,
@@ -25,16 +26,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from dino.checkpoint import CheckpointManager
+from dino.checkpoint import CheckpointManager, atomic_save
 from dino.config import DINOConfig, save_config
 from dino.devices import Precision, resolve_precision
 from dino.loss import DINOLoss
 from dino.models.multicrop import MultiCropWrapper
+from dino.models.vision_transformer import VisionTransformer
 from dino.teacher import TeacherUpdater
 from dino.train.curves import write_run_curves
 from dino.train.data import build_train_data
@@ -42,7 +43,17 @@ from dino.train.distributed import DistEnv, any_processes, barrier
 from dino.train.guard import BatchNormStatsKeeper, NonFiniteGuard
 from dino.train.logger import RunLogger, counted, peak_memory_gib
 from dino.train.monitors import CollapseMonitor
-from dino.train.optim import build_optimizer, cancel_last_layer_gradients, clip_gradients, set_schedules
+from dino.train.optim import (
+    build_optimizer,
+    cancel_last_layer_gradients,
+    clip_gradients,
+    load_state_by_name,
+    set_schedules,
+)
+from dino.train.pictures import attention_picture, crop_pictures
+from dino.train.policy import EXIT_PREEMPTED as EXIT_PREEMPTED  # re-exported: callers import them here
+from dino.train.policy import CheckpointPolicy
+from dino.train.policy import Preempted as Preempted
 from dino.train.profiling import StepProfiler
 from dino.train.resume import TrainState, find_checkpoint, resume_point, set_aside_replaced_files
 from dino.train.schedules import Schedules
@@ -54,25 +65,25 @@ from dino.train.setup import (
     gather_process_rng,
     load_model_state_dict,
     load_released_optimizer,
+    model_parameters,
     restore_process_rng,
+    run_extras,
     run_state_dict,
     save_backbone,
     unwrap_compiled,
     uses_cuda_graphs,
 )
-from dino.train.signals import EXIT_INTERRUPTED, PreemptionGuard
+from dino.train.sharding import (
+    full_backbone_state,
+    load_full_into_sharded,
+    load_into_sharded,
+    shard_models,
+    sharded_tensors,
+)
+from dino.train.signals import PreemptionGuard
+from dino.train.sinks import check_sinks_available
 
 log = logging.getLogger(__name__)
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped on request; launch again to resume
-PREEMPTION_POLL_STEPS = 10  # with several processes, how often they agree on a stop request
-
-
-class Preempted(SystemExit):
-    """Saved and stopped on request: EXIT_PREEMPTED for a scheduler's signal, EXIT_INTERRUPTED for Ctrl-C."""
-
-    def __init__(self, code: int = EXIT_PREEMPTED) -> None:
-        super().__init__(code)
 
 
 @dataclass
@@ -99,7 +110,7 @@ class Optimisation:
         """Fresh ones, as a run starts: a zero center, the optimiser without state (lr and weight decay
         are set by the schedules at every step)."""
         lo = cfg.loss
-        dino_loss = DINOLoss(cfg.head.out_dim, lo.student_temp, lo.center_momentum, lo.teacher_norm)
+        dino_loss = DINOLoss(cfg.head.out_dim, lo.student_temp, lo.center_momentum, lo.teacher_norm, lo.kind)
         dino_loss = dino_loss.to(device)
         optimizer = build_optimizer(student, cfg.optim.name, cfg.optim.momentum)
         scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
@@ -195,7 +206,7 @@ class TrainingStep:
         if epoch < self.cfg.head.freeze_last_layer:
             cancel_last_layer_gradients(self.student.head)
         # Optimiser step.
-        self.teacher_rule.before_step(self.student)
+        self.teacher_rule.before_step(self.teacher, self.student)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         # Teacher update: EMA of the student (or the ablation's rule, teacher.mode).
@@ -247,13 +258,20 @@ class Trainer:
         _seed_and_pick_kernels(cfg, env)
         if cfg.run.compile:
             check_compile_toolchain(env.device)  # before the data: in memory, they can take minutes
+        if env.is_main:
+            check_sinks_available(cfg.log)  # TensorBoard, W&B installed
         # The models before the data: a missing weights file or an unknown timm name stops the run before the
         # folder is scanned and, with data.in_memory, decoded.
         self.precision = resolve_precision(cfg.run.precision, env.device)
         self.student, self.teacher = build_student_teacher(cfg, env.device)
+        # run.strategy=fsdp: both models sharded over the processes (one process has nothing to shard).
+        self.sharded = cfg.run.strategy == "fsdp" and env.distributed
+        if self.sharded:
+            shard_models(self.student, self.teacher, env.world_size, env.device, self.precision)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.run.keep_last)
-        # The checkpoint too: one of another architecture stops the run before the data are read.
-        restored = find_checkpoint(resume, self.checkpoints, env.device)
+        # The checkpoint too: one of another architecture stops the run before the data are read. (A sharded
+        # run reads only its own slices of a sharded checkpoint, in _resume.)
+        restored = find_checkpoint(resume, self.checkpoints, env.device, consolidate=not self.sharded)
         if restored is not None:
             check_architecture(self.student, restored[0]["student"], restored[1])
         self.data = build_train_data(cfg, env.rank, env.world_size, env.device)
@@ -267,18 +285,19 @@ class Trainer:
         barrier()  # every process has read its checkpoint before files are moved
         if env.is_main:
             self._prepare_run_directory(restored)
-        self.logger = RunLogger(
-            self.run_dir / "log.jsonl", enabled=env.is_main, progress=cfg.run.progress_bar
-        )
+        self.logger = RunLogger.for_run(self.run_dir, cfg, env.is_main, cfg.run.progress_bar)
+        self._crops_shown = False
         self.collapse = CollapseMonitor(cfg.head.out_dim) if cfg.monitor.collapse else None
-        self.knn = build_knn_monitor(cfg, self.data.dataset) if env.is_main else None
+        # Every process runs the k-NN monitor: each extracts its block of the images (dino.eval.sharding).
+        self.knn = build_knn_monitor(cfg, self.data.dataset)
         self.training_step = TrainingStep(
             cfg, self.student, self.teacher, self.optimisation, self.precision, env.device,
-            on_bad_step=self.logger.bad_step, distributed=env.distributed,
+            on_bad_step=self.logger.bad_step, distributed=env.distributed and not self.sharded,
         )  # fmt: skip
         self.guard = self.training_step.guard
         self.profiler = StepProfiler(cfg.run.profile_steps, self.run_dir, env.device, enabled=env.is_main)
-        self.last_save_time = time.monotonic()
+        self.policy = CheckpointPolicy(cfg.run, env, self.checkpoints, self._save)
+        self._last_tick = time.monotonic()
         self._stand_in: list[torch.Tensor] | None = None  # crops for a batch that could not be read
 
     # Setup.
@@ -287,16 +306,23 @@ class Trainer:
         """Load ``checkpoint`` (read from ``path``) into the models, the center, the optimiser, the scaler
         and the random streams; ``state`` becomes the point where the run goes on."""
         cfg, env, o = self.cfg, self.env, self.optimisation
-        load_model_state_dict(self.student, checkpoint["student"])
-        load_model_state_dict(self.teacher, checkpoint["teacher"])
+        if self.sharded:
+            self._resume_sharded(checkpoint)
+        else:
+            load_model_state_dict(self.student, checkpoint["student"])
+            load_model_state_dict(self.teacher, checkpoint["teacher"])
         o.dino_loss.load_state_dict(checkpoint["dino_loss"])
         if checkpoint.get("fp16_scaler") is not None and self.precision.use_scaler:
             o.scaler.load_state_dict(checkpoint["fp16_scaler"])
         # A full checkpoint of the original code comes with its optimiser state keyed by parameter name
         # (its parameter order is not ours) and no random state or iteration: it continues, as the
-        # original does, from the start of its next epoch.
-        if "optimizer" in checkpoint:
+        # original does, from the start of its next epoch. So does a sharded run's, read whole here.
+        if self.sharded:
+            pass  # _resume_sharded did
+        elif "optimizer" in checkpoint:
             o.optimizer.load_state_dict(checkpoint["optimizer"])
+        elif "optimizer_by_name" in checkpoint:
+            load_state_by_name(o.optimizer, model_parameters(self.student), checkpoint["optimizer_by_name"])
         elif "released_optimizer" in checkpoint:
             load_released_optimizer(
                 o.optimizer, cfg.optim.name, self.student, checkpoint["released_optimizer"]
@@ -318,6 +344,20 @@ class Trainer:
         self.state = state
         self.resumed_from = {"checkpoint": str(path), "epoch": state.epoch, "iteration": state.iteration}
 
+    def _resume_sharded(self, checkpoint: dict) -> None:
+        """The models and optimiser of a sharded run from ``checkpoint``: a sharded checkpoint's slices
+        (each process reads its own), or a whole one (an unsharded run's, a released one) sharded as read."""
+        o = self.optimisation
+        if "sharded_path" in checkpoint:
+            load_into_sharded(Path(checkpoint["sharded_path"]), self.student, self.teacher, o.optimizer)
+            return
+        released = checkpoint.get("released_optimizer")
+        if released is not None and released["name"] == self.cfg.optim.name:
+            checkpoint = {**checkpoint, "optimizer_by_name": released["state"]}
+        names = {id(p): name for name, p in model_parameters(self.student).items()}
+        in_order = [names[id(p)] for group in o.optimizer.param_groups for p in group["params"]]
+        load_full_into_sharded(checkpoint, self.student, self.teacher, o.optimizer, in_order)
+
     def _prepare_run_directory(self, restored: tuple[dict, Path] | None) -> None:
         """The run directory, with the files of a run this one replaces moved aside and the config saved."""
         replaced = set_aside_replaced_files(self.run_dir, self.checkpoints, restored, self.state.iteration)
@@ -336,22 +376,36 @@ class Trainer:
         self.logger.start(cfg, env, len(self.data.dataset), self.data.iters_per_epoch, self.resumed_from)
         if self.knn is not None and self.resumed_from is None:  # the random-initialisation baseline: epoch -1
             self.logger.event("knn", epoch=-1, **self._evaluate_knn())
-        self.last_save_time = time.monotonic()
+            self._show_attention("random init")
+        self.policy.restart_clock()
+        self._last_tick = time.monotonic()
         with PreemptionGuard(announce=env.is_main) as preemption:
-            while self.state.epoch < cfg.run.epochs:
+            while self.state.epoch < cfg.run.epochs and not self._time_is_up():
                 self.train_one_epoch(preemption)
                 self.end_epoch()
         self.profiler.close()
+        self._save_teacher_backbone()
         if env.is_main:
-            save_backbone(self.teacher.backbone, self.run_dir / "teacher_backbone.pth")
             self.logger.event(
                 "done",
                 epochs=self.state.epoch,
                 iterations=self.state.iteration,
                 peak_memory_gib=peak_memory_gib(env.device),
+                train_seconds=round(self.state.train_seconds, 1),
+                stopped_by="time limit" if self.state.epoch < cfg.run.epochs else "epochs",
             )
         self.logger.close()
         return self.run_dir
+
+    def _save_teacher_backbone(self) -> None:
+        """``teacher_backbone.pth`` from the first process (a sharded teacher is gathered from all first)."""
+        path = self.run_dir / "teacher_backbone.pth"
+        if self.sharded:
+            state = full_backbone_state(self.teacher)  # a collective
+            if self.env.is_main:
+                atomic_save({k: v.detach().cpu().contiguous() for k, v in state.items()}, path)
+        elif self.env.is_main:
+            save_backbone(self.teacher.backbone, path)
 
     def train_one_epoch(self, preemption: PreemptionGuard) -> None:
         """The steps of epoch ``state.epoch`` from ``state.step_in_epoch`` on, each followed by its log
@@ -367,11 +421,13 @@ class Trainer:
                 state.step_in_epoch += 1
                 continue
             it = state.iteration
+            if not self._crops_shown:
+                self._show_crops(batch)
             loss, stats = self.training_step.step(batch, it, epoch)
             state.iteration += 1
             state.step_in_epoch += 1
             self._record_step(it, epoch, loss, stats)
-            self._save_or_stop_when_due(it, preemption)
+            self.policy.after_step(it, state.iteration, preemption, self.logger)
 
     def _batch_or_stand_in(
         self, crops: list[torch.Tensor], labels: torch.Tensor
@@ -418,52 +474,21 @@ class Trainer:
             for kind in self.collapse.check(record["teacher_entropy"], record["kl"]):
                 self.logger.event("collapse_warning", kind=kind, iteration=it)
 
-    # The checkpoint policy.
+    # Checkpoints (when: :class:`~dino.train.policy.CheckpointPolicy`).
 
-    def _save_or_stop_when_due(self, it: int, preemption: PreemptionGuard) -> None:
-        """After step ``it``: save and stop on a stop request; save when ``run.checkpoint_every_iters``
-        or ``run.checkpoint_every_minutes`` says so."""
-        stop, minutes_due = self._agreed_requests(it, preemption)
-        if stop:
-            self._save_and_stop(preemption)
-        every_iters = self.cfg.run.checkpoint_every_iters
-        if minutes_due or (every_iters and self.state.iteration % every_iters == 0):
-            self._save()
-            self.last_save_time = time.monotonic()
+    def _time_is_up(self) -> bool:
+        """``run.max_minutes`` of training are done (the same answer on every process: the first's)."""
+        limit = self.cfg.run.max_minutes
+        if not limit:
+            return False
+        up = self.state.train_seconds >= limit * 60
+        return any_processes([up], self.env.device)[0] if self.env.distributed else up
 
-    def _agreed_requests(self, it: int, preemption: PreemptionGuard) -> tuple[bool, bool]:
-        """Whether to stop, and whether a checkpoint is due by the clock, the same on every process.
-
-        Both are each process's own; all must take the same branch (saving is a collective), and agreeing
-        takes a collective and a host sync: every few steps only."""
-        stop, minutes_due = preemption.requested, self._minutes_due()
-        if self.env.distributed:
-            agree = (it + 1) % PREEMPTION_POLL_STEPS == 0
-            stop, minutes_due = (
-                any_processes([stop, minutes_due], self.env.device) if agree else (False, False)
-            )
-        return stop, minutes_due
-
-    def _minutes_due(self) -> bool:
-        """A mid-epoch checkpoint is due by the clock (``run.checkpoint_every_minutes``)."""
-        every_minutes = self.cfg.run.checkpoint_every_minutes
-        return bool(every_minutes) and time.monotonic() - self.last_save_time >= every_minutes * 60
-
-    def _save_and_stop(self, preemption: PreemptionGuard) -> NoReturn:
-        saved = self._save()
-        newest = None if saved else next(iter(self.checkpoints.rolling()), None)
-        self.logger.stopped(preemption.signal_name, self.state.iteration, saved, newest)
-        self.logger.close()
-        raise Preempted(EXIT_INTERRUPTED if preemption.interrupted else EXIT_PREEMPTED)
-
-    def _save_at_epoch_end(self) -> None:
-        """A periodic keeper every ``run.save_every_epochs``; the rolling checkpoint every
-        ``run.checkpoint_every_epochs`` and at the last epoch."""
-        epoch, r = self.state.epoch, self.cfg.run
-        keeper = epoch if r.save_every_epochs and epoch % r.save_every_epochs == 0 else None
-        if keeper is not None or epoch % r.checkpoint_every_epochs == 0 or epoch == r.epochs:
-            self._save(keeper)
-            self.last_save_time = time.monotonic()
+    def _tick(self) -> None:
+        """Add the wall time since the last tick to ``state.train_seconds`` (saved with the checkpoints)."""
+        now = time.monotonic()
+        self.state.train_seconds += now - self._last_tick
+        self._last_tick = now
 
     def _save(self, epoch_keeper: int | None = None) -> Path | None:
         """The checkpoint's path on the main process; None elsewhere or when nothing was saved."""
@@ -471,10 +496,20 @@ class Trainer:
         # (every process gets the same answer: the flags are agreed on).
         if self.guard.poll() != 0:
             return None
+        self._tick()
         rng = gather_process_rng(self.env.world_size)  # a collective: every process takes part
+        o = self.optimisation
+        if self.sharded:  # every process writes its shards
+            extra = (
+                run_extras(self.cfg, o.dino_loss, o.scaler, self.state, self.global_batch, rng)
+                if self.env.is_main
+                else None
+            )
+            shards = sharded_tensors(self.student, self.teacher, o.optimizer)
+            path = self.checkpoints.save_sharded(shards, extra, self.state.iteration, epoch_keeper)
+            return path if self.env.is_main else None
         if not self.env.is_main:
             return None
-        o = self.optimisation
         run = run_state_dict(
             self.cfg, self.student, self.teacher, o.optimizer, o.dino_loss, o.scaler, self.state,
             self.global_batch, rng,
@@ -494,17 +529,52 @@ class Trainer:
         if self.knn is not None and every and (epoch + 1) % every == 0:
             summary.update(self._evaluate_knn())
             self.logger.event("knn", epoch=epoch, **{k: v for k, v in summary.items() if k.startswith("knn")})
+            self._show_attention(f"after epoch {epoch}")
         if self.env.is_main:
             _draw_curves(self.run_dir)
         self.state.epoch += 1
         self.state.step_in_epoch = 0
-        self._save_at_epoch_end()
+        self._tick()
+        self.policy.at_epoch_end(self.state.epoch, final=self._time_is_up())
+
+    def _show_crops(self, crops: list[torch.Tensor]) -> None:
+        """The run's first batch of augmented crops, for the sinks that show pictures (``log.images``)."""
+        self._crops_shown = True
+        n = self.cfg.log.images
+        if not (n and self.logger.shows_images):
+            return
+        d = self.cfg.data
+        with _pictures_never_stop_training("the first batch's crops"):
+            for tag, pictures in crop_pictures(crops, d.mean, d.std, n).items():
+                self.logger.images(tag, pictures, caption="augmented crops of the first batch")
+
+    def _show_attention(self, when: str) -> None:
+        """The teacher's [CLS] attention on the first held-out image of the k-NN monitor (ViTs only)."""
+        backbone = unwrap_compiled(self.teacher.backbone)
+        if not (self.cfg.log.images and self.logger.shows_images and self.knn is not None):
+            return
+        if not isinstance(backbone, VisionTransformer):
+            return  # a convolutional network has no attention to show
+        item = self.knn.val[0]
+        if item is None:
+            return  # unreadable: already warned about by the k-NN monitor
+        d = self.cfg.data
+        title = f"teacher attention, {when}: {self.knn.val.samples.path(0).name}"
+        with _pictures_never_stop_training("the teacher's attention"):
+            picture = attention_picture(backbone, item[0], d.mean, d.std, title)
+            self.logger.images("attention/teacher", picture, caption=title)
 
     def _evaluate_knn(self) -> dict[str, float]:
+        """The teacher's k-NN accuracy (``knn_top1``/``knn_top5``), and the student's
+        (``knn_student_top1``/…) with ``monitor.knn_student``."""
         assert self.knn is not None
-        # The teacher's backbone uncompiled: its eval mode and batch sizes would each be a new graph.
-        backbone = unwrap_compiled(self.teacher.backbone)
-        return self.knn.evaluate(backbone, self.env.device, self.precision.autocast_dtype)
+        # The backbones uncompiled: their eval mode and batch sizes would each be a new graph.
+        args = (self.env.device, self.precision.autocast_dtype)
+        scores = self.knn.evaluate(unwrap_compiled(self.teacher.backbone), *args)
+        if self.cfg.monitor.knn_student:
+            student = self.knn.evaluate(unwrap_compiled(self.student.backbone), *args)
+            scores.update({f"knn_student_{k.removeprefix('knn_')}": v for k, v in student.items()})
+        return scores
 
 
 def _seed_and_pick_kernels(cfg: DINOConfig, env: DistEnv) -> None:
@@ -521,6 +591,15 @@ def _draw_curves(run_dir: Path) -> None:
         write_run_curves(run_dir)
     except Exception as err:  # matplotlib missing or broken, a full disk: the training goes on
         log.warning("could not draw %s: %s", run_dir / "curves.png", err)
+
+
+@contextlib.contextmanager
+def _pictures_never_stop_training(what: str) -> Iterator[None]:
+    """A picture for TensorBoard or W&B that cannot be drawn is skipped with a warning."""
+    try:
+        yield
+    except Exception as err:  # matplotlib missing, out of memory, an odd image: the training goes on
+        log.warning("could not draw %s for the log (%s: %s); skipped", what, type(err).__name__, err)
 
 
 @contextlib.contextmanager
