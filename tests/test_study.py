@@ -148,3 +148,17 @@ def test_variants_run_at_once_one_process_per_device_slot(tmp_path, small_folder
         saved = yaml.safe_load((out / "variants" / slug / "config.yaml").read_text())
         assert saved["run"]["device"] == "cpu" and saved["data"]["local_crops_number"] == local_crops
         assert len(_starts(out / "variants" / slug)) == 1
+
+
+def test_cpu_slots_split_the_cores_between_them(monkeypatch):
+    from dino.study.runner import _child_environment
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert _child_environment(["cpu", "cpu"])["cpu"]["OMP_NUM_THREADS"] == "4"
+    assert _child_environment(["cpu", "cpu", "cpu"])["cpu"]["OMP_NUM_THREADS"] == "2"
+    assert _child_environment(["cuda:0", "cuda:1"]) == {}
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert _child_environment(["cpu", "cpu", "cpu"])["cpu"]["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert _child_environment(["cpu", "cpu"]) == {}

@@ -132,6 +132,7 @@ def _run_in_processes(
     ``devices`` (a device named twice runs two variants at once: ``cpu,cpu`` on a CPU with cores to spare)."""
     assert spec.source is not None
     queue = list(pending)
+    env = _child_environment(devices)
     running: dict[int, tuple[subprocess.Popen, Variant]] = {}
     failed: list[str] = []
     while queue or running:
@@ -143,7 +144,7 @@ def _run_in_processes(
                     "--only", v.slug, "--no-report", *extra, f"run.device={device}",
                 ]  # fmt: skip
                 log.info("variant %r on %s: %s", v.name, device, " ".join(command))
-                running[slot] = (subprocess.Popen(command), v)
+                running[slot] = (subprocess.Popen(command, env=env.get(device)), v)
         time.sleep(1.0)
         for slot, (process, v) in list(running.items()):
             if process.poll() is not None:
@@ -155,3 +156,14 @@ def _run_in_processes(
             f"variants failed: {', '.join(failed)}; their errors are above. Run the study again to continue: "
             "finished variants are kept"
         )
+
+
+def _child_environment(devices: list[str]) -> dict[str, dict[str, str]]:
+    """The environment of the processes that train on the CPU: the machine's cores split between the CPU
+    slots (``OMP_NUM_THREADS``), so that ``cpu,cpu`` on two cores runs two one-thread trainings rather
+    than two two-thread ones fighting over the cores. A user's own ``OMP_NUM_THREADS`` is kept."""
+    cpu_slots = sum(1 for d in devices if d == "cpu")
+    if not cpu_slots or "OMP_NUM_THREADS" in os.environ:
+        return {}
+    threads = max(1, (os.cpu_count() or 1) // cpu_slots)
+    return {"cpu": {**os.environ, "OMP_NUM_THREADS": str(threads)}}

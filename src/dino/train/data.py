@@ -232,19 +232,7 @@ def _shard_train_data(
     reduction = transform.decode_reduction if transform is not None and d.reduced_decode else None
     stream = ShardStream(shards, batch, ShardItems(transform, reduction), cfg.run.seed, rank, world_size)
     workers = resolve_num_workers(d.num_workers)
-    files = DataLoader(
-        stream,
-        batch_size=batch,
-        num_workers=workers,
-        pin_memory=device.type == "cuda" and not on_device,
-        drop_last=True,
-        collate_fn=collate_encoded if on_device else collate_skipping_bad,
-        persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=_ignore_stop_signals,
-        # Not the process's stream (see _file_loader): the workers' base seed is drawn from this one.
-        generator=torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + rank),
-    )
+    files = DataLoader(stream, batch_size=batch, **_loader_options(cfg, device, on_device, rank, workers))
     loader: DataLoader | DeviceMultiCropLoader = files
     if on_device:
         loader = DeviceMultiCropLoader(files, BatchMultiCrop(crops), device, seed=cfg.run.seed, rank=rank)
@@ -299,19 +287,28 @@ def _file_loader(
         SeededDataset(EncodedImageDataset(dataset) if on_device else dataset),
         batch_size=cfg.run.batch_size,
         sampler=sampler,
-        num_workers=workers,
-        pin_memory=device.type == "cuda" and not on_device,
-        drop_last=True,
-        collate_fn=collate_encoded if on_device else collate_skipping_bad,
-        persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=_ignore_stop_signals,
+        **_loader_options(cfg, device, on_device, rank, workers),
+    )
+
+
+def _loader_options(
+    cfg: DINOConfig, device: torch.device, on_device: bool, rank: int, workers: int
+) -> dict[str, Any]:
+    """The DataLoader settings that reading from a folder and from shards share."""
+    return {
+        "num_workers": workers,
+        "pin_memory": device.type == "cuda" and not on_device,
+        "drop_last": True,
+        "collate_fn": collate_encoded if on_device else collate_skipping_bad,
+        "persistent_workers": False,
+        "prefetch_factor": 4 if workers > 0 else None,
+        "worker_init_fn": _ignore_stop_signals,
         # Its own generator: each epoch's iterator draws its workers' base seed from it, not from the
         # process's stream, which stochastic depth draws from and a mid-epoch resume restores to the
         # point of the checkpoint (after that epoch's iterator was made). The crops do not depend on it
-        # (SeededDataset seeds every sample).
-        generator=torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + rank),
-    )
+        # (every sample is seeded: SeededDataset, ShardItems).
+        "generator": torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + rank),
+    }
 
 
 def _in_memory_loader(
