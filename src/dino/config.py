@@ -312,13 +312,15 @@ def config_from_dict(data: dict[str, Any]) -> DINOConfig:
     return cfg
 
 
-def config_to_dict(cfg: DINOConfig) -> dict[str, Any]:
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A typed configuration (a run's :class:`DINOConfig`, a fine-tuning run's config) as plain data."""
     container = OmegaConf.to_container(OmegaConf.structured(cfg))
     assert isinstance(container, dict)
     return {str(key): value for key, value in container.items()}
 
 
-def save_config(cfg: DINOConfig, path: Path) -> None:
+def save_config(cfg: Any, path: Path) -> None:
+    """A typed configuration as the YAML that ``--config`` reads back."""
     path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-from omegaconf import OmegaConf
+from typing import Literal
 
 from dino.config import (
     CONFIG_VERSION,
@@ -121,16 +119,6 @@ def load_finetune_config(
     cfg = merge_typed_config(FinetuneConfig, path, overrides)
     validate_finetune(cfg)
     return cfg
-
-
-def finetune_config_to_dict(cfg: FinetuneConfig) -> dict[str, Any]:
-    container = OmegaConf.to_container(OmegaConf.structured(cfg))
-    assert isinstance(container, dict)
-    return {str(k): v for k, v in container.items()}
-
-
-def save_finetune_config(cfg: FinetuneConfig, path: Path) -> None:
-    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 def validate_finetune(cfg: FinetuneConfig) -> None:

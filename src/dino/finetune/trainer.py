@@ -27,9 +27,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from dino.checkpoint import CheckpointManager, atomic_save, load_checkpoint
-from dino.config import ConfigError
+from dino.config import ConfigError, config_to_dict, save_config
 from dino.devices import Precision, resolve_precision
-from dino.finetune.config import FinetuneConfig, finetune_config_to_dict, save_finetune_config
+from dino.finetune.config import FinetuneConfig
 from dino.finetune.curves import write_finetune_curves
 from dino.finetune.data import FinetuneData, SeededMixup, build_finetune_data
 from dino.finetune.evaluate import ClassifierAccuracy, evaluate_classifier
@@ -239,7 +239,7 @@ class FinetuneTrainer:
         if moved is not None:
             log.warning("files of the run this one replaces moved to %s", moved)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_finetune_config(self.cfg, self.run_dir / "config.yaml")
+        save_config(self.cfg, self.run_dir / "config.yaml")
         self.checkpoints.remove_stale_temporaries()
 
     def _bad_step(self, iteration: int, loss: float, consecutive: int) -> None:
@@ -350,7 +350,7 @@ class FinetuneTrainer:
             "step_in_epoch": s.step_in_epoch,
             "global_batch_size": self.global_batch,
             "rng": rng,
-            "config": finetune_config_to_dict(self.cfg),
+            "config": config_to_dict(self.cfg),
             **self.describe(),
         }
         return self.checkpoints.save(checkpoint, s.iteration, epoch_keeper)

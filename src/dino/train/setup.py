@@ -331,8 +331,12 @@ def run_extras(
 
 def save_backbone(backbone: nn.Module, path: Path) -> None:
     """Backbone weights alone, in the released key layout (``torch.load`` + ``load_state_dict`` strict)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in unwrap_compiled(backbone).state_dict().items()}
-    atomic_save(state, path)
+    save_backbone_state(unwrap_compiled(backbone).state_dict(), path)
+
+
+def save_backbone_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A backbone's state dict (e.g. gathered from shards) written as :func:`save_backbone` writes one."""
+    atomic_save({k: v.detach().cpu().contiguous() for k, v in state.items()}, path)
 
 
 def build_knn_monitor(cfg: DINOConfig, train_dataset: ImageFolderDataset | ShardSet) -> OnlineKNN | None:

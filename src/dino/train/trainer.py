@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from dino.checkpoint import CheckpointManager, atomic_save
+from dino.checkpoint import CheckpointManager
 from dino.config import DINOConfig, save_config
 from dino.devices import Precision, resolve_precision
 from dino.loss import DINOLoss
@@ -70,6 +70,7 @@ from dino.train.setup import (
     run_extras,
     run_state_dict,
     save_backbone,
+    save_backbone_state,
     unwrap_compiled,
     uses_cuda_graphs,
 )
@@ -287,6 +288,7 @@ class Trainer:
             self._prepare_run_directory(restored)
         self.logger = RunLogger.for_run(self.run_dir, cfg, env.is_main, cfg.run.progress_bar)
         self._crops_shown = False
+        self.time_is_up = False  # run.max_minutes spent (read at the start and at each epoch end)
         self.collapse = CollapseMonitor(cfg.head.out_dim) if cfg.monitor.collapse else None
         # Every process runs the k-NN monitor: each extracts its block of the images (dino.eval.sharding).
         self.knn = build_knn_monitor(cfg, self.data.dataset)
@@ -380,7 +382,8 @@ class Trainer:
         self.policy.restart_clock()
         self._last_tick = time.monotonic()
         with PreemptionGuard(announce=env.is_main) as preemption:
-            while self.state.epoch < cfg.run.epochs and not self._time_is_up():
+            self.time_is_up = self._time_is_up()  # a resumed run may have spent its minutes already
+            while self.state.epoch < cfg.run.epochs and not self.time_is_up:
                 self.train_one_epoch(preemption)
                 self.end_epoch()
         self.profiler.close()
@@ -403,7 +406,7 @@ class Trainer:
         if self.sharded:
             state = full_backbone_state(self.teacher)  # a collective
             if self.env.is_main:
-                atomic_save({k: v.detach().cpu().contiguous() for k, v in state.items()}, path)
+                save_backbone_state(state, path)
         elif self.env.is_main:
             save_backbone(self.teacher.backbone, path)
 
@@ -535,7 +538,10 @@ class Trainer:
         self.state.epoch += 1
         self.state.step_in_epoch = 0
         self._tick()
-        self.policy.at_epoch_end(self.state.epoch, final=self._time_is_up())
+        # Read once: the loop stops exactly when this epoch end's checkpoint was forced as the last one
+        # (the save itself adds to the training time).
+        self.time_is_up = self._time_is_up()
+        self.policy.at_epoch_end(self.state.epoch, final=self.time_is_up)
 
     def _show_crops(self, crops: list[torch.Tensor]) -> None:
         """The run's first batch of augmented crops, for the sinks that show pictures (``log.images``)."""
