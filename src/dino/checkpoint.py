@@ -60,6 +60,11 @@ def atomic_save(obj: Any, path: Path) -> None:
     _write_atomically(path, lambda fh: torch.save(obj, fh))
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """``text`` (UTF-8) to ``path`` such that readers see either the old file or the complete new one."""
+    _write_atomically(path, lambda fh: fh.write(text.encode()))
+
+
 def _write_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """``write`` into a temporary file beside ``path``, on disk before it takes the name; nothing is left
     behind if it fails."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from dino.checkpoint import atomic_write_text
 from dino.eval.sharding import is_main_process
 
 
@@ -31,11 +32,9 @@ def write_results(
     lines += [f"| {k:<{width}} | {_format_value(v)} |" for k, v in rows]
     print("\n".join(lines), file=sys.stdout, flush=True)
     if path:
-        path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n")
-        tmp.replace(path)
+        atomic_write_text(
+            Path(path).expanduser(), json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n"
+        )
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = ""):

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dino.checkpoint import atomic_write_text
 from dino.study.spec import StudySpec
 from dino.train.curves import RunCurves, plot_runs, save_figure
 
@@ -66,28 +67,32 @@ class StudyReport:
         }
 
 
-def collect(spec: StudySpec, out_dir: Path) -> StudyReport:
+def collect(spec: StudySpec, out_dir: Path) -> tuple[StudyReport, list[RunCurves]]:
+    """The report's table, and the curves of each variant that has a log (each log read once)."""
     from dino.study.runner import is_finished, variant_dir
 
-    results = []
+    results, runs = [], []
     for variant in spec.variants:
         run_dir = variant_dir(out_dir, variant)
         result = VariantResult(
             variant.name, variant.slug, variant.overrides, str(run_dir), is_finished(run_dir)
         )
         if (run_dir / "log.jsonl").is_file():
-            _fill(result, RunCurves.read(run_dir, variant.name), run_dir)
+            curves = RunCurves.read(run_dir, variant.name)
+            _fill(result, curves)
+            runs.append(curves)
         results.append(result)
-    return StudyReport(spec.name, spec.title, out_dir, results)
+    return StudyReport(spec.name, spec.title, out_dir, results), runs
 
 
-def _fill(result: VariantResult, curves: RunCurves, run_dir: Path) -> None:
+def _fill(result: VariantResult, curves: RunCurves) -> None:
     if curves.epochs:
         last = curves.epochs[-1]
         result.epochs = int(last["epoch"]) + 1
         result.teacher_entropy = _number(last.get("teacher_entropy"))
         result.kl = _number(last.get("kl"))
-    iterations = _last_value(run_dir, "done", "iterations")
+    done = curves.done or {}
+    iterations = _number(done.get("iterations"))
     if iterations is None and curves.iters:  # unfinished: up to the last logged step
         iterations = curves.iters[-1]["iteration"] + 1
     if iterations is not None:
@@ -99,8 +104,8 @@ def _fill(result: VariantResult, curves: RunCurves, run_dir: Path) -> None:
     students = sorted((e, acc) for e, acc in curves.knn_student if e >= 0)
     if students:
         result.knn_student_top1 = students[-1][1]
-    result.knn_top5 = _last_value(run_dir, "knn", "knn_top5")
-    seconds = _last_value(run_dir, "done", "train_seconds")
+    result.knn_top5 = curves.knn_top5
+    seconds = _number(done.get("train_seconds"))
     result.train_minutes = round(seconds / 60, 2) if seconds is not None else None
     if curves.out_dim:
         result.ln_k = math.log(curves.out_dim)
@@ -109,18 +114,6 @@ def _fill(result: VariantResult, curves: RunCurves, run_dir: Path) -> None:
 
 def _number(value: Any) -> float | None:
     return float(value) if value is not None and math.isfinite(float(value)) else None
-
-
-def _last_value(run_dir: Path, kind: str, key: str) -> float | None:
-    value = None
-    for line in (run_dir / "log.jsonl").read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("type") == kind and record.get(key) is not None:
-            value = _number(record[key])
-    return value
 
 
 def _signature(r: VariantResult) -> str:
@@ -138,12 +131,7 @@ def write_report(spec: StudySpec, out_dir: Path) -> StudyReport:
     """``study.json``, ``study.md`` and the figures in ``out_dir`` from whatever the variants have logged
     (unfinished variants are marked so)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = collect(spec, out_dir)
-    runs = [
-        RunCurves.read(Path(v.run_dir), v.name)
-        for v in report.variants
-        if (Path(v.run_dir) / "log.jsonl").is_file()
-    ]
+    report, runs = collect(spec, out_dir)
     if runs:
         report.files["knn"] = save_figure(knn_figure(runs, report), out_dir / "knn.png")
         report.files["collapse"] = save_figure(collapse_figure(runs, spec.title), out_dir / "collapse.png")
@@ -152,15 +140,9 @@ def write_report(spec: StudySpec, out_dir: Path) -> StudyReport:
                 teacher_student_figure(runs, spec.title), out_dir / "teacher_student.png"
             )
         report.files["curves"] = plot_runs(runs, out_dir / "curves.png", f"{spec.title}: training curves")
-    _write_atomic(out_dir / "study.json", json.dumps(report.to_json(), indent=2) + "\n")
-    _write_atomic(out_dir / "study.md", markdown(spec, report))
+    atomic_write_text(out_dir / "study.json", json.dumps(report.to_json(), indent=2) + "\n")
+    atomic_write_text(out_dir / "study.md", markdown(spec, report))
     return report
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:

@@ -29,6 +29,8 @@ class RunCurves:
     epochs: list[dict[str, Any]] = field(default_factory=list)
     knn: list[tuple[int, float]] = field(default_factory=list)  # (epoch, top-1); epoch -1: random init
     knn_student: list[tuple[int, float]] = field(default_factory=list)  # the student's (monitor.knn_student)
+    knn_top5: float | None = None  # the teacher's last top-5
+    done: dict[str, Any] | None = None  # the last ``done`` record: the run finished
 
     @classmethod
     def read(cls, run_dir: str | Path, name: str | None = None) -> RunCurves:
@@ -55,6 +57,10 @@ class RunCurves:
                 curves.knn.append((int(record["epoch"]), float(record["knn_top1"])))
                 if record.get("knn_student_top1") is not None:
                     curves.knn_student.append((int(record["epoch"]), float(record["knn_student_top1"])))
+                if record.get("knn_top5") is not None:
+                    curves.knn_top5 = float(record["knn_top5"])
+            elif kind == "done":
+                curves.done = record
         return curves
 
     def images_seen(self, iteration: float) -> float:
