@@ -17,6 +17,7 @@ from dino.eval.attention import (
     cls_attention,
     heat_colors,
     jaccard,
+    labelled_picture,
     mass_masks,
     object_jaccards,
 )
@@ -166,8 +167,14 @@ def test_attention_command_jaccard_on_voc_fixtures(tmp_path: Path, tiny_vit_file
 def test_attention_command_single_image_and_video(tmp_path: Path, tiny_vit_file: Path) -> None:
     common = ["--weights", str(tiny_vit_file), "--device", "cpu", "--image-size", "48", "--quiet"]
     assert main(["attention", str(FRAMES / "00000.jpg"), "--output-dir", str(tmp_path / "one"), *common]) == 0
-    with Image.open(tmp_path / "one" / "00000" / "overlay-head0.png") as img:
+    pictures = tmp_path / "one" / "00000"
+    with Image.open(pictures / "mask-head0.png") as img:
         assert img.size == (88, 48)  # 214x120 → short side 48, both sides multiples of 8
+    with Image.open(pictures / "overlay-head0.png") as img:
+        assert img.width > 88 and img.height > 48  # a title above, a colour bar on the right
+    saved = np.load(pictures / "attention.npz")
+    assert saved["attention"].shape == (3, 6, 11) and saved["masks"].dtype == bool
+    assert float(saved["threshold"]) == pytest.approx(0.6)
     gif = tmp_path / "attn.gif"
     assert (
         main(["attention", str(FRAMES), "--video", "--animation", str(gif), "--max-images", "3", *common])
@@ -274,3 +281,18 @@ def test_attention_jaccard_skips_undecodable_files(tmp_path: Path, tiny_vit_file
         scores[name] = json.loads(out.read_text())
     assert scores["with"]["skipped_undecodable"] == 1 and scores["with"]["images"] == 3
     assert scores["with"]["per_image"] == scores["without"]["per_image"]
+
+
+def test_labelled_picture_has_title_colour_bar_and_legend() -> None:
+    array = np.full((96, 64, 3), 128, dtype=np.uint8)
+    heat = np.array(labelled_picture(array, "head 0 attention", colour_bar=(0.001, 0.25)))
+    top = heat.shape[0] - 96 - 4  # the picture sits under the title band, 4 px from the bottom
+    assert top > 10 and heat.shape[1] > 64 + 12
+    assert (heat[:top] < 100).any()  # the title's dark text in the white band above the picture
+    assert (heat[top : top + 96, 4 : 4 + 64] == 128).all()  # the picture itself, untouched
+    ramp = heat[top : top + 96, 4 + 64 + 4 + 6]  # the middle column of the colour bar
+    assert ramp[0].sum() > ramp[-1].sum() + 400  # bright (max) at the top, dark (min) at the bottom
+    legend = [((255, 64, 64), "top patches"), ((60, 60, 60), "the rest")]
+    masked = np.array(labelled_picture(array, "head 0 mass mask", legend=legend))
+    assert masked.shape[0] > heat.shape[0]  # two legend lines below the picture
+    assert ((masked == (255, 64, 64)).all(axis=-1)).any()  # the swatch in the mask's colour

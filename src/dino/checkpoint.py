@@ -57,15 +57,15 @@ _SHORT_WRITE = ("unexpected pos", "iostream error")
 
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` such that readers see either the old file or the complete new one."""
-    _write_atomically(path, lambda fh: torch.save(obj, fh))
+    write_atomically(path, lambda fh: torch.save(obj, fh))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """``text`` (UTF-8) to ``path`` such that readers see either the old file or the complete new one."""
-    _write_atomically(path, lambda fh: fh.write(text.encode()))
+    write_atomically(path, lambda fh: fh.write(text.encode()))
 
 
-def _write_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+def write_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """``write`` into a temporary file beside ``path``, on disk before it takes the name; nothing is left
     behind if it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -305,7 +305,7 @@ class CheckpointManager:
             os.link(path, tmp)  # same bytes without a second write (already on disk)
         except OSError:  # no hard links here: a copy
             with open(path, "rb") as src:
-                _write_atomically(keeper, lambda dst: shutil.copyfileobj(src, dst))
+                write_atomically(keeper, lambda dst: shutil.copyfileobj(src, dst))
         else:
             os.replace(tmp, keeper)
             _fsync_dir(keeper.parent)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from dino.checkpoint import write_atomically
 from dino.data.datasets import collate_skipping_bad
 from dino.eval.sharding import gather_rows, my_share
 
@@ -293,39 +294,31 @@ class FeatureSet:
         )
 
     def save(self, path: str | Path) -> Path:
-        """Write to ``.pt`` (tensors and plain data) or ``.npz`` (arrays, meta as JSON)."""
+        """Write to ``.pt`` (tensors and plain data) or ``.npz`` (arrays, meta as JSON), atomically."""
         path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp" + path.suffix)
+        meta = {"format": FEATURE_FILE_FORMAT, "version": FEATURE_FILE_VERSION}
         if path.suffix == ".npz":
             # Any: np.savez's stub types the arrays given by name like its allow_pickle flag
             arrays: dict[str, Any] = {f"feature:{k}": v.numpy() for k, v in self.features.items()}
-            np.savez(
-                tmp,
+            arrays.update(
                 labels=self.labels.numpy(),
                 paths=np.array(self.paths, dtype=np.str_),
                 classes=np.array(self.classes, dtype=np.str_),
-                meta=np.array(
-                    json.dumps({"format": FEATURE_FILE_FORMAT, "version": FEATURE_FILE_VERSION, **self.meta})
-                ),
-                **arrays,
+                meta=np.array(json.dumps({**meta, **self.meta})),
             )
+            write_atomically(path, lambda fh: np.savez(fh, **arrays))
         elif path.suffix in (".pt", ".pth"):
-            torch.save(
-                {
-                    "format": FEATURE_FILE_FORMAT,
-                    "version": FEATURE_FILE_VERSION,
-                    "features": {k: v.contiguous() for k, v in self.features.items()},
-                    "labels": self.labels,
-                    "paths": list(self.paths),
-                    "classes": list(self.classes),
-                    "meta": self.meta,
-                },
-                tmp,
-            )
+            content = {
+                **meta,
+                "features": {k: v.contiguous() for k, v in self.features.items()},
+                "labels": self.labels,
+                "paths": list(self.paths),
+                "classes": list(self.classes),
+                "meta": self.meta,
+            }
+            write_atomically(path, lambda fh: torch.save(content, fh))
         else:
             raise ValueError(f"feature file {path} must end in .pt or .npz")
-        tmp.replace(path)
         return path
 
     @classmethod

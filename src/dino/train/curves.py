@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dino.checkpoint import write_atomically
+
 
 @dataclass
 class RunCurves:
@@ -84,12 +86,7 @@ def plot_runs(runs: list[RunCurves], out: str | Path, title: str | None = None) 
 def save_figure(fig: Any, out: str | Path) -> Path:
     """Write a matplotlib figure as a PNG at ``out`` atomically (a temporary file, then a rename)."""
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        fig.savefig(tmp, dpi=90, format="png")
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(out, lambda fh: fig.savefig(fh, dpi=90, format="png"))
     return out
 
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from dino.checkpoint import atomic_write_text
 from dino.config import ConfigError
 
 if TYPE_CHECKING:
@@ -139,9 +140,7 @@ class WandbSink:
         run_id = id_file.read_text().strip() if id_file.is_file() else ""
         if not run_id:
             run_id = new_wandb_id()
-            tmp = id_file.with_name(f".{id_file.name}.tmp")
-            tmp.write_text(run_id + "\n")
-            tmp.replace(id_file)
+            atomic_write_text(id_file, run_id + "\n")
         folder = Path(os.environ.get("WANDB_DIR") or run_dir)
         folder.mkdir(parents=True, exist_ok=True)
         try:
