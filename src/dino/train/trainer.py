@@ -311,24 +311,10 @@ class Trainer:
         if self.sharded:
             self._resume_sharded(checkpoint)
         else:
-            load_model_state_dict(self.student, checkpoint["student"])
-            load_model_state_dict(self.teacher, checkpoint["teacher"])
+            self._resume_models_and_optimiser(checkpoint)
         o.dino_loss.load_state_dict(checkpoint["dino_loss"])
         if checkpoint.get("fp16_scaler") is not None and self.precision.use_scaler:
             o.scaler.load_state_dict(checkpoint["fp16_scaler"])
-        # A full checkpoint of the original code comes with its optimiser state keyed by parameter name
-        # (its parameter order is not ours) and no random state or iteration: it continues, as the
-        # original does, from the start of its next epoch. So does a sharded run's, read whole here.
-        if self.sharded:
-            pass  # _resume_sharded did
-        elif "optimizer" in checkpoint:
-            o.optimizer.load_state_dict(checkpoint["optimizer"])
-        elif "optimizer_by_name" in checkpoint:
-            load_state_by_name(o.optimizer, model_parameters(self.student), checkpoint["optimizer_by_name"])
-        elif "released_optimizer" in checkpoint:
-            load_released_optimizer(
-                o.optimizer, cfg.optim.name, self.student, checkpoint["released_optimizer"]
-            )
         if "rng" in checkpoint and not restore_process_rng(checkpoint["rng"], env.rank, env.world_size):
             log.warning(
                 "the checkpoint's random state is not for %d process(es): random streams start from "
@@ -345,6 +331,22 @@ class Trainer:
         log.info("resumed from %s at epoch %d, iteration %d", path, state.epoch, state.iteration)
         self.state = state
         self.resumed_from = {"checkpoint": str(path), "epoch": state.epoch, "iteration": state.iteration}
+
+    def _resume_models_and_optimiser(self, checkpoint: dict) -> None:
+        """Student, teacher and optimiser of an unsharded run. A full checkpoint of the original code comes
+        with its optimiser state keyed by parameter name (its parameter order is not ours) and no random
+        state or iteration: it continues, as the original does, from the start of its next epoch."""
+        o = self.optimisation
+        load_model_state_dict(self.student, checkpoint["student"])
+        load_model_state_dict(self.teacher, checkpoint["teacher"])
+        if "optimizer" in checkpoint:
+            o.optimizer.load_state_dict(checkpoint["optimizer"])
+        elif "optimizer_by_name" in checkpoint:
+            load_state_by_name(o.optimizer, model_parameters(self.student), checkpoint["optimizer_by_name"])
+        elif "released_optimizer" in checkpoint:
+            load_released_optimizer(
+                o.optimizer, self.cfg.optim.name, self.student, checkpoint["released_optimizer"]
+            )
 
     def _resume_sharded(self, checkpoint: dict) -> None:
         """The models and optimiser of a sharded run from ``checkpoint``: a sharded checkpoint's slices
