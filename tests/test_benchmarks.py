@@ -127,3 +127,36 @@ def test_first_run_benchmark_trains_the_cpu_recipe_and_writes_json(small_folder,
     summary = body["summary"]["tiny"]["sample-val"]
     gains = [r["teacher"]["sample-val"] - r["random_init"]["sample-val"] for r in runs]
     assert (summary["gain_min"], summary["gain_max"]) == (min(gains), max(gains))
+
+
+@pytest.fixture(scope="module")
+def teacher_lead():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import teacher_lead as module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def test_teacher_lead_paired_difference_and_its_standard_error(teacher_lead):
+    generator = torch.Generator().manual_seed(0)
+    a = torch.rand(1000, generator=generator) < 0.4
+    b = torch.rand(1000, generator=generator) < 0.35
+    diff, se = teacher_lead.paired(a, b)
+    per_image = a.float() - b.float()  # +1 where only a is right, -1 where only b is
+    assert diff == pytest.approx(100 * per_image.mean().item(), abs=0.005)
+    assert se == pytest.approx(100 * per_image.std(unbiased=False).item() / 1000**0.5, abs=0.005)
+    assert teacher_lead.paired(a, a) == (0.0, 0.0)
+
+
+def test_teacher_lead_recomputes_batchnorm_statistics_from_the_images(teacher_lead):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    model[1].running_mean.fill_(5.0)  # stale statistics, as after training on other crops
+    images = torch.randn(64, 3, 4, 4) * 2 + 1
+    loader = [(images[:32], None), (images[32:], None)]
+    teacher_lead.recompute_batchnorm(model, loader)
+    with torch.no_grad():
+        outputs = model[0](images)
+    assert torch.allclose(model[1].running_mean, outputs.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert model[1].momentum == 0.1  # back to the default for training
