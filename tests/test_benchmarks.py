@@ -1,5 +1,6 @@
 """The benchmarks' own arithmetic (they are scripts, not part of the package: imported from benchmarks/)."""
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -9,14 +10,18 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def train_step():
+def _benchmark(name: str):
+    """A script of benchmarks/ imported as a module (the scripts import their neighbours by name)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import train_step as module
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCHMARKS))
-    return module
+
+
+@pytest.fixture(scope="module")
+def train_step():
+    return _benchmark("train_step")
 
 
 def _attention(q, k, v, fused: bool):
@@ -131,12 +136,7 @@ def test_first_run_benchmark_trains_the_cpu_recipe_and_writes_json(small_folder,
 
 @pytest.fixture(scope="module")
 def teacher_lead():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import teacher_lead as module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+    return _benchmark("teacher_lead")
 
 
 def test_teacher_lead_paired_difference_and_its_standard_error(teacher_lead):
