@@ -26,14 +26,13 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import torch
 from _common import benchmark_parser, report, save_partial
 from first_run import cifar_heldout
 from torch import Tensor, nn
+from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Subset
 
 from dino.config import load_config
@@ -42,20 +41,6 @@ from dino.eval.features import extract_features
 from dino.eval.knn import knn_predict
 from dino.train.distributed import init_distributed
 from dino.train.trainer import Trainer
-
-
-@torch.no_grad()
-def recompute_batchnorm(model: nn.Module, images: Iterable[tuple[Tensor, Any]]) -> None:
-    """Each BatchNorm's running statistics replaced by the plain average over ``images`` (train mode)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average over the batches
-    model.train()
-    for x, _ in images:
-        model(x)
-    for norm in norms:
-        norm.momentum = 0.1
 
 
 class Scorer:
@@ -130,7 +115,7 @@ def main() -> None:
     def with_recomputed_batchnorm(weights: list[Tensor]) -> Tensor:
         with torch.no_grad():
             torch._foreach_copy_(list(probe.parameters()), weights)
-        recompute_batchnorm(probe, clean)
+            update_bn(clean, probe)  # each BatchNorm's statistics: the plain average over the clean images
         return scorer.correct(probe)
 
     rows: list[dict] = []

@@ -148,15 +148,3 @@ def test_teacher_lead_paired_difference_and_its_standard_error(teacher_lead):
     assert diff == pytest.approx(100 * per_image.mean().item(), abs=0.005)
     assert se == pytest.approx(100 * per_image.std(unbiased=False).item() / 1000**0.5, abs=0.005)
     assert teacher_lead.paired(a, a) == (0.0, 0.0)
-
-
-def test_teacher_lead_recomputes_batchnorm_statistics_from_the_images(teacher_lead):
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
-    model[1].running_mean.fill_(5.0)  # stale statistics, as after training on other crops
-    images = torch.randn(64, 3, 4, 4) * 2 + 1
-    loader = [(images[:32], None), (images[32:], None)]
-    teacher_lead.recompute_batchnorm(model, loader)
-    with torch.no_grad():
-        outputs = model[0](images)
-    assert torch.allclose(model[1].running_mean, outputs.mean(dim=(0, 2, 3)), atol=1e-5)
-    assert model[1].momentum == 0.1  # back to the default for training
