@@ -156,7 +156,12 @@ def blend(image: np.ndarray, colors: np.ndarray, alpha: float = 0.5) -> np.ndarr
     return np.round(image * (1 - alpha) + colors * alpha).astype(np.uint8)
 
 
-def mask_overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = (255, 64, 64)) -> np.ndarray:
+# The colours that mask overlays and their legends share: the mask's tint, and a swatch for the darkened rest.
+MASK_COLOUR = (255, 64, 64)
+DARKENED_COLOUR = (77, 77, 77)
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = MASK_COLOUR) -> np.ndarray:
     """The image with the mask tinted and everything else darkened."""
     out = image.astype(np.float64) * 0.35
     tinted = image * 0.55 + np.asarray(color, dtype=np.float64) * 0.45
@@ -195,8 +200,8 @@ def save_attention_pictures(
     maps = [(f"head{h}", f"head {h}", heat[h], big_masks[h]) for h in range(heat.shape[0])]
     maps.append(("mean", "mean of heads", heat.mean(axis=0), None))
     mask_legend = [
-        ((255, 64, 64), f"top patches holding {threshold:.0%} of the head's attention"),
-        ((60, 60, 60), "the rest (darkened)"),
+        (MASK_COLOUR, f"top patches holding {threshold:.0%} of the head's attention"),
+        (DARKENED_COLOUR, "the rest (darkened)"),
     ]
     for name, label, values, mask in maps:
         colors = heat_colors(values)
@@ -273,6 +278,12 @@ def labelled_picture(
     return canvas
 
 
+def _unit_rgb(colour: tuple[int, int, int]) -> tuple[float, float, float]:
+    """An 8-bit RGB colour as matplotlib takes it (0-1)."""
+    red, green, blue = (c / 255 for c in colour)
+    return red, green, blue
+
+
 def save_attention_summary(
     pixels: np.ndarray, heat: np.ndarray, masks: np.ndarray, path: Path, name: str
 ) -> Path:
@@ -307,8 +318,10 @@ def save_attention_summary(
         ax.axis("off")
     axes[1, 1].legend(
         handles=[
-            Patch(color=(1.0, 0.25, 0.25), label="mask: the head's top patches\nholding its attention mass"),
-            Patch(color=(0.3, 0.3, 0.3), label="darkened: the rest"),
+            Patch(
+                color=_unit_rgb(MASK_COLOUR), label="mask: the head's top patches\nholding its attention mass"
+            ),
+            Patch(color=_unit_rgb(DARKENED_COLOUR), label="darkened: the rest"),
         ],
         loc="center",
         fontsize="small",
