@@ -238,7 +238,8 @@ def labelled_picture(
 ) -> Image.Image:
     """An RGB uint8 picture with its title above it and either a colour bar on its right (``colour_bar``:
     the values at its dark and bright ends, the map's minimum and maximum attention weight) or a legend of
-    its colours below it. Drawn with Pillow alone: a folder of images gets its pictures in milliseconds."""
+    its colours below it. Drawn with Pillow alone, not a matplotlib figure per picture (a folder of images
+    gets a dozen or more of these per image)."""
     from PIL import ImageDraw, ImageFont
 
     height, width = array.shape[:2]
